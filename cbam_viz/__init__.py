@@ -1,0 +1,1 @@
+"""cbam-viz: see what CBAM changes inside a ResNet."""

@@ -1,0 +1,74 @@
+"""Command line: ``python -m cbam_viz {train,evaluate,explain,evaluate-cams,...}``.
+
+Each sub-command is a thin layer: parse arguments, call the library, print. The work lives in the
+modules named in each ``_cmd_*`` function.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from cbam_viz.train import Recipe, export, train
+
+    recipe = Recipe()
+    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "eval_size", "eval_every", "cache_size")
+                 if getattr(args, k) is not None}
+    if args.sizes:
+        overrides["sizes"] = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(","))
+    if args.no_bf16:
+        overrides["bf16"] = False
+    recipe = replace(recipe, **overrides)
+    for arch in args.arch:
+        run_dir = Path(args.runs) / arch
+        result = train(arch, args.data, run_dir, recipe=recipe, resume=args.resume, cache_dir=args.cache_dir,
+                       val_dir=args.val, threads=args.threads, max_steps=args.max_steps)
+        if args.export and len(result.history) == recipe.epochs:
+            from cbam_viz.data import scan_image_folder
+
+            classes = list(scan_image_folder(args.data).classes)
+            rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=args.export,
+                         name=f"{arch}_{args.name}")
+            print(f"exported {rec.file} ({rec.sha256[:12]}) to {args.export}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cbam_viz", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one or more architectures with one shared recipe")
+    t.add_argument("--arch", nargs="+", default=["resnet18", "resnet18_cbam"], help="registered model names")
+    t.add_argument("--data", required=True, help="training folder in ImageFolder layout")
+    t.add_argument("--val", help="validation folder, evaluated during training")
+    t.add_argument("--runs", default="runs", help="folder for checkpoints and logs (one sub-folder per arch)")
+    t.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "cbam_viz"), help="decoded-split cache")
+    t.add_argument("--resume", action="store_true", help="continue from the last finished epoch")
+    t.add_argument("--export", help="weights folder to write the safetensors file and manifest entry to")
+    t.add_argument("--name", default="imagenette", help="suffix of the exported record name")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--eval-size", type=int)
+    t.add_argument("--eval-every", type=int)
+    t.add_argument("--cache-size", type=int)
+    t.add_argument("--sizes", help="progressive resizing as EPOCH:SIZE,..., e.g. 0:112,6:128,13:160")
+    t.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
+    t.set_defaults(func=_cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,197 @@
+"""Image-folder datasets decoded once into a uint8 tensor, and batched augmentation on tensors.
+
+Training on a 2-core CPU cannot afford to decode JPEGs every epoch: the whole split is decoded
+once (in threads, PIL releases the GIL while decoding), resized to a square, and kept as one
+``(N, 3, S, S)`` uint8 tensor, cached on disk. Augmentation (random-resized crop + horizontal
+flip) then runs on whole batches through one ``affine_grid``/``grid_sample`` call, with no
+per-image Python work.
+
+The square resize *stretches* (it does not crop), as the Imagenette 224x224 split was made and
+as the app preprocesses a user's photo, so train, evaluation and app see images the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENETTE_NAMES", "ImageFolderScan",
+    "TensorDataset", "scan_image_folder", "load_rgb", "decode_images", "load_cached_split",
+    "random_resized_crop_flip", "normalize", "resize_batch",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Readable names of the ten Imagenette classes (WordNet id -> ImageNet label).
+IMAGENETTE_NAMES = {
+    "n01440764": "tench",
+    "n02102040": "English springer",
+    "n02979186": "cassette player",
+    "n03000684": "chain saw",
+    "n03028079": "church",
+    "n03394916": "French horn",
+    "n03417042": "garbage truck",
+    "n03425413": "gas pump",
+    "n03445777": "golf ball",
+    "n03888257": "parachute",
+}
+
+
+@dataclass(frozen=True)
+class ImageFolderScan:
+    """Files of an ImageFolder layout (``root/<class>/<file>``), classes sorted as torchvision does."""
+
+    root: Path
+    classes: tuple[str, ...]
+    files: tuple[str, ...]  # relative to root, "<class>/<file>"
+    labels: tuple[int, ...]
+
+    def fingerprint(self) -> str:
+        """Changes whenever the file list or any file's size or mtime changes."""
+        h = hashlib.sha256()
+        for rel in self.files:
+            st = os.stat(self.root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def scan_image_folder(root: str | os.PathLike) -> ImageFolderScan:
+    """List an ImageFolder-layout directory.
+
+    Raises:
+        FileNotFoundError: ``root`` is missing or holds no class folder with images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for idx, cls in enumerate(classes):
+        for f in sorted((root / cls).iterdir()):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(f"{cls}/{f.name}")
+                labels.append(idx)
+    if not files:
+        raise FileNotFoundError(f"no images in ImageFolder layout (root/<class>/<image>) under {root}")
+    return ImageFolderScan(root, tuple(classes), tuple(files), tuple(labels))
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB (grayscale and palette images are converted)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _decode_one(path: Path, size: int) -> torch.Tensor:
+    img = load_rgb(path).resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+
+
+def decode_images(paths: list[Path], size: int, *, workers: int = 2, progress: bool = True) -> torch.Tensor:
+    """Decode and stretch-resize images into one ``(N, 3, size, size)`` uint8 tensor."""
+    from tqdm.auto import tqdm
+
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        it = pool.map(lambda p: _decode_one(p, size), paths)
+        for i, img in enumerate(tqdm(it, total=len(paths), desc=f"decode {size}px", disable=not progress)):
+            out[i] = img
+    return out
+
+
+@dataclass
+class TensorDataset:
+    """A split held in memory: uint8 images, int64 labels, class names and file names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    files: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_cached_split(
+    root: str | os.PathLike, size: int, *, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> TensorDataset:
+    """Decode ``root`` once at ``size`` px; later calls read the cached tensor file.
+
+    The cache file name holds a fingerprint of the file list, so an edited dataset is re-decoded.
+    """
+    scan = scan_image_folder(root)
+    cache_path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(f"{Path(root).resolve()}|{size}|{scan.fingerprint()}".encode()).hexdigest()[:20]
+        cache_path = Path(cache_dir) / f"split-{key}.pt"
+        if cache_path.exists():
+            blob = torch.load(cache_path, weights_only=True)
+            return TensorDataset(blob["images"], blob["labels"], tuple(blob["classes"]), tuple(blob["files"]))
+    images = decode_images([scan.root / f for f in scan.files], size, progress=progress)
+    ds = TensorDataset(images, torch.tensor(scan.labels, dtype=torch.int64), scan.classes, scan.files)
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        torch.save({"images": images, "labels": ds.labels, "classes": list(ds.classes), "files": list(ds.files)}, tmp)
+        os.replace(tmp, cache_path)
+    return ds
+
+
+def normalize(batch: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 or [0, 1] float ``(B, 3, H, W)`` -> normalised float32."""
+    if batch.dtype == torch.uint8:
+        batch = batch.float().div_(255.0)
+    m = torch.tensor(mean, dtype=batch.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=batch.dtype).view(1, 3, 1, 1)
+    return (batch - m) / s
+
+
+def resize_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Stretch-resize a float batch to ``size`` x ``size`` (antialiased when shrinking)."""
+    if batch.shape[-2:] == (size, size):
+        return batch
+    return F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def random_resized_crop_flip(
+    batch: torch.Tensor,
+    out_size: int,
+    *,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.25, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> torch.Tensor:
+    """Random-resized crop and horizontal flip of a whole float batch in one ``grid_sample``.
+
+    Each sample draws an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``
+    (torchvision's RandomResizedCrop distribution, clamped to the image instead of retried), a
+    position where the crop fits, and a coin for the flip.
+    """
+    b = batch.shape[0]
+    u = torch.rand((b, 5), generator=generator)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the full width / height
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (1 - w) * (2 * u[:, 2] - 1)  # centre in [-1, 1] normalised coordinates
+    cy = (1 - h) * (2 * u[:, 3] - 1)
+    sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones(b)
+    theta = torch.zeros((b, 2, 3))
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [b, batch.shape[1], out_size, out_size], align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -1,0 +1,49 @@
+"""Model registry: thin builders register themselves under a unique name (timm/torchvision style)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["register_model", "list_models", "create_model", "is_model"]
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its function name. A duplicate name raises ``ValueError``."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names of every registered architecture, sorted."""
+    return sorted(_MODELS)
+
+
+def is_model(name: str) -> bool:
+    return name in _MODELS
+
+
+def create_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Module:
+    """Build a registered architecture, optionally loading a checkpoint file into it.
+
+    Args:
+        name: a name from :func:`list_models`.
+        weights: path of a checkpoint in any layout :func:`cbam_viz.weights.load_state_dict` reads.
+        **kwargs: builder options, e.g. ``num_classes=10`` or ``cbam_config=SIMPLIFIED``.
+
+    Raises:
+        KeyError: unknown name (the message lists the known ones).
+    """
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    model = _MODELS[name](**kwargs)
+    if weights is not None:
+        from cbam_viz.weights import load_checkpoint_into
+
+        load_checkpoint_into(model, weights)
+    return model

@@ -1,0 +1,221 @@
+"""ResNet and ResNet-CBAM with torchvision's exact structure and state_dict keys.
+
+A baseline built here loads a torchvision checkpoint with ``strict=True``. The CBAM twins add one
+``cbam`` submodule per residual block, applied after the last BN of the residual branch (``bn2`` in
+:class:`BasicBlock`, ``bn3`` in :class:`Bottleneck`) and before the addition, as in the paper
+(arXiv 1807.06521, Fig. 3) and the official code.
+
+No operation is in place, so a tensor captured by a hook (a CAM target layer, an attention map)
+is never overwritten later in the forward.
+"""
+from __future__ import annotations
+
+from typing import Type
+
+import torch
+from torch import nn
+
+from ._registry import register_model
+from .cbam import CBAM, OFFICIAL, CBAMConfig
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet"]
+
+
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        cbam_config: CBAMConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+        if cbam_config is not None:
+            self.cbam = CBAM(planes, cbam_config)
+        else:
+            self.cbam = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.cbam is not None:
+            out = self.cbam(out)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        cbam_config: CBAMConfig | None = None,
+    ) -> None:
+        super().__init__()
+        width = planes
+        self.conv1 = _conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride)  # stride on the 3x3, as torchvision (v1.5)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = _conv1x1(width, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+        self.stride = stride
+        if cbam_config is not None:
+            self.cbam = CBAM(planes * self.expansion, cbam_config)
+        else:
+            self.cbam = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.cbam is not None:
+            out = self.cbam(out)
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision's ImageNet ResNet (7x7 stem, max-pool, four stages, global average pool, fc)."""
+
+    def __init__(
+        self,
+        block: Type[BasicBlock | Bottleneck],
+        layers: list[int],
+        *,
+        num_classes: int = 1000,
+        cbam_config: CBAMConfig | None = None,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        self.cbam_config = cbam_config
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self._init_weights(zero_init_residual)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                _conv1x1(self.inplanes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, self.cbam_config)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, cbam_config=self.cbam_config) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                # The official CBAM code starts the spatial gate's BN at weight 0, so every
+                # spatial gate begins as a uniform 0.5 and the network learns where to look.
+                nn.init.constant_(m.weight, 0.0 if name.endswith("spatial.bn") else 1.0)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.forward_features(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def _create_resnet(block, layers: list[int], *, cbam: bool, cbam_config: CBAMConfig | None = None, **kwargs) -> ResNet:
+    if cbam:
+        cbam_config = cbam_config or OFFICIAL
+    elif cbam_config is not None:
+        raise ValueError("cbam_config given for a baseline model; use the *_cbam variant")
+    return ResNet(block, layers, cbam_config=cbam_config if cbam else None, **kwargs)
+
+
+@register_model
+def resnet18(**kwargs) -> ResNet:
+    return _create_resnet(BasicBlock, [2, 2, 2, 2], cbam=False, **kwargs)
+
+
+@register_model
+def resnet34(**kwargs) -> ResNet:
+    return _create_resnet(BasicBlock, [3, 4, 6, 3], cbam=False, **kwargs)
+
+
+@register_model
+def resnet50(**kwargs) -> ResNet:
+    return _create_resnet(Bottleneck, [3, 4, 6, 3], cbam=False, **kwargs)
+
+
+@register_model
+def resnet101(**kwargs) -> ResNet:
+    return _create_resnet(Bottleneck, [3, 4, 23, 3], cbam=False, **kwargs)
+
+
+@register_model
+def resnet152(**kwargs) -> ResNet:
+    return _create_resnet(Bottleneck, [3, 8, 36, 3], cbam=False, **kwargs)
+
+
+@register_model
+def resnet18_cbam(**kwargs) -> ResNet:
+    return _create_resnet(BasicBlock, [2, 2, 2, 2], cbam=True, **kwargs)
+
+
+@register_model
+def resnet34_cbam(**kwargs) -> ResNet:
+    return _create_resnet(BasicBlock, [3, 4, 6, 3], cbam=True, **kwargs)
+
+
+@register_model
+def resnet50_cbam(**kwargs) -> ResNet:
+    return _create_resnet(Bottleneck, [3, 4, 6, 3], cbam=True, **kwargs)
+
+
+@register_model
+def resnet101_cbam(**kwargs) -> ResNet:
+    return _create_resnet(Bottleneck, [3, 4, 23, 3], cbam=True, **kwargs)
+
+
+@register_model
+def resnet152_cbam(**kwargs) -> ResNet:
+    return _create_resnet(Bottleneck, [3, 8, 36, 3], cbam=True, **kwargs)

@@ -1,0 +1,290 @@
+"""Train a registered model on an ImageFolder dataset, fast on a small CPU, resumable.
+
+One :class:`Recipe` serves every model: the same seed gives the same data order and the same
+augmentation draws (both derived from ``(seed, epoch)``), so a baseline and its CBAM twin trained
+with one recipe differ only in architecture.
+
+Speed on a 2-core CPU comes from: decoding the JPEGs once into a cached uint8 tensor
+(:mod:`cbam_viz.data`), whole-batch augmentation in one ``grid_sample``, channels-last memory
+format, bfloat16 autocast (AVX-512 BF16 where the CPU has it) and progressive resizing (small
+images early, full size at the end, as in fast.ai's Imagenette runs).
+
+Every epoch ends with a checkpoint (``last.pt``, written atomically) and a JSON line in
+``log.jsonl``; ``resume=True`` continues from the last finished epoch, bit for bit the same run
+as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbam_viz.data import (
+    IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES, TensorDataset, load_cached_split, normalize,
+    random_resized_crop_flip, resize_batch,
+)
+from cbam_viz.models import create_model
+from cbam_viz.weights import WeightRecord, save_safetensors, update_manifest
+
+__all__ = ["Recipe", "train", "evaluate_tensors", "train_size_at"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Hyper-parameters shared by both models of a pair; recorded in the weights manifest."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # on conv / linear weights only, not BN or biases
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    # Progressive resizing: (first epoch, train size) steps.
+    sizes: tuple[tuple[int, int], ...] = ((0, 112), (6, 128), (13, 160))
+    cache_size: int = 176
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    eval_size: int = 224
+    eval_every: int = 5
+    zero_init_residual: bool = True
+    bf16: bool = True
+    seed: int = 0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Recipe":
+        tuples = {"sizes", "crop_scale", "mean", "std"}
+        kw = {}
+        for k, v in data.items():
+            if k == "sizes":
+                v = tuple(tuple(s) for s in v)
+            elif k in tuples:
+                v = tuple(v)
+            kw[k] = v
+        return cls(**kw)
+
+
+def train_size_at(recipe: Recipe, epoch: int) -> int:
+    size = recipe.sizes[0][1]
+    for start, s in recipe.sizes:
+        if epoch >= start:
+            size = s
+    return size
+
+
+def _lr_at(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine decay to zero, as a pure function of the step."""
+    total = recipe.epochs * steps_per_epoch
+    warm = max(1, int(recipe.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return recipe.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate_tensors(model: nn.Module, ds: TensorDataset, *, size: int, mean, std, batch_size: int = 100,
+                     bf16: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Top-1/top-5 accuracy and the confusion matrix of ``model`` on an in-memory split."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    n_cls = len(ds.classes)
+    confusion = torch.zeros((n_cls, n_cls), dtype=torch.int64)
+    top5_hits = 0
+    try:
+        for i in tqdm(range(0, len(ds), batch_size), desc=f"eval {size}px", disable=not progress, leave=False):
+            x = resize_batch(ds.images[i:i + batch_size].float().div_(255), size)
+            x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x).float()
+            y = ds.labels[i:i + batch_size]
+            pred = logits.argmax(1)
+            confusion += torch.bincount(y * n_cls + pred, minlength=n_cls * n_cls).view(n_cls, n_cls)
+            k = min(5, n_cls)
+            top5_hits += (logits.topk(k, 1).indices == y[:, None]).any(1).sum().item()
+    finally:
+        model.train(was_training)
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
+    return {
+        "top1": confusion.diag().sum().item() / len(ds),
+        "top5": top5_hits / len(ds),
+        "per_class": dict(zip(ds.classes, per_class)),
+        "confusion": confusion.tolist(),
+        "n": len(ds),
+        "size": size,
+    }
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+def train(
+    arch: str,
+    data_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    recipe: Recipe = Recipe(),
+    resume: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    val_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``arch`` with ``recipe`` on ``data_dir`` (ImageFolder layout); checkpoint every epoch.
+
+    Args:
+        arch: a registered model name, e.g. ``"resnet18_cbam"``.
+        data_dir: training folder (``<class>/<image>``).
+        run_dir: where ``last.pt``, ``log.jsonl`` and ``model.safetensors`` go.
+        recipe: hyper-parameters; on resume it must equal the saved one.
+        resume: continue from ``run_dir/last.pt`` if it exists.
+        cache_dir: where decoded splits are cached (decoding happens once per split and size).
+        val_dir: optional validation folder, evaluated every ``recipe.eval_every`` epochs and last.
+        threads: torch intra-op threads (default: all cores).
+        max_steps: stop after this many optimizer steps in this call (for tests and smoke runs).
+    """
+    from tqdm.auto import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = run_dir / "last.pt", run_dir / "log.jsonl"
+
+    train_ds = load_cached_split(data_dir, recipe.cache_size, cache_dir=cache_dir, progress=progress)
+    val_ds = load_cached_split(val_dir, recipe.eval_size, cache_dir=cache_dir, progress=progress) if val_dir else None
+    n_cls = len(train_ds.classes)
+
+    torch.manual_seed(recipe.seed)
+    model = create_model(arch, num_classes=n_cls, zero_init_residual=recipe.zero_init_residual)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(_param_groups(model, recipe.weight_decay), lr=recipe.lr,
+                                momentum=recipe.momentum, nesterov=True)
+    start_epoch, wall, history = 0, 0.0, []
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = Recipe.from_json(ckpt["recipe"])
+        if saved != recipe or ckpt["arch"] != arch:
+            raise ValueError(f"{ckpt_path} was made by another recipe or architecture; "
+                             f"use a new run folder or the same options")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, wall, history = ckpt["epoch"] + 1, ckpt["wall_time_s"], ckpt["history"]
+        print(f"resuming {arch} from epoch {start_epoch} ({wall / 60:.1f} min done)")
+
+    steps_per_epoch = len(train_ds) // recipe.batch_size
+    mean, std = recipe.mean, recipe.std
+    steps_this_call = 0
+    model.train()
+    for epoch in range(start_epoch, recipe.epochs):
+        size = train_size_at(recipe, epoch)
+        gen = torch.Generator().manual_seed(recipe.seed * 100_003 + epoch)
+        order = torch.randperm(len(train_ds), generator=gen)
+        t0 = time.perf_counter()
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"{arch} ep {epoch + 1}/{recipe.epochs} {size}px",
+                   disable=not progress, dynamic_ncols=True)
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(recipe, step, steps_per_epoch)
+            idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
+            x = train_ds.images[idx].float().div_(255)
+            x = random_resized_crop_flip(x, size, generator=gen, scale=recipe.crop_scale)
+            x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+            y = train_ds.labels[idx]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.item() * len(y)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{seen / elapsed:.0f}")
+            steps_this_call += 1
+            if max_steps is not None and steps_this_call >= max_steps:
+                break
+        bar.close()
+        epoch_time = time.perf_counter() - t0
+        if max_steps is not None and steps_this_call >= max_steps and i < steps_per_epoch - 1:
+            # A partial epoch is not checkpointed: a resumed run redoes it from its start.
+            return TrainResult(run_dir, model, history, wall + epoch_time)
+        wall += epoch_time
+        entry = {"epoch": epoch + 1, "size": size, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                 "img_per_s": seen / epoch_time, "epoch_time_s": epoch_time, "lr_end": optimizer.param_groups[0]["lr"]}
+        last = epoch == recipe.epochs - 1
+        if val_ds is not None and ((epoch + 1) % recipe.eval_every == 0 or last):
+            t1 = time.perf_counter()
+            ev = evaluate_tensors(model, val_ds, size=recipe.eval_size, mean=mean, std=std, bf16=recipe.bf16)
+            entry.update(val_top1=ev["top1"], val_top5=ev["top5"], eval_time_s=time.perf_counter() - t1)
+            wall += entry["eval_time_s"]
+        entry["wall_time_s"] = wall
+        history.append(entry)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}), flush=True)
+        _atomic_save({"arch": arch, "recipe": recipe.to_json(), "epoch": epoch, "wall_time_s": wall,
+                      "history": history, "classes": list(train_ds.classes),
+                      "model": model.state_dict(), "optimizer": optimizer.state_dict()}, ckpt_path)
+    model.eval()
+    return TrainResult(run_dir, model, history, wall)
+
+
+def export(result: TrainResult, *, arch: str, recipe: Recipe, classes: list[str], weights_dir: str | os.PathLike,
+           name: str, class_names: dict[str, str] | None = None) -> WeightRecord:
+    """Write the trained model as ``<weights_dir>/<name>.safetensors`` and record it in the manifest."""
+    names = {**IMAGENETTE_NAMES, **(class_names or {})}
+    model = result.model.to(memory_format=torch.contiguous_format)
+    file = f"{name}.safetensors"
+    digest = save_safetensors(model, Path(weights_dir) / file)
+    hist = result.history
+    record = WeightRecord(
+        name=name, file=file, arch=arch, sha256=digest,
+        num_params=sum(p.numel() for p in model.parameters()),
+        classes=[{"id": c, "name": names.get(c, c)} for c in classes],
+        mean=list(recipe.mean), std=list(recipe.std), input_size=recipe.eval_size,
+        recipe=recipe.to_json(),
+        training={"wall_time_s": round(result.wall_time_s, 1),
+                  "img_per_s_last_epoch": round(hist[-1]["img_per_s"], 1) if hist else None,
+                  "epochs": len(hist), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        metrics={k: hist[-1][k] for k in ("val_top1", "val_top5") if hist and k in hist[-1]},
+    )
+    update_manifest(weights_dir, record=record)
+    return record
