@@ -247,11 +247,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()
+            # torch's message is long; keep its one informative line.
+            import re
+
+            text = str(e)
+            found = re.search(r"Unsupported [^.\n]*", text)
+            detail = found.group(0).strip() if found else ""
+            if "Unsupported global" not in text:
+                raise ValueError(f"{path} is not a readable PyTorch checkpoint "
+                                 f"(weights_only unpickler: {detail or 'rejected'})") from None
             raise UnsafeCheckpointError(
                 f"refusing to load {path}: it is a pickle that would create arbitrary Python objects "
-                f"(and could run code), so weights_only=True rejected it. Re-save it as a plain "
-                f"state_dict or as safetensors. Detail: {first[0] if first else e}"
+                f"(and could run code), so torch.load(weights_only=True) rejected it ({detail}). "
+                f"Re-save it as a plain state_dict or as safetensors."
             ) from None
         except (RuntimeError, EOFError) as e:
             raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
