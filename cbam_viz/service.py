@@ -280,8 +280,10 @@ def format_error(err: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 # One image: open, explain, render (in memory).
 
-def open_image(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
+def open_image(source: str | os.PathLike | bytes | Image.Image, *, display_name: str | None = None) -> Image.Image:
     """Any upload -> an RGB image whose longest side is at most :data:`DISPLAY_MAX_SIDE`.
+
+    Messages name the file ``display_name`` (default: its file name), never its server path.
 
     Raises:
         UserFacingError: not an image, damaged, empty or too large (see :mod:`cbam_viz.preprocess`).
@@ -294,7 +296,7 @@ def open_image(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
         message = _first_sentence(err)
         if isinstance(source, (str, os.PathLike)):
             # Name the upload, not the server's temp path it was stored under.
-            message = message.replace(os.fspath(source), Path(os.fspath(source)).name)
+            message = message.replace(os.fspath(source), display_name or Path(os.fspath(source)).name)
         raise UserFacingError(message) from None
     if max(image.size) > DISPLAY_MAX_SIDE:
         image = image.copy()
@@ -431,7 +433,7 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
     t = time.perf_counter()
     if isinstance(source, Image.Image):
         original_size = source.size
-    image = open_image(source)
+    image = open_image(source, display_name=name)
     if not isinstance(source, Image.Image):
         original_size = _original_size(source, image)
     timings["open_image"] = time.perf_counter() - t
@@ -660,6 +662,7 @@ def explain_files(
     target: str | int | None = None,
     layer: str | None = None,
     alpha: float = 0.5,
+    names: Sequence[str | None] | None = None,
     out_root: str | os.PathLike | None = None,
     max_images: int = 16,
 ) -> BatchResult:
@@ -667,8 +670,19 @@ def explain_files(
 
     A file that fails is listed in ``failures`` with its reason; the others go on. When every file
     fails (or a control is wrong), :class:`UserFacingError` is raised instead.
+
+    Args:
+        sources: image file paths.
+        names: what to call each file in captions, messages and download names (e.g. the name
+            it was uploaded under); default: each path's file name.
     """
-    sources = [s for s in sources if s]
+    if names is None:
+        names = [None] * len(sources)
+    if len(names) != len(sources):
+        raise ValueError(f"{len(names)} names for {len(sources)} sources")
+    pairs = [(s, n) for s, n in zip(sources, names) if s]
+    sources = [s for s, _ in pairs]
+    names = [n for _, n in pairs]
     if not sources:
         raise UserFacingError("Please upload an image first (or pick an example).")
     if len(sources) > max_images:
@@ -680,8 +694,8 @@ def explain_files(
     results: list[ImageResult] = []
     failures: list[tuple[str, str]] = []
     used: set[str] = set()
-    for i, source in enumerate(sources):
-        display = Path(os.fspath(source)).name
+    for i, (source, name) in enumerate(zip(sources, names)):
+        display = name or Path(os.fspath(source)).name
         try:
             analysis = analyse(source, pair=pair, method=method, target=target, layer=layer, alpha=alpha,
                                name=display)
