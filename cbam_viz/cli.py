@@ -40,6 +40,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import shlex
+
+    from cbam_viz.evaluate import evaluate_models, format_report, resolve_models
+    from cbam_viz.weights import update_manifest
+
+    from cbam_viz.weights import ChecksumError
+
+    try:
+        records = resolve_models(args.weights, model=args.model, pair=args.pair)
+        results = evaluate_models(records, args.data, weights_dir=args.weights, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
+    except (KeyError, FileNotFoundError, ValueError, ChecksumError) as err:
+        # Known failures (unknown name, missing/corrupt file, wrong class folders): one line, no traceback.
+        print(f"evaluate: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    print(format_report(results))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({r.name: r.to_json() for r in results}, indent=2) + "\n")
+        print(f"wrote {out}")
+    if args.update_manifest:
+        which = ["--pair", args.pair] if args.pair else ["--model", args.model]
+        command = shlex.join(["python", "-m", "cbam_viz", "evaluate", "--weights", str(args.weights),
+                              *which, "--data", str(args.data)])
+        for r in results:
+            update_manifest(args.weights, metrics=(r.name, r.manifest_metrics(command)))
+        print(f"updated {Path(args.weights) / 'manifest.json'}: {', '.join(r.name for r in results)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cbam_viz", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
     t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion of shipped weights")
+    e.add_argument("--weights", default="weights", help="folder holding manifest.json and the safetensors files")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="record name in the manifest")
+    which.add_argument("--pair", help="pair name in the manifest (evaluates both models)")
+    e.add_argument("--data", required=True, help="ImageFolder split whose folder names are the class ids")
+    e.add_argument("--out", help="write the results as JSON to this file")
+    e.add_argument("--update-manifest", action="store_true",
+                   help="merge val_top1/val_top5/val_per_class/val_confusion/val_n into the records' metrics")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_evaluate)
     return p
 
 

@@ -1,0 +1,200 @@
+"""Accuracy of the *shipped* weights, measured the way the app uses them.
+
+The training loop reports validation accuracy on its own cached tensors, in bfloat16, before the
+weights are written out. The numbers a user should trust are those of the files in ``weights/``:
+this module loads a manifest record through :func:`cbam_viz.weights.load_record` (sha256
+verified, float32), decodes every image with the app's own path (:func:`cbam_viz.preprocess.open_image`
+then :func:`cbam_viz.preprocess.to_model_batch`: RGB, stretch-resize to the record's input size,
+bilinear, normalised with the record's mean/std) and reports top-1, top-5, per-class accuracy
+and the confusion matrix (rows: true class, columns: predicted, both in the record's class order).
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cbam_viz.data import scan_image_folder
+from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, WeightRecord, load_record, read_manifest
+
+__all__ = ["EvalResult", "ClassMismatchError", "resolve_models", "evaluate_record", "evaluate_models",
+           "format_report"]
+
+
+class ClassMismatchError(ValueError):
+    """The class folders of a dataset are not the classes a model was trained on."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy of one weight record on one ImageFolder split."""
+
+    name: str
+    arch: str
+    data_dir: str
+    top1: float
+    top5: float
+    per_class: dict[str, float | None]  # class id -> top-1 (None for a class without images)
+    confusion: list[list[int]]           # [true][predicted], record class order
+    n: int
+    class_ids: tuple[str, ...]
+    class_names: tuple[str, ...]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "arch": self.arch, "data_dir": self.data_dir, "top1": self.top1,
+                "top5": self.top5, "per_class": self.per_class, "confusion": self.confusion, "n": self.n,
+                "classes": [{"id": i, "name": c} for i, c in zip(self.class_ids, self.class_names)],
+                "seconds": round(self.seconds, 2)}
+
+    def manifest_metrics(self, command: str) -> dict[str, Any]:
+        """The keys merged into the record's ``metrics`` by ``evaluate --update-manifest``."""
+        return {"val_top1": self.top1, "val_top5": self.top5, "val_per_class": self.per_class,
+                "val_confusion": self.confusion, "val_n": self.n, "eval_command": command}
+
+
+def resolve_models(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR, *, model: str | None = None,
+                   pair: str | None = None) -> list[WeightRecord]:
+    """The records named by ``model`` or by the two members of ``pair``.
+
+    Raises:
+        FileNotFoundError: no manifest in ``weights_dir``.
+        KeyError: unknown model or pair (the message lists the known ones).
+    """
+    if (model is None) == (pair is None):
+        raise ValueError("give exactly one of model= or pair=")
+    manifest_path = Path(weights_dir) / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no manifest at {manifest_path}; train and export first "
+                                f"(python -m cbam_viz train --export {weights_dir})")
+    data = read_manifest(weights_dir)
+    if pair is not None:
+        if pair not in data["pairs"]:
+            raise KeyError(f"no pair {pair!r} in {manifest_path}; known: {', '.join(sorted(data['pairs'])) or 'none'}")
+        names = [data["pairs"][pair]["baseline"], data["pairs"][pair]["cbam"]]
+    else:
+        names = [model]
+    for name in names:
+        if name not in data["models"]:
+            raise KeyError(f"no model {name!r} in {manifest_path}; known: {', '.join(sorted(data['models'])) or 'none'}")
+    return [WeightRecord(**data["models"][n]) for n in names]
+
+
+def _labels_in_record_order(record: WeightRecord, scan) -> list[int]:
+    ids = [c["id"] for c in record.classes]
+    missing = sorted(set(ids) - set(scan.classes))
+    extra = sorted(set(scan.classes) - set(ids))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"no folder for {missing}")
+        if extra:
+            parts.append(f"folders the model does not know: {extra}")
+        raise ClassMismatchError(
+            f"the class folders of {scan.root} do not match the classes of model {record.name!r} "
+            f"({len(ids)} classes: {ids[:10]}): " + "; ".join(parts))
+    index = {cid: i for i, cid in enumerate(ids)}
+    return [index[scan.classes[label]] for label in scan.labels]
+
+
+@torch.no_grad()
+def evaluate_record(
+    record: WeightRecord,
+    data_dir: str | os.PathLike,
+    *,
+    weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = True,
+) -> EvalResult:
+    """Top-1/top-5, per-class accuracy and confusion of one record on an ImageFolder split.
+
+    Args:
+        record: a manifest record; its file is sha256-checked and loaded in float32.
+        data_dir: ``<class id>/<image>`` folders whose names are the record's class ids.
+        weights_dir: where the record's file lives.
+        batch_size: images per forward.
+        workers: threads decoding images (PIL releases the GIL while decoding).
+        progress: show a tqdm bar.
+
+    Raises:
+        ClassMismatchError: the folder names are not the record's class ids.
+        ChecksumError / FileNotFoundError: from :func:`cbam_viz.weights.load_record`.
+        cbam_viz.preprocess.ImageError: an image cannot be decoded (the message names it).
+    """
+    from tqdm.auto import tqdm
+
+    from cbam_viz.preprocess import open_image, to_model_batch
+
+    t0 = time.perf_counter()
+    scan = scan_image_folder(data_dir)
+    labels = torch.tensor(_labels_in_record_order(record, scan), dtype=torch.int64)
+    model = load_record(record, weights_dir).float().eval()
+    n_cls = record.num_classes
+    k = min(5, n_cls)
+    confusion = torch.zeros((n_cls, n_cls), dtype=torch.int64)
+    top5_hits = 0
+    paths = [scan.root / f for f in scan.files]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=len(paths), desc=f"eval {record.name}", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            images = list(pool.map(open_image, paths[start:start + batch_size]))
+            x = to_model_batch(images, record.input_size, record.mean, record.std)
+            logits = model(x).float()
+            y = labels[start:start + batch_size]
+            confusion += torch.bincount(y * n_cls + logits.argmax(1), minlength=n_cls * n_cls).view(n_cls, n_cls)
+            top5_hits += int((logits.topk(k, 1).indices == y[:, None]).any(1).sum())
+            bar.update(len(images))
+    n = len(paths)
+    support = confusion.sum(1)
+    per_class = {c["id"]: (float(confusion[i, i]) / float(support[i]) if support[i] else None)
+                 for i, c in enumerate(record.classes)}
+    return EvalResult(
+        name=record.name, arch=record.arch, data_dir=str(Path(data_dir)),
+        top1=float(confusion.diag().sum()) / n, top5=top5_hits / n, per_class=per_class,
+        confusion=confusion.tolist(), n=n, class_ids=tuple(c["id"] for c in record.classes),
+        class_names=tuple(record.class_names), seconds=time.perf_counter() - t0,
+    )
+
+
+def evaluate_models(records: list[WeightRecord], data_dir: str | os.PathLike, **kwargs) -> list[EvalResult]:
+    """:func:`evaluate_record` for each record (e.g. both members of a pair)."""
+    return [evaluate_record(r, data_dir, **kwargs) for r in records]
+
+
+def _pct(v: float | None) -> str:
+    return "   -  " if v is None else f"{100 * v:5.1f}%"
+
+
+def format_report(results: list[EvalResult], *, confusion: bool = True) -> str:
+    """A plain-text table: overall accuracy, per-class top-1 side by side, then each confusion matrix."""
+    if not results:
+        return "no results"
+    lines = []
+    w = max(12, *(len(r.name) for r in results))
+    lines.append(f"{'model':<{w}}  {'top-1':>6}  {'top-5':>6}  {'images':>6}")
+    for r in results:
+        lines.append(f"{r.name:<{w}}  {_pct(r.top1)}  {_pct(r.top5)}  {r.n:>6}")
+    first = results[0]
+    cw = max(5, *(len(c) for c in first.class_names))
+    cols = [max(8, min(len(r.name), 24)) for r in results]
+    lines.append("")
+    lines.append(f"{'per-class top-1':<{cw}}  " + "  ".join(f"{r.name[:c]:>{c}}" for r, c in zip(results, cols)))
+    for cid, cname in zip(first.class_ids, first.class_names):
+        cells = [f"{_pct(r.per_class.get(cid)):>{c}}" for r, c in zip(results, cols)]
+        lines.append(f"{cname:<{cw}}  " + "  ".join(cells))
+    if confusion:
+        for r in results:
+            lines.append("")
+            lines.append(f"confusion of {r.name} (rows: true class, columns: predicted)")
+            width = max(4, len(str(max(max(row) for row in r.confusion))) + 1)
+            head = "".join(f"{i:>{width}}" for i in range(len(r.class_ids)))
+            lines.append(f"{'':<{cw + 4}}{head}")
+            for i, (cname, row) in enumerate(zip(r.class_names, r.confusion)):
+                lines.append(f"{i:>2}  {cname:<{cw}}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""``evaluate``: accuracy of the shipped files, decoded the way the app decodes uploads."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cbam_viz.cli import main
+from cbam_viz.evaluate import ClassMismatchError, evaluate_record, format_report, resolve_models
+from cbam_viz.models import create_model
+from cbam_viz.preprocess import open_image, to_model_batch
+from cbam_viz.weights import ChecksumError, WeightRecord, read_manifest, save_safetensors, update_manifest
+
+CLASSES = ("n01", "n02", "n03")
+NAMES = {"n01": "red thing", "n02": "green thing", "n03": "blue thing"}
+
+
+def _make_folder(root, per_class=4, size=(40, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    for i, cls in enumerate(CLASSES):
+        (root / cls).mkdir(parents=True)
+        for j in range(per_class):
+            img = rng.integers(0, 80, (size[1], size[0], 3), dtype=np.uint8)
+            img[..., i] += 150
+            Image.fromarray(img).save(root / cls / f"{j}.png")
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "weights"
+    for arch in ("resnet18", "resnet18_cbam"):
+        model = create_model(arch, num_classes=3)
+        with torch.no_grad():  # make the (untrained) predictions depend on the colour
+            model.fc.bias.copy_(torch.tensor([0.0, 0.1, -0.1]))
+        digest = save_safetensors(model, weights / f"{arch}_tiny.safetensors")
+        update_manifest(weights, record=WeightRecord(
+            name=f"{arch}_tiny", file=f"{arch}_tiny.safetensors", arch=arch, sha256=digest,
+            num_params=sum(p.numel() for p in model.parameters()),
+            classes=[{"id": c, "name": NAMES[c]} for c in CLASSES],
+            mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], input_size=32,
+            metrics={"val_top1": 0.5}))
+    update_manifest(weights, pair=("tiny", {"baseline": "resnet18_tiny", "cbam": "resnet18_cbam_tiny"}))
+    data = _make_folder(tmp_path / "val")
+    return weights, data
+
+
+def _record(weights, name="resnet18_tiny"):
+    return WeightRecord(**read_manifest(weights)["models"][name])
+
+
+def test_metrics_match_a_per_image_loop_through_the_app_path(setup):
+    weights, data = setup
+    rec = _record(weights)
+    res = evaluate_record(rec, data, weights_dir=weights, batch_size=5, progress=False)
+
+    from cbam_viz.weights import load_record
+
+    model = load_record(rec, weights)
+    conf = np.zeros((3, 3), dtype=int)
+    for y, cls in enumerate(CLASSES):
+        for f in sorted((data / cls).iterdir()):
+            x = to_model_batch([open_image(f)], 32, rec.mean, rec.std)
+            assert x.dtype == torch.float32
+            with torch.no_grad():
+                conf[y, int(model(x).argmax())] += 1
+    assert res.confusion == conf.tolist()
+    assert res.n == 12 and np.sum(res.confusion) == 12
+    assert res.top1 == pytest.approx(np.trace(conf) / 12)
+    assert res.top5 == 1.0  # only three classes
+    for i, cls in enumerate(CLASSES):
+        assert res.per_class[cls] == pytest.approx(conf[i, i] / conf[i].sum())
+    assert res.class_names == tuple(NAMES[c] for c in CLASSES)
+
+
+def test_class_folders_must_match_record(setup, tmp_path):
+    weights, data = setup
+    rec = _record(weights)
+    shutil.rmtree(data / "n03")
+    (data / "n09").mkdir()
+    Image.new("RGB", (8, 8)).save(data / "n09" / "x.png")
+    with pytest.raises(ClassMismatchError) as err:
+        evaluate_record(rec, data, weights_dir=weights, progress=False)
+    msg = str(err.value)
+    assert "n03" in msg and "n09" in msg and rec.name in msg
+
+
+def test_folder_order_does_not_matter_ids_do(setup):
+    weights, data = setup
+    rec = _record(weights)
+    shuffled = WeightRecord(**{**rec.to_json(), "classes": list(reversed(rec.classes))})
+    # same file, classes listed in another order: confusion follows the record's order
+    res = evaluate_record(rec, data, weights_dir=weights, progress=False)
+    res2 = evaluate_record(shuffled, data, weights_dir=weights, progress=False)
+    assert res2.class_ids == tuple(reversed(CLASSES))
+    # output i now means folder CLASSES[2 - i]: the true-class rows flip, the outputs do not move
+    assert res2.confusion == res.confusion[::-1]
+    assert res2.n == res.n
+
+
+def test_corrupt_shipped_file_is_refused(setup):
+    weights, data = setup
+    rec = _record(weights)
+    path = weights / rec.file
+    blob = bytearray(path.read_bytes())
+    blob[100] ^= 1
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ChecksumError, match=rec.file):
+        evaluate_record(rec, data, weights_dir=weights, progress=False)
+
+
+def test_resolve_models(setup, tmp_path):
+    weights, _ = setup
+    assert [r.name for r in resolve_models(weights, pair="tiny")] == ["resnet18_tiny", "resnet18_cbam_tiny"]
+    assert [r.name for r in resolve_models(weights, model="resnet18_tiny")] == ["resnet18_tiny"]
+    with pytest.raises(KeyError, match="resnet18_tiny"):
+        resolve_models(weights, model="nope")
+    with pytest.raises(KeyError, match="tiny"):
+        resolve_models(weights, pair="nope")
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        resolve_models(tmp_path / "empty", model="x")
+
+
+def test_cli_pair_writes_json_and_updates_manifest(setup, tmp_path, capsys):
+    weights, data = setup
+    out = tmp_path / "res" / "eval.json"
+    rc = main(["evaluate", "--weights", str(weights), "--pair", "tiny", "--data", str(data),
+               "--out", str(out), "--update-manifest", "--no-progress", "--batch-size", "7"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "resnet18_tiny" in text and "resnet18_cbam_tiny" in text and "red thing" in text and "top-1" in text
+    results = json.loads(out.read_text())
+    assert set(results) == {"resnet18_tiny", "resnet18_cbam_tiny"}
+    models = read_manifest(weights)["models"]
+    for name, res in results.items():
+        m = models[name]["metrics"]
+        assert m["val_top1"] == res["top1"] and m["val_top5"] == res["top5"]
+        assert m["val_per_class"] == res["per_class"] and m["val_confusion"] == res["confusion"]
+        assert m["val_n"] == 12
+        assert m["eval_command"].startswith("python -m cbam_viz evaluate --weights")
+        assert "--pair tiny" in m["eval_command"]
+    # the sha256 and the rest of the record are untouched, so the file still loads
+    from cbam_viz.weights import load_record
+
+    load_record(_record(weights, "resnet18_cbam_tiny"), weights)
+
+
+def test_cli_error_is_one_line(setup, tmp_path, capsys):
+    weights, data = setup
+    rc = main(["evaluate", "--weights", str(weights), "--model", "nope", "--data", str(data), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--weights", str(weights), "--model", "a", "--pair", "b", "--data", str(data)])
+
+
+def test_format_report_lists_every_class(setup):
+    weights, data = setup
+    res = evaluate_record(_record(weights), data, weights_dir=weights, progress=False)
+    text = format_report([res])
+    for name in NAMES.values():
+        assert name in text
+    assert "confusion" in text
