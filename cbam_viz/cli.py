@@ -72,6 +72,56 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    """Explain images or folders of images; write ``<name>.png`` + ``<name>.json`` (+ ``.npz``) each."""
+    from tqdm import tqdm
+
+    from cbam_viz import service
+
+    paths, missing = service.collect_images(args.inputs)
+    failures: list[tuple[str, str]] = [(p, "no such file or folder") for p in missing]
+    if not paths and not failures:
+        print("explain: error: no image files found in the given folders", file=sys.stderr)
+        return 2
+    try:
+        out = service.prepare_output_dir(args.out)
+        pair = service.get_pair(args.pair)
+        service.check_controls(pair, method=args.method, target=args.target, layer=args.layer, alpha=args.alpha)
+    except service.UserFacingError as err:
+        print(f"explain: error: {err}", file=sys.stderr)
+        return 2
+    for warning in service.describe_pair(pair).warnings:
+        print(f"explain: warning: {warning}", file=sys.stderr)
+    formats = ("png", "json", "npz") if args.npz else ("png", "json")
+    used: set[str] = set()
+    written = 0
+    for path in tqdm(paths, desc="explain", unit="image", disable=args.no_progress or None):
+        try:
+            analysis = service.analyse(path, pair=pair, method=args.method, target=args.target,
+                                       layer=args.layer, alpha=args.alpha)
+        except service.UserFacingError as err:
+            failures.append((str(path), str(err)))
+            continue
+        stem = service.unique_stem(service.safe_stem(path.name), used)
+        try:
+            service.save(analysis, out, stem=stem, formats=formats)
+        except OSError as err:  # disk full, folder removed or made read-only mid-run: stop here
+            print(f"explain: error: cannot write to {out}: {err.strerror or err}", file=sys.stderr)
+            return 2
+        written += 1
+        if args.verbose:
+            top = {role: getattr(analysis.explanation, role).top1 for role in ("baseline", "cbam")}
+            tqdm.write(f"{path.name}: baseline {top['baseline'].label} {top['baseline'].prob:.0%}, "
+                       f"CBAM {top['cbam'].label} {top['cbam'].prob:.0%}")
+    print(f"explain: wrote {written} of {len(paths) + len(missing)} image(s) to {out}")
+    if failures:
+        print(f"explain: {len(failures)} file(s) failed:", file=sys.stderr)
+        for name, reason in failures:
+            print(f"  {name}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cbam_viz", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_evaluate)
+
+    x = sub.add_parser("explain", help="explain images with both models; write composite PNG + JSON per image")
+    x.add_argument("inputs", nargs="+", help="image files and/or folders of images (searched recursively)")
+    x.add_argument("--out", required=True, help="output folder (created if needed)")
+    x.add_argument("--pair", help="model pair from weights/manifest.json (default: the manifest's default, "
+                                  "or the untrained pair without weights)")
+    x.add_argument("--method", default="gradcam", help="CAM method (see cbam_viz.explain.list_methods())")
+    x.add_argument("--target", help="class name or index to explain (default: each model's predicted class)")
+    x.add_argument("--layer", help="block the CAM looks at, e.g. layer3.1 (default: the last block)")
+    x.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays, 0 to 1")
+    x.add_argument("--npz", action="store_true", help="also write the raw maps as <name>.npz")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    x.add_argument("-v", "--verbose", action="store_true", help="print both models' top-1 per image")
+    x.set_defaults(func=_cmd_explain)
     return p
 
 

@@ -45,7 +45,8 @@ __all__ = [
     "AUTO_TARGET", "AUTO_LAYER", "UNSURE_PROB", "UNSURE_MARGIN", "DISPLAY_MAX_SIDE", "OUTPUT_ROOT",
     "get_pair", "pair_names", "describe_pair", "block_names", "list_methods",
     "open_image", "analyse", "save", "explain_files", "format_error", "model_card_markdown",
-    "cleanup_outputs", "IMAGE_SUFFIXES",
+    "cleanup_outputs", "IMAGE_SUFFIXES", "check_controls", "collect_images", "prepare_output_dir",
+    "safe_stem", "unique_stem", "npz_arrays", "classes_sentence", "new_request_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -339,6 +340,8 @@ def _resolve_controls(info: PairInfo, method: str, target: str | int | None, lay
         if not 0 <= target < len(info.classes):
             raise UserFacingError(f"Target class index {target} is out of range: the models know "
                                   f"{len(info.classes)} classes (0 to {len(info.classes) - 1}).")
+    elif str(target).strip() not in info.classes and str(target).strip().isdigit():
+        return _resolve_controls(info, method, int(str(target).strip()), layer, alpha)
     else:
         target = str(target).strip()
         if target not in info.classes:
@@ -594,6 +597,72 @@ def safe_stem(name: str) -> str:
     return stem[:80]
 
 
+def check_controls(pair, *, method: str = "gradcam", target: str | int | None = None, layer: str | None = None,
+                   alpha: float = 0.5) -> None:
+    """Fail early, before any image, on a wrong method, target, layer or opacity.
+
+    Raises:
+        UserFacingError: naming the wrong value and the valid choices.
+    """
+    _resolve_controls(describe_pair(pair), method, target, layer, alpha)
+
+
+def collect_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    """Files as given plus image files found (recursively, sorted) in folders; and the missing paths.
+
+    A file given explicitly is kept whatever its suffix (it fails later with a clear reason if it
+    is not an image); in folders only :data:`IMAGE_SUFFIXES` count.
+    """
+    found: list[Path] = []
+    missing: list[str] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            candidates = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                                and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            candidates = [path]
+        else:
+            missing.append(str(item))
+            continue
+        for p in candidates:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(p)
+    return found, missing
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder and prove it is writable (and not full) before any work.
+
+    Raises:
+        UserFacingError: it is a file, cannot be created, is read-only or the disk is full.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserFacingError(f"The output path {path} is a file, not a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".cbam_viz_write_test.{uuid.uuid4().hex[:8]}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)  # a small real write: a full disk fails here, not after an hour
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as err:
+        import errno
+
+        reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
+                  errno.EDQUOT: "the disk quota is exceeded"}.get(err.errno, err.strerror or str(err))
+        raise UserFacingError(f"Cannot write to the output folder {path}: {reason}.") from None
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # Several images, for the app: one fresh folder per request.
 
@@ -699,7 +768,7 @@ def explain_files(
         try:
             analysis = analyse(source, pair=pair, method=method, target=target, layer=layer, alpha=alpha,
                                name=display)
-            stem = _unique(safe_stem(display), used)
+            stem = unique_stem(safe_stem(display), used)
             folder = out_dir / f"{i:02d}_{stem}"
             folder.mkdir()
             t = time.perf_counter()
@@ -723,7 +792,8 @@ def explain_files(
     return BatchResult(results=results, failures=failures, out_dir=out_dir, archive=archive)
 
 
-def _unique(stem: str, used: set[str]) -> str:
+def unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``... if already in ``used`` (which it is added to)."""
     candidate, k = stem, 1
     while candidate in used:
         k += 1
