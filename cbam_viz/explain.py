@@ -1,0 +1,229 @@
+"""One call from images to everything the app shows: predictions, CAMs and CBAM attention.
+
+:func:`explain` runs each model of a :class:`~cbam_viz.pair.ModelPair` once over the whole batch
+(one forward, plus one backward to the CAM layer for gradient methods, see :mod:`cbam_viz.cam`)
+and returns frozen :class:`Explanation` objects holding plain numpy arrays, ready for
+:mod:`cbam_viz.render`. CBAM: Woo et al., ECCV 2018, arXiv 1807.06521.
+"""
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cbam_viz.cam import compute_cams, list_methods, method_kind, resolve_layer
+from cbam_viz.pair import LoadedModel, ModelPair
+from cbam_viz.preprocess import to_model_batch, to_rgb
+
+__all__ = [
+    "Prediction", "ModelExplanation", "Explanation", "explain", "explain_model", "list_methods",
+    "resolve_target",
+]
+
+Target = int | str | None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    prob: float
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value
+class ModelExplanation:
+    model_name: str
+    predictions: tuple[Prediction, ...]       # top-k, sorted by prob
+    target: int
+    target_label: str                         # class the CAM explains
+    cam: np.ndarray                           # float32 (H, W) in [0, 1] at the image's own size
+    channel_attention: dict[str, np.ndarray]  # "layer1.0" -> (C,) float32   (empty for baseline)
+    spatial_attention: dict[str, np.ndarray]  # "layer1.0" -> (h, w) float32 in [0,1] (feature-map size)
+    timings: dict[str, float]                 # seconds: "forward_backward", "cam", ...
+
+    @property
+    def top1(self) -> Prediction:
+        return self.predictions[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    image_size: tuple[int, int]  # (W, H) of the input image
+    method: str
+    layer: str
+    baseline: ModelExplanation
+    cbam: ModelExplanation
+
+
+def resolve_target(target: Target, classes: Sequence[str], class_ids: Sequence[str] = ()) -> int | None:
+    """None -> None (the predicted class); an index or a class name (or WordNet id) -> its index.
+
+    Raises:
+        ValueError: index out of range, or a name that is not one of ``classes`` (the message
+            lists close matches, or the classes).
+    """
+    if target is None:
+        return None
+    n = len(classes)
+    if isinstance(target, (bool, np.bool_)):
+        raise ValueError(f"target must be a class index or name, got {target!r}")
+    if isinstance(target, (int, np.integer)):
+        if not 0 <= int(target) < n:
+            raise ValueError(f"target class index {int(target)} is out of range: this model has {n} classes (0..{n - 1})")
+        return int(target)
+    if isinstance(target, str):
+        name = target.strip()
+        for pool in (classes, class_ids):
+            if name in pool:
+                return list(pool).index(name)
+        lowered = [c.lower() for c in classes]
+        if name.lower() in lowered:
+            return lowered.index(name.lower())
+        close = difflib.get_close_matches(name, list(classes), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else \
+            f"the classes are: {', '.join(classes[:20])}{', ...' if n > 20 else ''}"
+        raise ValueError(f"unknown class {target!r}; {hint}")
+    raise ValueError(f"target must be None, a class index or a class name, got {type(target).__name__}")
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    a.setflags(write=False)
+    return a
+
+
+def explain_model(
+    images: Image.Image | Sequence[Image.Image],
+    loaded: LoadedModel,
+    *,
+    method: str = "gradcam",
+    target: Target | Sequence[Target] = None,
+    layer: str | None = None,
+    topk: int = 5,
+) -> list[ModelExplanation]:
+    """:func:`explain` for a single model (the app can keep going when one model of a pair fails).
+
+    Arguments as in :func:`explain`; returns one :class:`ModelExplanation` per image.
+    """
+    t0 = time.perf_counter()
+    rgb = _as_rgb_list(images)
+    targets = _per_image_targets(target, len(rgb), loaded)
+    if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    batch = to_model_batch(rgb, loaded.input_size, loaded.mean, loaded.std)
+    t_pre = time.perf_counter() - t0
+    return _explain_batch(rgb, batch, loaded, method=method, targets=targets, layer=layer, topk=int(topk),
+                          preprocess_s=t_pre)
+
+
+def explain(
+    images: Image.Image | Sequence[Image.Image],
+    pair: ModelPair,
+    *,
+    method: str = "gradcam",
+    target: Target | Sequence[Target] = None,
+    layer: str | None = None,
+    topk: int = 5,
+) -> list[Explanation]:
+    """Explain each image with both models of ``pair``, one batched pass per model.
+
+    Args:
+        images: a PIL image or a list of them, any mode and size (see :func:`cbam_viz.preprocess.to_rgb`).
+        pair: from :func:`cbam_viz.pair.load_pair`.
+        method: one of :func:`list_methods`.
+        target: None for each model's own predicted class, a class index, a class name, or one
+            of those per image (a list as long as ``images``).
+        layer: dotted module name of the CAM layer (the same in both models); default the last
+            block of ``layer4`` (``"layer4.1"`` for resnet18).
+        topk: how many predictions to return per model (at most the number of classes).
+
+    Returns:
+        One :class:`Explanation` per image, in order; CAMs at each image's own size.
+
+    Raises:
+        ValueError: unknown method, layer or class, a target out of range, an invalid image
+            (:class:`cbam_viz.preprocess.ImageError`).
+    """
+    t0 = time.perf_counter()
+    if method not in list_methods():
+        method_kind(method)  # raises the clear error
+    rgb = _as_rgb_list(images)
+    layer_name = resolve_layer(pair.cbam.model, layer)[0]
+    resolve_layer(pair.baseline.model, layer_name)  # same name must exist in both, fail before any pass
+    targets = {role: _per_image_targets(target, len(rgb), m) for role, m in
+               (("baseline", pair.baseline), ("cbam", pair.cbam))}
+    if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    t_common = time.perf_counter() - t0
+
+    batches: dict[tuple, torch.Tensor] = {}
+    results = {}
+    for role in ("baseline", "cbam"):
+        m: LoadedModel = getattr(pair, role)
+        t1 = time.perf_counter()
+        key = (m.input_size, tuple(m.mean), tuple(m.std))
+        if key not in batches:  # both models usually share the preprocessing: do it once
+            batches[key] = to_model_batch(rgb, m.input_size, m.mean, m.std)
+        pre = t_common + time.perf_counter() - t1
+        results[role] = _explain_batch(rgb, batches[key], m, method=method, targets=targets[role],
+                                       layer=layer_name, topk=int(topk), preprocess_s=pre)
+    return [
+        Explanation(image_size=im.size, method=method, layer=layer_name, baseline=b, cbam=c)
+        for im, b, c in zip(rgb, results["baseline"], results["cbam"])
+    ]
+
+
+def _as_rgb_list(images) -> list[Image.Image]:
+    if isinstance(images, Image.Image):
+        images = [images]
+    images = list(images)
+    if not images:
+        raise ValueError("no images to explain")
+    for im in images:
+        if not isinstance(im, Image.Image):
+            raise TypeError(f"expected PIL images, got {type(im).__name__}")
+    return [im if im.mode == "RGB" else to_rgb(im) for im in images]
+
+
+def _per_image_targets(target, n: int, m: LoadedModel) -> list[int | None]:
+    if isinstance(target, (list, tuple)):
+        if len(target) != n:
+            raise ValueError(f"{len(target)} targets given for {n} images")
+        return [resolve_target(t, m.classes, m.class_ids) for t in target]
+    return [resolve_target(target, m.classes, m.class_ids)] * n
+
+
+def _explain_batch(rgb, batch, m: LoadedModel, *, method, targets, layer, topk, preprocess_s) -> list[ModelExplanation]:
+    result = compute_cams(m.model, batch, method=method, layer=layer, targets=targets,
+                          sizes=[im.size for im in rgb])
+    probs = torch.softmax(result.logits, dim=1)
+    k = min(topk, probs.shape[1])
+    top_p, top_i = probs.topk(k, dim=1)
+    labels = m.classes
+    out = []
+    for i in range(len(rgb)):
+        preds = tuple(
+            Prediction(index=int(c), label=labels[int(c)] if int(c) < len(labels) else str(int(c)), prob=float(p))
+            for p, c in zip(top_p[i].tolist(), top_i[i].tolist())
+        )
+        channel = {blk: _readonly(maps["channel"][i].numpy()) for blk, maps in result.attention.items() if "channel" in maps}
+        spatial = {blk: _readonly(maps["spatial"][i].numpy()) for blk, maps in result.attention.items() if "spatial" in maps}
+        t = result.targets[i]
+        timings = dict(result.timings)
+        timings["preprocess"] = preprocess_s
+        out.append(ModelExplanation(
+            model_name=m.name,
+            predictions=preds,
+            target=t,
+            target_label=labels[t] if t < len(labels) else str(t),
+            cam=_readonly(result.cams[i]),
+            channel_attention=channel,
+            spatial_attention=spatial,
+            timings=timings,
+        ))
+    return out

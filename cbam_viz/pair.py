@@ -1,0 +1,344 @@
+"""The two models the app compares: a baseline ResNet and its CBAM twin, trained the same way.
+
+Pairs are listed in ``weights/manifest.json`` (``{"pairs": {name: {"baseline": record,
+"cbam": record, "default": true?}}}``); every model carries its own classes, mean/std and input
+size (:class:`cbam_viz.weights.WeightRecord`), so nothing here is hard-coded for trained weights.
+
+With no manifest (a fresh checkout, before training) :func:`load_pair` returns a seeded,
+*untrained* resnet18 / resnet18_cbam pair with ``trained=False`` so the app still runs and can
+say plainly that its predictions mean nothing.
+
+Models are built once and kept in a small LRU cache keyed by (name, weights dir, device, sha256),
+never per request.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cbam_viz.data import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
+from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, WeightRecord, load_record, read_manifest
+
+__all__ = [
+    "LoadedModel", "ModelPair", "ModelLoadError", "list_pairs", "default_pair_name", "load_pair",
+    "load_model", "untrained_pair", "load_available_pairs", "select_device", "clear_cache",
+    "UNTRAINED_PAIR", "DEVICE_ENV",
+]
+
+UNTRAINED_PAIR = "untrained"
+DEVICE_ENV = "CBAM_VIZ_DEVICE"
+_UNTRAINED_INPUT = 224
+_UNTRAINED_SEED = 0
+_CACHE_SIZE = 6  # a few pairs' worth of models; resnet18s are ~45 MB each
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference plus everything needed to preprocess for it and label it."""
+
+    name: str                 # record name, or e.g. "resnet18 (untrained)"
+    arch: str                 # registry name
+    model: nn.Module          # eval mode, on `device`
+    classes: tuple[str, ...]  # readable class names
+    class_ids: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_size: int
+    trained: bool             # False when no weights were found: the UI says so plainly
+    record: WeightRecord | None
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    name: str
+    baseline: LoadedModel
+    cbam: LoadedModel
+
+    @property
+    def trained(self) -> bool:
+        return self.baseline.trained and self.cbam.trained
+
+
+class ModelLoadError(RuntimeError):
+    """One model of a pair could not be loaded (missing file, corrupted file, wrong architecture).
+
+    Attributes:
+        model_name: the manifest record that failed.
+        file: the weights file involved (a path), or None if the record itself is missing.
+        pair: the pair being loaded, if any.
+    """
+
+    def __init__(self, message: str, *, model_name: str, file: Path | None, pair: str | None = None):
+        super().__init__(message)
+        self.model_name = model_name
+        self.file = file
+        self.pair = pair
+
+
+# ------------------------------------------------------------------------------------ device
+
+
+def select_device(preferred: str | torch.device | None = None) -> torch.device:
+    """The device to run on: ``preferred``, else ``$CBAM_VIZ_DEVICE``, else cuda, mps, cpu.
+
+    Args:
+        preferred: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"auto"`` or a device.
+
+    Raises:
+        ValueError: the requested device is not a valid name or is not available here.
+    """
+    if preferred is None:
+        preferred = os.environ.get(DEVICE_ENV) or "auto"
+    if isinstance(preferred, str) and preferred.strip().lower() in ("", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(preferred)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{preferred!r} is not a device name (use cpu, cuda, cuda:N, mps or auto)") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {preferred!r} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {preferred!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {preferred!r} requested but MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {preferred!r} (use cpu, cuda, cuda:N, mps or auto)")
+    return device
+
+
+# ------------------------------------------------------------------------------------- cache
+
+_cache: OrderedDict[tuple, LoadedModel] = OrderedDict()
+_cache_lock = threading.Lock()
+_build_locks: dict[tuple, threading.Lock] = {}
+
+
+def clear_cache() -> None:
+    """Forget every cached model (tests; or after replacing weight files)."""
+    with _cache_lock:
+        _cache.clear()
+        _build_locks.clear()
+
+
+def _cached(key: tuple, build) -> LoadedModel:
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        lock = _build_locks.setdefault(key, threading.Lock())
+    with lock:  # one build per key even when several requests arrive at once
+        with _cache_lock:
+            if key in _cache:
+                return _cache[key]
+        loaded = build()
+        with _cache_lock:
+            _cache[key] = loaded
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+            _build_locks.pop(key, None)
+        return loaded
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def _weights_key(weights_dir) -> str:
+    return str(Path(weights_dir).resolve())
+
+
+def load_model(
+    name: str, *, weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR, device=None
+) -> LoadedModel:
+    """Load one manifest record (sha256-checked), cached.
+
+    Raises:
+        ModelLoadError: unknown record, missing or corrupted file, or a file that does not fit
+            the architecture; the message names the file.
+    """
+    device = select_device(device)
+    records = read_manifest(weights_dir)["models"]
+    if name not in records:
+        raise ModelLoadError(
+            f"no model {name!r} in {Path(weights_dir) / 'manifest.json'}; "
+            f"known: {', '.join(sorted(records)) or 'none'}",
+            model_name=name, file=None,
+        )
+    record = WeightRecord(**records[name])
+    key = (name, _weights_key(weights_dir), str(device), record.sha256)
+
+    def build() -> LoadedModel:
+        path = Path(weights_dir) / record.file
+        try:
+            model = load_record(record, weights_dir)
+        except Exception as err:  # noqa: BLE001  re-raised with the file and model named
+            raise ModelLoadError(
+                f"cannot load model {name!r} from {path}: {err}", model_name=name, file=path
+            ) from err
+        return LoadedModel(
+            name=record.name,
+            arch=record.arch,
+            model=model.to(device).eval(),
+            classes=tuple(record.class_names),
+            class_ids=tuple(c["id"] for c in record.classes),
+            mean=tuple(float(v) for v in record.mean),
+            std=tuple(float(v) for v in record.std),
+            input_size=int(record.input_size),
+            trained=True,
+            record=record,
+            device=device,
+        )
+
+    return _cached(key, build)
+
+
+def _untrained_model(arch: str, device: torch.device) -> LoadedModel:
+    from cbam_viz.models import create_model
+
+    def build() -> LoadedModel:
+        # Seeded without disturbing the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_UNTRAINED_SEED)
+            model = create_model(arch, num_classes=len(IMAGENETTE_NAMES))
+        return LoadedModel(
+            name=f"{arch} (untrained)",
+            arch=arch,
+            model=model.to(device).eval(),
+            classes=tuple(IMAGENETTE_NAMES.values()),
+            class_ids=tuple(IMAGENETTE_NAMES),
+            mean=tuple(IMAGENET_MEAN),
+            std=tuple(IMAGENET_STD),
+            input_size=_UNTRAINED_INPUT,
+            trained=False,
+            record=None,
+            device=device,
+        )
+
+    return _cached((f"{arch} (untrained)", None, str(device), None), build)
+
+
+def untrained_pair(*, device=None) -> ModelPair:
+    """A seeded, untrained resnet18 / resnet18_cbam pair on Imagenette's ten classes (``trained=False``)."""
+    device = select_device(device)
+    return ModelPair(
+        name=UNTRAINED_PAIR,
+        baseline=_untrained_model("resnet18", device),
+        cbam=_untrained_model("resnet18_cbam", device),
+    )
+
+
+# ------------------------------------------------------------------------------------- pairs
+
+
+def _pairs(weights_dir) -> dict[str, dict[str, Any]]:
+    return read_manifest(weights_dir)["pairs"]
+
+
+def list_pairs(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR) -> list[str]:
+    """Pair names in manifest order, the default first; empty when there is no manifest."""
+    pairs = _pairs(weights_dir)
+    default = default_pair_name(weights_dir)
+    return ([default] if default else []) + [p for p in pairs if p != default]
+
+
+def default_pair_name(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR) -> str | None:
+    """The pair marked ``"default": true``, else the first one; None without pairs."""
+    pairs = _pairs(weights_dir)
+    for name, spec in pairs.items():
+        if isinstance(spec, dict) and spec.get("default"):
+            return name
+    return next(iter(pairs), None)
+
+
+def load_pair(
+    name: str | None = None,
+    *,
+    weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR,
+    device=None,
+) -> ModelPair:
+    """Load a pair of models from the manifest (cached).
+
+    Args:
+        name: a pair from :func:`list_pairs`; None for the default pair. ``"untrained"`` always
+            gives the untrained fallback pair.
+        weights_dir: folder of the manifest and the weight files.
+        device: see :func:`select_device`.
+
+    Returns:
+        The pair; with no manifest or no pairs in it (and ``name`` None), the seeded untrained
+        resnet18 pair whose models have ``trained=False``.
+
+    Raises:
+        KeyError: ``name`` is not a pair of the manifest (the message lists the known ones).
+        ModelLoadError: one of its models cannot be loaded (e.g. a corrupted file, a
+            :class:`~cbam_viz.weights.ChecksumError` as ``__cause__``); the message names the
+            file, ``.model_name``/``.file``/``.pair`` say which. Other pairs may still load.
+    """
+    device = select_device(device)
+    if name == UNTRAINED_PAIR:
+        return untrained_pair(device=device)
+    pairs = _pairs(weights_dir)
+    if name is None:
+        name = default_pair_name(weights_dir)
+        if name is None:
+            return untrained_pair(device=device)
+    if name not in pairs:
+        raise KeyError(
+            f"no pair {name!r} in {Path(weights_dir) / 'manifest.json'}; known pairs: "
+            f"{', '.join(pairs) or 'none'}"
+        )
+    spec = pairs[name]
+    loaded = {}
+    for role in ("baseline", "cbam"):
+        model_name = spec.get(role) if isinstance(spec, dict) else None
+        if not model_name:
+            raise ModelLoadError(f"pair {name!r} names no {role} model", model_name="", file=None, pair=name)
+        try:
+            loaded[role] = load_model(model_name, weights_dir=weights_dir, device=device)
+        except ModelLoadError as err:
+            raise ModelLoadError(
+                f"pair {name!r}: {err}", model_name=err.model_name, file=err.file, pair=name
+            ) from err.__cause__
+    return ModelPair(name=name, baseline=loaded["baseline"], cbam=loaded["cbam"])
+
+
+def load_available_pairs(
+    *, weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR, device=None
+) -> tuple[dict[str, ModelPair], dict[str, str]]:
+    """Load every pair that can be loaded, so the app stays up when one file is broken.
+
+    Returns:
+        ``(pairs, errors)``: pair name -> :class:`ModelPair` for those that loaded (default first;
+        the untrained pair when the manifest lists none), and pair name -> error message for
+        those that did not.
+    """
+    loaded: dict[str, ModelPair] = {}
+    errors: dict[str, str] = {}
+    names = list_pairs(weights_dir)
+    for name in names:
+        try:
+            loaded[name] = load_pair(name, weights_dir=weights_dir, device=device)
+        except (ModelLoadError, KeyError) as err:
+            errors[name] = str(err)
+    if not names:
+        loaded[UNTRAINED_PAIR] = untrained_pair(device=device)
+    return loaded, errors
