@@ -1,0 +1,133 @@
+"""The trainer on a tiny generated dataset: learning, exact resume, seeding, logs and export."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cbam_viz.train import Recipe, export, train, train_size_at
+from cbam_viz.weights import WeightRecord, load_record, read_manifest, sha256_file
+
+CLASSES = ("n001", "n002", "n003")
+# lr 0.1 (the full recipe) is too hot for batches of 8: the loss jumps around; 0.02 learns steadily.
+RECIPE = Recipe(epochs=3, batch_size=8, sizes=((0, 32),), cache_size=40, eval_size=32, bf16=False, lr=0.02)
+STEPS_PER_EPOCH = 48 // 8
+
+
+def _make_image_folder(root, *, per_class=16, size=(40, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    for i, cls in enumerate(CLASSES):
+        (root / cls).mkdir(parents=True)
+        for j in range(per_class):
+            img = rng.integers(0, 90, (size[1], size[0], 3), dtype=np.uint8)
+            img[..., i] += 160
+            Image.fromarray(img).save(root / cls / f"img{j:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return _make_image_folder(tmp_path_factory.mktemp("data") / "train")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def full_run(dataset, cache, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "resnet18"
+    return train("resnet18", dataset, run_dir, recipe=RECIPE, cache_dir=cache, val_dir=dataset, progress=False)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_recipe_json_round_trip_and_sizes():
+    r = Recipe(sizes=((0, 112), (6, 128), (13, 160)))
+    assert Recipe.from_json(json.loads(json.dumps(r.to_json()))) == r
+    assert [train_size_at(r, e) for e in (0, 5, 6, 12, 13, 19)] == [112, 112, 128, 128, 160, 160]
+
+
+def test_loss_falls_and_log_has_one_line_per_epoch(full_run):
+    hist = full_run.history
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
+    assert hist[-1]["val_top1"] > 0.5  # chance is 1/3: the colours were learned
+    assert all(h["size"] == 32 for h in hist)
+    assert "val_top1" in hist[-1] and 0.0 <= hist[-1]["val_top1"] <= 1.0
+    lines = (full_run.run_dir / "log.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
+    assert not full_run.model.training
+
+
+def test_cut_then_resume_equals_uninterrupted(full_run, dataset, cache, tmp_path):
+    run_dir = tmp_path / "resnet18"
+    cut = train("resnet18", dataset, run_dir, recipe=RECIPE, cache_dir=cache, val_dir=dataset, progress=False,
+                max_steps=STEPS_PER_EPOCH + 3)  # one epoch and half of the next
+    assert len(cut.history) == 1
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 0
+    resumed = train("resnet18", dataset, run_dir, recipe=RECIPE, cache_dir=cache, val_dir=dataset, progress=False,
+                    resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert _same_weights(resumed.model, full_run.model)
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]  # the cut epoch is not logged
+    for a, b in zip(resumed.history, full_run.history):
+        assert a["train_loss"] == b["train_loss"]
+
+
+def test_resume_with_another_recipe_is_refused(full_run, dataset, cache):
+    with pytest.raises(ValueError, match="recipe"):
+        train("resnet18", dataset, full_run.run_dir, recipe=replace(RECIPE, lr=0.05), cache_dir=cache,
+              resume=True, progress=False)
+
+
+def test_seed_decides_the_weights(full_run, dataset, cache, tmp_path):
+    same = train("resnet18", dataset, tmp_path / "a", recipe=RECIPE, cache_dir=cache, val_dir=dataset,
+                 progress=False)
+    assert _same_weights(same.model, full_run.model)
+    other = train("resnet18", dataset, tmp_path / "b", recipe=replace(RECIPE, seed=1), cache_dir=cache,
+                  progress=False)
+    assert not _same_weights(other.model, full_run.model)
+
+
+def test_export_writes_file_and_manifest_that_load_strictly(full_run, tmp_path):
+    weights = tmp_path / "weights"
+    rec = export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=weights,
+                 name="resnet18_tiny", class_names={"n001": "red", "n002": "green", "n003": "blue"})
+    path = weights / rec.file
+    assert path.exists() and rec.file == "resnet18_tiny.safetensors"
+    assert rec.sha256 == sha256_file(path)
+    entry = read_manifest(weights)["models"]["resnet18_tiny"]
+    assert entry["sha256"] == rec.sha256
+    loaded_rec = WeightRecord(**entry)
+    assert loaded_rec.class_names == ["red", "green", "blue"]
+    assert [c["id"] for c in loaded_rec.classes] == list(CLASSES)
+    assert loaded_rec.input_size == RECIPE.eval_size and loaded_rec.mean == list(RECIPE.mean)
+    assert Recipe.from_json(loaded_rec.recipe) == RECIPE
+    assert loaded_rec.metrics["val_top1"] == full_run.history[-1]["val_top1"]
+    model = load_record(loaded_rec, weights)
+    assert loaded_rec.num_params == sum(p.numel() for p in model.parameters())
+    # float16 storage: same predictions, logits within half-precision rounding
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), full_run.model.eval()(x)
+    torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    assert torch.equal(a.argmax(1), b.argmax(1))
