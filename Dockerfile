@@ -6,6 +6,9 @@ FROM python:3.11-slim
 # installs from PyPI. CI points them at the local wheel mirrors it mounts read-only with
 # `podman build -v /opt/pypi-more:/opt/pypi-more:ro ...`, so the ~4 GB of torch + CUDA wheels are
 # read from disk instead of downloaded. ARGs are not kept in the final image's environment.
+# Several URLs may be separated by commas: container-smoke.sh word-splits BUILD_ARGS, so a space
+# cannot get through. (pip prefers a file:// *index* over PyPI for the same file; it does not
+# prefer a find-links folder, so list local mirrors in PIP_EXTRA_INDEX_URL.)
 ARG PIP_EXTRA_INDEX_URL=""
 ARG PIP_FIND_LINKS=""
 
@@ -24,7 +27,8 @@ WORKDIR /home/app/cbam-viz
 
 # Dependencies first, so editing the code does not reinstall torch.
 COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL//,/ }" pip install --no-cache-dir -r requirements.txt
 
 # .dockerignore is an allow-list: app.py, cbam_viz/, weights/, docs/ (and nothing else).
 COPY --chown=1000:1000 . .

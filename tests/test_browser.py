@@ -1,0 +1,331 @@
+"""The app in a real browser: upload, explain, look at every output, change options, recover from a bad file.
+
+Runs ``python app.py`` on a free port and drives Debian's chromium through Playwright (no browser
+download). Full-page screenshots go to ``artifacts/screenshots/``. Skipped without chromium or
+Playwright, except under ``CI=true``, where that is a failure.
+
+Components are found by ``elem_id`` (the contract with app.py); while an id is missing the test
+falls back to the component's visible label, so a relabelled component fails loudly, not silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_helpers import (
+    CHROMIUM, CHROMIUM_ARGS, REPO_ROOT, artifacts_dir, chromium_available, image_stats,
+    make_broken_image, make_image, require, running_app,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+# elem_id -> the label fallback (the start of the block's visible label / info text).
+IDS = {
+    "input_image": "Photo",
+    "run_button": None,
+    "cam_method": "CAM method",
+    "target_class": "Target class",
+    "pred_baseline": "Baseline: predictions",
+    "pred_cbam": "CBAM: predictions",
+    "cam_baseline": "Baseline: CAM overlay",
+    "cam_cbam": "CBAM: CAM overlay",
+    "attention_gallery": "CBAM spatial attention",
+    "channel_gallery": "CBAM channel attention",
+    "downloads": "Downloads",
+    "status": None,
+}
+MIN_STD = 2.0          # a blank or single-colour picture has std ~0; any real overlay is far above
+RESULT_TIMEOUT_MS = 240_000
+START_TIMEOUT = float(os.environ.get("CBAM_E2E_START_TIMEOUT", "600"))  # import torch+gradio, load 2 models on a busy 2-core box
+SCREENSHOTS = "screenshots"
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def app():
+    require((REPO_ROOT / "app.py").is_file(), "app.py does not exist yet")
+    with running_app(timeout=START_TIMEOUT, log_name="browser-app.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    require(chromium_available(), f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "playwright is not installed (requirements-dev.txt)")
+    with sync_playwright() as pw:  # launch() gives chromium a fresh temporary profile
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
+        pg = context.new_page()
+        pg.set_default_timeout(30_000)
+        pg.goto(app.url, wait_until="domcontentloaded")
+        pg.wait_for_selector("gradio-app .gradio-container", timeout=120_000)
+        run_button(pg).wait_for(state="visible", timeout=120_000)
+        wait_idle(pg, timeout=120_000)  # demo.load() fills the class and layer choices
+        yield pg
+        context.close()
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("browser-inputs")
+    return {
+        "first": make_image(d / "street.png", size=(360, 260), seed=3),
+        "second": make_image(d / "field.jpg", size=(300, 300), seed=7),
+        "broken": make_broken_image(d / "broken.png"),
+    }
+
+
+# --------------------------------------------------------------------------- page helpers
+def comp(page, elem_id: str):
+    """The component with ``elem_id``; else the block whose label matches the fallback regex."""
+    by_id = page.locator(f"#{elem_id}")
+    if by_id.count():
+        return by_id.first
+    label = IDS.get(elem_id)
+    if label is None:
+        return by_id.first  # no fallback: let the caller's wait fail with the id in the message
+    labelled = page.locator(".block").filter(
+        has=page.locator("[data-testid=block-label], [data-testid=block-info], label > span",
+                         has_text=re.compile(rf"^\s*{re.escape(label)}")))
+    return labelled.last  # .last: the innermost block when blocks nest
+
+
+def run_button(page):
+    by_id = page.locator("#run_button")
+    if by_id.count():
+        return by_id.first
+    return page.get_by_role("button", name="Explain", exact=True).first
+
+
+def upload(page, path: Path) -> None:
+    comp(page, "input_image").locator("input[type=file]").set_input_files(str(path))
+    page.wait_for_timeout(500)
+
+
+def choose(page, elem_id: str, option: str) -> str:
+    """Pick an option of a Gradio dropdown: type its text to filter the list, click the exact match."""
+    box = comp(page, elem_id).locator("input[role=combobox]")
+    box.click()
+    box.fill(option)
+    exact = page.locator(f"[role=listbox] [role=option][aria-label={json.dumps(option)}]").first
+    exact.wait_for(state="visible")
+    page.wait_for_timeout(300)  # the list re-renders while it filters
+    exact.click()
+    page.wait_for_timeout(300)
+    assert box.input_value() == option, f"{elem_id}: picked {option!r}, shows {box.input_value()!r}"
+    return option
+
+
+def image_srcs(page, elem_id: str) -> list[str]:
+    return [s for s in comp(page, elem_id).locator("img").evaluate_all("els => els.map(e => e.src)") if s]
+
+
+def fetch(page, url: str) -> bytes:
+    if url.startswith("data:"):
+        return base64.b64decode(url.split(",", 1)[1])
+    resp = page.request.get(url)
+    assert resp.ok, f"GET {url} -> {resp.status}"
+    return resp.body()
+
+
+def wait_idle(page, timeout: float = RESULT_TIMEOUT_MS) -> None:
+    """Wait until no Gradio status tracker shows progress (every tracker hidden again)."""
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid=status-tracker]')]
+                 .every(e => e.classList.contains('hide') || e.offsetParent === null)""",
+        timeout=timeout)
+    page.wait_for_timeout(300)
+
+
+def explain_and_wait(page, *, before: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Click Explain, wait until both CAM overlays show new pictures; return the image sources."""
+    run_button(page).click()
+    before = before or {}
+    ids = ["cam_baseline", "cam_cbam"]
+    page.wait_for_function(
+        """([sels, before]) => sels.every(([id, sel]) => {
+               const imgs = [...document.querySelectorAll(sel)].filter(i => i.src && i.complete && i.naturalWidth);
+               return imgs.length && imgs.some(i => !(before[id] || []).includes(i.src));
+           })""",
+        arg=[[[i, _img_selector(page, i)] for i in ids], before],
+        timeout=RESULT_TIMEOUT_MS,
+    )
+    wait_idle(page)
+    return {i: image_srcs(page, i) for i in (*ids, "attention_gallery")}
+
+
+def _img_selector(page, elem_id: str) -> str:
+    if page.locator(f"#{elem_id}").count():
+        return f"#{elem_id} img"
+    # Fallback: mark the labelled block so plain CSS can find it from inside the page.
+    comp(page, elem_id).evaluate("(el, id) => el.setAttribute('data-e2e', id)", elem_id)
+    return f"[data-e2e={elem_id}] img"
+
+
+def screenshot(page, name: str) -> Path:
+    path = artifacts_dir(SCREENSHOTS) / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def assert_real_image(page, src: str, what: str) -> tuple[int, int]:
+    size, std = image_stats(fetch(page, src))
+    assert size[0] > 8 and size[1] > 8, f"{what}: tiny image {size} ({src[:80]})"
+    assert std > MIN_STD, f"{what}: looks blank (pixel std {std:.2f}, size {size})"
+    return size
+
+
+def page_error_text(page) -> str:
+    """Text of Gradio's error toasts plus the status box (where the app puts notes)."""
+    texts = page.locator("[data-testid=toast-body], .toast-body").all_inner_texts()
+    if page.locator("#status").count():
+        texts.append(page.locator("#status").inner_text())
+    return "\n".join(t.strip() for t in texts if t.strip())
+
+
+# --------------------------------------------------------------------------- the tests
+def test_explain_flow(page, inputs):
+    """Upload -> Explain -> predictions, two CAM overlays, attention gallery, downloads; then options."""
+    upload(page, inputs["first"])
+    first = explain_and_wait(page)
+
+    # Both models' predictions: a Label shows its top class as a heading and the top-k as bars.
+    for elem_id in ("pred_baseline", "pred_cbam"):
+        label = comp(page, elem_id)
+        rows = label.locator("[data-testid$=-confidence-set]")
+        assert rows.count() >= 1, f"{elem_id}: no predictions shown: {label.inner_text()[:200]!r}"
+        assert re.search(r"\d+(\.\d+)?%", label.inner_text()), f"{elem_id}: no probabilities shown"
+
+    sizes = {}
+    for elem_id in ("cam_baseline", "cam_cbam"):
+        assert first[elem_id], f"{elem_id}: no image"
+        sizes[elem_id] = assert_real_image(page, first[elem_id][0], elem_id)
+    gallery = first["attention_gallery"]
+    assert len(gallery) >= 2, f"attention gallery: expected one map per CBAM block, got {len(gallery)}"
+    for i, src in enumerate(gallery):
+        assert_real_image(page, src, f"attention gallery #{i}")
+    channel = image_srcs(page, "channel_gallery")
+    assert channel, "channel attention gallery: no images"
+    for i, src in enumerate(channel):
+        assert_real_image(page, src, f"channel attention gallery #{i}")
+    _assert_rendered(page, ["attention_gallery", "channel_gallery", "cam_baseline", "cam_cbam"])
+
+    # Downloads: a valid PNG (the composite) and valid JSON (the summary).
+    links = comp(page, "downloads").locator("a[href]")
+    hrefs = {a.get_attribute("download") or a.get_attribute("href"): a.get_attribute("href")
+             for a in links.all()}
+    png = [h for name, h in hrefs.items() if name.lower().endswith(".png")]
+    js = [h for name, h in hrefs.items() if name.lower().endswith(".json")]
+    assert png and js, f"downloads: want a .png and a .json link, got {sorted(hrefs)}"
+    body = fetch(page, png[0])
+    assert body[:8] == b"\x89PNG\r\n\x1a\n", "downloaded composite is not a PNG"
+    assert image_stats(body)[1] > MIN_STD, "downloaded composite is blank"
+    summary = json.loads(fetch(page, js[0]))
+    assert isinstance(summary, dict) and summary, "downloaded JSON is empty"
+    screenshot(page, "01-explained")
+
+    # Another CAM method: both overlays change.
+    new_method = _other_option(page, "cam_method")
+    second = explain_and_wait(page, before=first)
+    for elem_id in ("cam_baseline", "cam_cbam"):
+        assert_real_image(page, second[elem_id][0], f"{elem_id} ({new_method})")
+        assert _pixels(page, second[elem_id][0]) != _pixels(page, first[elem_id][0]), \
+            f"{elem_id}: the picture did not change after switching the CAM method to {new_method}"
+
+    # Another target class: the overlays change again.
+    new_target = _other_option(page, "target_class")
+    third = explain_and_wait(page, before=second)
+    changed = [e for e in ("cam_baseline", "cam_cbam")
+               if _pixels(page, third[e][0]) != _pixels(page, second[e][0])]
+    assert changed, f"no CAM overlay changed after choosing target class {new_target!r}"
+    screenshot(page, "02-other-method-and-target")
+
+
+def test_broken_upload_shows_error_then_recovers(page, inputs):
+    """A file that is not an image: a readable message in the page; the next good upload works."""
+    before = {i: image_srcs(page, i) for i in ("cam_baseline", "cam_cbam")}
+    upload(page, inputs["broken"])
+    run_button(page).click()
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid=toast-body], .toast-body, #status')]
+                 .some(e => /\\S/.test(e.innerText || ''))""", timeout=RESULT_TIMEOUT_MS)
+    message = page_error_text(page)
+    screenshot(page, "03-broken-upload")
+    assert message, "no error message in the page after uploading a broken file"
+    assert "Traceback" not in message and not re.search(r"\b\w+Error:", message), \
+        f"the message reads like a stack trace, not a sentence: {message!r}"
+    assert re.search(r"image|picture|photo|file", message, re.I), f"message does not say what went wrong: {message!r}"
+
+    for close in page.locator("[data-testid=toast-close], .toast-close").all():
+        close.click()
+    upload(page, inputs["second"])
+    after = explain_and_wait(page, before=before)
+    for elem_id in ("cam_baseline", "cam_cbam"):
+        assert_real_image(page, after[elem_id][0], f"{elem_id} after recovery")
+    screenshot(page, "04-recovered")
+
+
+def test_screenshot_for_readme(page, inputs):
+    """Re-render the first image with the default options and keep it as docs/screenshot.png."""
+    upload(page, inputs["first"])
+    explain_and_wait(page, before={i: image_srcs(page, i) for i in ("cam_baseline", "cam_cbam")})
+    page.evaluate("() => window.scrollTo(0, 0)")
+    shot = screenshot(page, "00-readme")
+    if os.environ.get("CBAM_UPDATE_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(shot, REPO_ROOT / "docs" / "screenshot.png")
+
+
+# --------------------------------------------------------------------------- small helpers
+_pixel_cache: dict[str, bytes] = {}
+
+
+def _pixels(page, src: str) -> bytes:
+    """Decoded RGB pixels of an image URL (compare pictures, not URLs or encodings)."""
+    if src not in _pixel_cache:
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(io.BytesIO(fetch(page, src))) as im:
+            _pixel_cache[src] = np.asarray(im.convert("RGB")).tobytes()
+    return _pixel_cache[src]
+
+
+def _assert_rendered(page, elem_ids: list[str]) -> None:
+    """Every <img> of these components decodes in the browser (scrolled into view: lazy images)."""
+    for elem_id in elem_ids:
+        imgs = comp(page, elem_id).locator("img")
+        for i in range(imgs.count()):
+            imgs.nth(i).scroll_into_view_if_needed()
+            page.wait_for_function("img => img.complete", arg=imgs.nth(i).element_handle(), timeout=30_000)
+            width = imgs.nth(i).evaluate("img => img.naturalWidth")
+            assert width > 0, f"{elem_id}: image #{i} does not render in the browser"
+    page.evaluate("() => window.scrollTo(0, 0)")
+
+
+def _other_option(page, elem_id: str) -> str:
+    """Choose an option of a dropdown different from the current one (and from 'auto')."""
+    box = comp(page, elem_id).locator("input[role=combobox]")
+    current = box.input_value()
+    box.click()
+    options = page.locator("[role=listbox] [role=option]")
+    options.first.wait_for()
+    names = [o.get_attribute("aria-label") or o.inner_text().strip() for o in options.all()]
+    page.keyboard.press("Escape")
+    candidates = [n for n in names if n != current and not n.lower().startswith("auto")]
+    assert candidates, f"{elem_id}: no other option than {current!r} (options: {names})"
+    preferred = [n for n in candidates if n.lower() in {"eigencam", "layercam", "gradcam++", "xgradcam"}]
+    return choose(page, elem_id, (preferred or candidates)[0])
