@@ -8,6 +8,7 @@ Environment:
     CBAM_VIZ_QUEUE_SIZE       requests waiting at most before new ones are refused (default 32)
     CBAM_VIZ_MAX_FILE_SIZE    largest upload, e.g. "20mb" (default)
     CBAM_VIZ_MAX_IMAGES       images per request (default 16)
+    CBAM_VIZ_WARMUP           "0": no warm-up explanation at start-up (default: one, in the background)
 
 API (``gradio_client``): ``/explain`` (one image) and ``/info`` (classes, layers, methods); see
 the "Use via API" link at the bottom of the page.
@@ -15,6 +16,7 @@ the "Use via API" link at the bottom of the page.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -287,6 +289,9 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
 demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
 if __name__ == "__main__":
+    if os.environ.get("CBAM_VIZ_WARMUP", "1") != "0":
+        # Load the models and pay the first explanation's import cost while the server starts.
+        threading.Thread(target=service.warm_up, args=(PAIRS[0],), name="cbam-viz-warm-up", daemon=True).start()
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),

@@ -45,7 +45,7 @@ __all__ = [
     "AUTO_TARGET", "AUTO_LAYER", "UNSURE_PROB", "UNSURE_MARGIN", "DISPLAY_MAX_SIDE", "OUTPUT_ROOT",
     "get_pair", "pair_names", "describe_pair", "block_names", "list_methods",
     "open_image", "analyse", "save", "explain_files", "format_error", "model_card_markdown",
-    "cleanup_outputs", "IMAGE_SUFFIXES", "check_controls", "collect_images", "prepare_output_dir",
+    "cleanup_outputs", "IMAGE_SUFFIXES", "warm_up", "check_controls", "collect_images", "prepare_output_dir",
     "safe_stem", "unique_stem", "npz_arrays", "classes_sentence", "new_request_dir",
 ]
 
@@ -130,6 +130,22 @@ def get_pair(name: str | None = None):
 def _lock_for(pair) -> threading.Lock:
     with _LOAD_LOCK:
         return _PAIR_LOCKS.setdefault(pair.name, threading.Lock())
+
+
+def warm_up(pair_name: str | None = None) -> float:
+    """Load the pair and run one small explanation, so the first person does not wait.
+
+    The first explanation in a process pays for lazy imports (pytorch-grad-cam pulls in scipy and
+    scikit-learn: several seconds on a small CPU) and first-call allocations. Returns the seconds
+    it took; failures are logged, never raised (the app must start anyway).
+    """
+    t = time.perf_counter()
+    try:
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        analyse(image, pair_name=pair_name, name="warm-up")
+    except Exception:  # noqa: BLE001
+        log.exception("warm-up failed (the app still serves)")
+    return time.perf_counter() - t
 
 
 def list_methods() -> list[str]:
@@ -454,11 +470,12 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
         "cbam": render.overlay(image, explanation.cbam.cam, alpha=alpha),
     }
     spatial = list(render.attention_gallery(image, explanation.cbam, alpha=alpha))
-    channel = [
-        (render.channel_attention_image(v, title=f"{block}: channel attention ({v.size} channels)"),
-         f"{block}: channel attention")
-        for block, v in explanation.cbam.channel_attention.items()
-    ]
+    channel = [(render.channel_attention_image(v, title=f"{block} channel"), f"{block} channel ({v.size} channels)")
+               for block, v in explanation.cbam.channel_attention.items()]
+    summary_strip = getattr(render, "channel_attention_summary", None)
+    overview = summary_strip(explanation.cbam) if summary_strip is not None else None
+    if overview is not None:
+        channel.insert(0, (overview, "every block's channel attention"))
     composite = render.composite(image, explanation, alpha=alpha)
     timings["render"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
