@@ -1,1 +1,21 @@
-"""cbam-viz: see what CBAM changes inside a ResNet."""
+"""cbam-viz: see what CBAM changes inside a ResNet (CBAM: Woo et al., ECCV 2018, arXiv 1807.06521).
+
+The public API, re-exported. Importing the package pulls in torch, numpy and PIL only;
+pytorch-grad-cam (and its OpenCV / scikit-learn imports) loads on the first CAM.
+"""
+from cbam_viz.attention import record_attention
+from cbam_viz.explain import Explanation, ModelExplanation, Prediction, explain, explain_model, list_methods
+from cbam_viz.models import create_model, list_models
+from cbam_viz.pair import (
+    LoadedModel, ModelLoadError, ModelPair, list_pairs, load_available_pairs, load_pair, select_device,
+)
+from cbam_viz.preprocess import ImageError, open_image, to_model_batch, to_model_tensor, to_rgb
+from cbam_viz.render import attention_gallery, channel_attention_image, composite, overlay
+
+__all__ = [
+    "Explanation", "ImageError", "LoadedModel", "ModelExplanation", "ModelLoadError", "ModelPair",
+    "Prediction", "attention_gallery", "channel_attention_image", "composite", "create_model", "explain",
+    "explain_model", "list_methods", "list_models", "list_pairs", "load_available_pairs", "load_pair",
+    "open_image", "overlay", "record_attention", "select_device", "to_model_batch", "to_model_tensor",
+    "to_rgb",
+]

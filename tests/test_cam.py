@@ -1,0 +1,150 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import pytorch_grad_cam
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from cbam_viz.cam import compute_cams, list_methods, method_kind, normalize_cam, preserved_state, resolve_layer
+from conftest import assert_no_hooks, make_model
+
+FAST = [m for m in list_methods() if method_kind(m) != "library"]
+SLOW = [m for m in list_methods() if method_kind(m) == "library"]
+LIB_CLASS = {
+    "gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "hirescam": "HiResCAM",
+    "layercam": "LayerCAM", "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM",
+    "gradcamelementwise": "GradCAMElementWise", "kpcacam": "KPCA_CAM", "fem": "FEM",
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("resnet18_cbam")
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+
+
+def test_method_list():
+    for name in ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "eigengradcam",
+                 "gradcamelementwise", "scorecam", "ablationcam", "fullgrad"):
+        assert name in list_methods()
+    assert set(LIB_CLASS) == set(FAST)
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_equals_pytorch_grad_cam(model, x, method):
+    """Our one-pass CAM is the library's own output for the same model, input and targets."""
+    ours = compute_cams(model, x, method=method, targets=[0, 2])
+    reference_model = copy.deepcopy(model)
+    cam = getattr(pytorch_grad_cam, LIB_CLASS[method])(reference_model, [reference_model.layer4[-1]])
+    try:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(0), ClassifierOutputTarget(2)])
+    finally:
+        cam.activations_and_grads.release()
+    assert theirs.shape == (2, 96, 96)
+    assert theirs.std() > 0.05  # a real map, not a degenerate constant
+    np.testing.assert_allclose(np.stack(ours.cams), theirs, atol=2e-4)
+    assert_no_hooks(model)
+
+
+def test_state_hooks_and_grads_restored(x):
+    model = make_model("resnet18_cbam")
+    model.train()
+    model.layer2.eval()  # a mixed state must come back exactly
+    model.fc.weight.requires_grad_(False)
+    sentinel = torch.full_like(model.conv1.weight, 7.0)
+    model.conv1.weight.grad = sentinel
+    flags = {n: m.training for n, m in model.named_modules()}
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
+    result = compute_cams(model, x, method="gradcam")
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == req
+    assert model.conv1.weight.grad is sentinel
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "conv1.weight")
+    assert_no_hooks(model)
+    # ...and the CAM was computed in eval mode (BN running stats), as for an eval model.
+    ref = compute_cams(make_model("resnet18_cbam").eval(), x, method="gradcam")
+    np.testing.assert_allclose(np.stack(result.cams), np.stack(ref.cams), atol=1e-5)
+
+
+def test_frozen_model_still_gets_gradients(x):
+    model = make_model("resnet18_cbam").requires_grad_(False)
+    cams = compute_cams(model, x, method="gradcam").cams
+    assert max(c.max() for c in cams) == pytest.approx(1.0)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_hooks_removed_after_exception(model, x):
+    with pytest.raises(ValueError, match="out of range"):
+        compute_cams(model, x, targets=[0, 99])  # raised after the forward ran with hooks
+    assert_no_hooks(model)
+    with pytest.raises(ValueError, match="4-D"):
+        compute_cams(model, x, layer="fc")
+    assert_no_hooks(model)
+
+
+def test_layer_by_dotted_name(model, x):
+    r = compute_cams(model, x, layer="layer3.0.conv2", sizes=[(50, 30), (20, 40)])
+    assert r.layer == "layer3.0.conv2"
+    assert [c.shape for c in r.cams] == [(30, 50), (40, 20)]
+    name, module = resolve_layer(model, model.layer2[1])
+    assert name == "layer2.1" and module is model.layer2[1]
+
+
+def test_unknown_layer_error_lists_names(model):
+    with pytest.raises(ValueError) as err:
+        resolve_layer(model, "layer4.7")
+    msg = str(err.value)
+    assert "'layer4.7'" in msg and "layer4.1" in msg
+    with pytest.raises(ValueError, match="unknown layer"):
+        resolve_layer(model, "__import__('os')")
+
+
+def test_unknown_method(model, x):
+    with pytest.raises(ValueError, match="gradcam"):
+        compute_cams(model, x, method="nope")
+
+
+def test_zero_gradient_gives_zeros_not_nan(x):
+    model = make_model("resnet18")
+    with torch.no_grad():
+        model.fc.weight.zero_()
+    for cam in compute_cams(model, x, method="gradcam").cams:
+        assert np.isfinite(cam).all() and not cam.any()
+
+
+def test_normalize_cam():
+    out = normalize_cam(np.full((3, 3), 5.0), (7, 4))
+    assert out.shape == (4, 7) and out.dtype == np.float32 and not out.any()
+    out = normalize_cam(np.array([[np.nan, 1.0], [-2.0, 3.0]]), (4, 4))
+    assert np.isfinite(out).all() and out.min() == 0 and out.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", SLOW)
+def test_library_methods_restore_everything(method):
+    model = make_model("resnet18_cbam")
+    model.train()
+    layer4_last = model.layer4[-1]
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    r = compute_cams(model, x, method=method, sizes=[(40, 24)])
+    assert r.cams[0].shape == (24, 40) and np.isfinite(r.cams[0]).all()
+    assert 0 <= r.cams[0].min() and r.cams[0].max() <= 1
+    assert all(m.training for m in model.modules())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert model.layer4[-1] is layer4_last
+    assert_no_hooks(model)
+
+
+def test_preserved_state_restores_swapped_module():
+    model = make_model("resnet18")
+    original = model.layer1
+    with pytest.raises(RuntimeError):
+        with preserved_state(model):
+            model.layer1 = torch.nn.Identity()
+            raise RuntimeError("fail mid-way")
+    assert model.layer1 is original

@@ -1,0 +1,115 @@
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbam_viz import render
+from cbam_viz.explain import Explanation, ModelExplanation, Prediction
+from conftest import make_image
+
+RNG = np.random.default_rng(0)
+
+
+def _model_explanation(name: str, cbam: bool, size=(90, 50)) -> ModelExplanation:
+    spatial = {f"layer{i}.{j}": RNG.random((56 >> (i - 1),) * 2).astype(np.float32)
+               for i in range(1, 5) for j in range(2)} if cbam else {}
+    channel = {k: RNG.random(64 << (int(k[5]) - 1)).astype(np.float32) for k in spatial}
+    return ModelExplanation(
+        model_name=name, predictions=(Prediction(2, "bird", 0.7), Prediction(0, "cat", 0.2)), target=2,
+        target_label="bird", cam=RNG.random((size[1], size[0])).astype(np.float32),
+        channel_attention=channel, spatial_attention=spatial, timings={})
+
+
+@pytest.fixture
+def explanation():
+    return Explanation(image_size=(90, 50), method="gradcam", layer="layer4.1",
+                       baseline=_model_explanation("resnet18", False), cbam=_model_explanation("resnet18_cbam", True))
+
+
+def test_colormaps():
+    for name, lut in render.COLORMAPS.items():
+        assert lut.shape == (256, 3) and lut.dtype == np.uint8, name
+    assert tuple(render.COLORMAPS["jet"][0]) == (0, 0, 128) and tuple(render.COLORMAPS["jet"][-1]) == (128, 0, 0)
+    assert tuple(render.COLORMAPS["viridis"][0]) == (68, 1, 84)
+
+
+def test_overlay_size_and_blend():
+    img = make_image(90, 50)
+    mask = np.linspace(0, 1, 90 * 50, dtype=np.float32).reshape(50, 90)
+    out = render.overlay(img, mask, alpha=0.4)
+    assert out.size == (90, 50) and out.mode == "RGB"
+    assert np.array_equal(np.asarray(render.overlay(img, mask, alpha=0.0)), np.asarray(img))
+    full = np.asarray(render.overlay(img, np.zeros((50, 90)), alpha=1.0))
+    assert (full == render.COLORMAPS["jet"][0]).all()
+    small = render.overlay(img.convert("L"), np.ones((7, 7)), alpha=0.5, colormap="viridis")
+    assert small.size == (90, 50) and small.mode == "RGB"
+
+
+@pytest.mark.parametrize("mask, alpha, colormap, match", [
+    (np.zeros((3, 3, 3)), 0.5, "jet", "2-D"),
+    (np.zeros((0, 4)), 0.5, "jet", "2-D"),
+    (np.full((3, 3), np.nan), 0.5, "jet", "NaN"),
+    (np.full((3, 3), 1.5), 0.5, "jet", r"\[0, 1\]"),
+    (np.full((3, 3), -0.1), 0.5, "jet", r"\[0, 1\]"),
+    (np.zeros((3, 3)), 1.5, "jet", "alpha"),
+    (np.zeros((3, 3)), True, "jet", "alpha"),
+    (np.zeros((3, 3)), 0.5, "rainbow", "unknown colormap"),
+])
+def test_overlay_validation(mask, alpha, colormap, match):
+    with pytest.raises(ValueError, match=match):
+        render.overlay(make_image(10, 10), mask, alpha=alpha, colormap=colormap)
+
+
+def test_overlay_rejects_non_image():
+    with pytest.raises(TypeError):
+        render.overlay(np.zeros((4, 4, 3)), np.zeros((4, 4)))
+
+
+def test_attention_gallery(explanation):
+    img = make_image(90, 50)
+    gallery = render.attention_gallery(img, explanation.cbam)
+    assert [c for _, c in gallery][:3] == ["layer1.0 spatial (56x56)", "layer1.1 spatial (56x56)", "layer2.0 spatial (28x28)"]
+    assert gallery[-1][1] == "layer4.1 spatial (7x7)" and len(gallery) == 8
+    assert all(im.mode == "RGB" and max(im.size) == render.GALLERY_SIDE for im, _ in gallery)
+    assert gallery[0][0].size[0] > gallery[0][0].size[1]  # aspect ratio kept
+    assert render.attention_gallery(img, explanation.cbam, side=None)[0][0].size == (90, 50)
+    assert render.attention_gallery(img, explanation.baseline) == []
+
+
+def test_channel_attention_image():
+    out = render.channel_attention_image(np.linspace(0, 1, 64), title="layer1.0", width=128, height=32)
+    assert out.mode == "RGB" and out.width == 128 and out.height > 32
+    a = np.asarray(out)
+    assert (a[-1, -1] != a[-1, 0]).any()  # bar colour follows the value
+    for bad in (np.zeros((2, 3)), np.array([]), np.array([0.5, 2.0]), np.array([np.nan])):
+        with pytest.raises(ValueError):
+            render.channel_attention_image(bad, title="x")
+
+
+def test_composite(explanation):
+    img = make_image(90, 50)
+    out = render.composite(img, explanation, alpha=0.5)
+    assert out.mode == "RGB" and out.width >= 3 * render.PANEL
+    bare = Explanation(image_size=(90, 50), method="gradcam", layer="layer4.1",
+                       baseline=explanation.baseline, cbam=_model_explanation("x", False))
+    assert render.composite(img, bare).height < out.height  # the attention row is there
+    with pytest.raises(ValueError):
+        render.composite(img, explanation, alpha=2)
+
+
+def test_render_is_fast(explanation):
+    img = make_image(224, 224)
+    cam = RNG.random((224, 224)).astype(np.float32)
+    explanation = Explanation(image_size=(224, 224), method="gradcam", layer="layer4.1",
+                              baseline=_model_explanation("b", False, (224, 224)),
+                              cbam=_model_explanation("c", True, (224, 224)))
+    render.composite(img, explanation)  # warm the font cache
+    t = time.process_time()
+    render.overlay(img, cam)
+    render.overlay(img, cam)
+    render.attention_gallery(img, explanation.cbam)
+    for block, v in explanation.cbam.channel_attention.items():
+        render.channel_attention_image(v, title=block)
+    render.composite(img, explanation)
+    assert time.process_time() - t < 0.5  # tens of ms normally; generous for loaded CI machines
