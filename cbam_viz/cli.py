@@ -122,6 +122,37 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_cams(args: argparse.Namespace) -> int:
+    import torch
+
+    from cbam_viz.evaluate_cams import evaluate_cams, write_report
+    from cbam_viz.pair import load_pair
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limits = {}
+    for item in args.method_limit or ():
+        method, _, count = item.partition("=")
+        if not count.isdigit():
+            raise SystemExit(f"--method-limit expects METHOD=N, got {item!r}")
+        limits[method.strip().lower()] = int(count)
+    kw = {"weights_dir": args.weights} if args.weights else {}
+    pair = load_pair(args.pair, device=args.device, **kw)
+    if not pair.trained:
+        print(f"warning: pair {pair.name!r} is untrained (no trained weights found); its numbers mean nothing",
+              file=sys.stderr)
+    report, cams = evaluate_cams(
+        args.data, args.boxes, pair=pair, methods=args.methods, layer=args.layer, batch_size=args.batch_size,
+        fractions=tuple(float(f) for f in args.fractions.split(",")), imputer=args.imputer, n_boot=args.n_boot,
+        seed=args.seed, max_images=args.max_images, method_limits=limits, allow_missing=args.allow_missing,
+        progress=not args.no_progress,
+    )
+    paths = write_report(report, cams, args.out)
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cbam_viz", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     x.add_argument("-v", "--verbose", action="store_true", help="print both models' top-1 per image")
     x.set_defaults(func=_cmd_explain)
+
+    q = sub.add_parser("evaluate-cams", help="score both models' CAMs on boxed images (pointing game, energy, "
+                       "MaxBoxAcc, ROAD-style faithfulness) with paired bootstrap intervals")
+    q.add_argument("--data", required=True, help="ImageFolder-layout folder (one sub-folder per class id)")
+    q.add_argument("--boxes", required=True, help="CSV with wnid,file,xmin,ymin,xmax,ymax in image pixels")
+    q.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "layercam"],
+                   help="CAM methods (scorecam costs ~500x a gradient method: see --method-limit)")
+    q.add_argument("--method-limit", action="append", metavar="METHOD=N",
+                   help="run METHOD on N evenly spread images only, e.g. scorecam=16 (repeatable)")
+    q.add_argument("--out", default="reports/explanation_quality", help="folder for report.json/.md, summary.png, cams.npz")
+    q.add_argument("--pair", help="pair name from the weights manifest (default: its default pair)")
+    q.add_argument("--weights", help="folder holding manifest.json (default: the repository's weights/)")
+    q.add_argument("--device", help="cpu, cuda, mps or auto (default: $CBAM_VIZ_DEVICE, else auto)")
+    q.add_argument("--layer", help="CAM layer, dotted module name (default: last block of layer4)")
+    q.add_argument("--batch-size", type=int, default=8, help="images per explain() call")
+    q.add_argument("--fractions", default="0.2,0.5", help="shares of pixels removed for the faithfulness scores")
+    q.add_argument("--imputer", choices=["blur", "mean", "road"], default="blur",
+                   help="fill for removed pixels (road: the ROAD paper's noisy-linear imputer, much slower)")
+    q.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    q.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    q.add_argument("--max-images", type=int, help="evaluate only this many boxed images, spread evenly (smoke runs)")
+    q.add_argument("--allow-missing", action="store_true", help="skip CSV rows whose image is not in --data")
+    q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_evaluate_cams)
     return p
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from cbam_viz.boxes import Box
 from cbam_viz.localization import (
-    DEFAULT_THRESHOLDS, box_hits_over_thresholds, box_iou, cam_to_box, confidence_drop, energy_in_boxes,
+    DEFAULT_THRESHOLDS, blur_fill_image, box_hits_over_thresholds, box_iou, cam_to_box, confidence_drop, energy_in_boxes,
     max_box_acc, perturbation_scores, pointing_game, remove_by_cam, removal_mask,
 )
 
@@ -127,6 +127,10 @@ def test_faithfulness_prefers_the_cam_on_the_evidence():
     s_wrong = perturbation_scores(model, image, wrong, 1, fractions=(0.1, 0.5), imputer="mean")
     road = lambda s: float(np.mean((s["lerf"] - s["morf"]) / 2))  # noqa: E731
     assert road(s_right) > 0.1 and road(s_right) > road(s_wrong)
+    # A known original probability and a precomputed blur give the same numbers as computing them.
+    a = perturbation_scores(model, image, right, 1, fractions=(0.3,))
+    b = perturbation_scores(model, image, right, 1, fractions=(0.3,), p_original=a["p"], fill=blur_fill_image(image))
+    assert a["p"] == b["p"] and np.allclose(a["morf"], b["morf"], atol=1e-6) and np.allclose(a["lerf"], b["lerf"], atol=1e-6)
     # A CAM at another size is resized to the input.
     assert confidence_drop(model, image, blob(4, 4, 8, 8, shape=(16, 16)), 1, imputer="mean").drop > 0.3
 

@@ -1,0 +1,153 @@
+"""evaluate-cams end to end on generated images with a tiny untrained pair, through the CLI."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cbam_viz.pair
+from cbam_viz.boxes import BoxFileError
+from cbam_viz.cli import main
+from cbam_viz.evaluate_cams import (
+    METRICS, evaluate_cams, load_report, markdown_report, most_different_images, render_comparison, render_record,
+)
+from tests.conftest import make_image
+
+
+@pytest.fixture
+def boxed_folder(tmp_path):
+    """3 classes x 2 images of varied sizes, a box CSV with one image holding two boxes."""
+    data = tmp_path / "val"
+    rows = ["wnid,file,xmin,ymin,xmax,ymax"]
+    for c in range(3):
+        (data / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            w, h = (48, 40) if i == 0 else (40, 56)
+            make_image(w, h, seed=10 * c + i).save(data / f"c{c}" / f"im{i}.png")
+            rows.append(f"c{c},im{i}.png,4,6,{w - 10},{h - 4}")
+    rows.append("c1,im1.png,0,0,12.5,10")
+    make_image(40, 40, seed=99).save(data / "c2" / "nobox.png")  # no box: not evaluated
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return data, csv
+
+
+def test_cli_end_to_end(boxed_folder, micro_pair, monkeypatch, tmp_path, capsys):
+    data, csv = boxed_folder
+    monkeypatch.setattr(cbam_viz.pair, "load_pair", lambda *a, **k: micro_pair)
+    out = tmp_path / "report"
+    rc = main(["evaluate-cams", "--data", str(data), "--boxes", str(csv), "--methods", "gradcam", "layercam",
+               "scorecam", "--method-limit", "scorecam=2", "--out", str(out), "--n-boot", "200", "--no-progress"])
+    assert rc == 0
+    assert "| gradcam | Pointing game" in capsys.readouterr().out
+    for name in ("report.json", "report.md", "summary.png", "cams.npz"):
+        assert (out / name).stat().st_size > 0
+    json.loads((out / "report.json").read_text())  # strict JSON: no NaN
+    report = load_report(out)
+    assert [im["file"] for im in report["images"]] == [f"c{c}/im{i}.png" for c in range(3) for i in range(2)]
+    assert report["images"][3]["boxes"][1] == [0.0, 0.0, 12.5, 10.0]
+    assert [im["target"] for im in report["images"]] == [0, 0, 1, 1, 2, 2]
+    assert set(report["results"]) == {"gradcam", "layercam", "scorecam"}
+    for method, res in report["results"].items():
+        n = 2 if method == "scorecam" else 6
+        assert set(res) == set(METRICS)
+        for key, r in res.items():
+            for part in ("baseline", "cbam", "diff"):
+                iv = r[part]
+                assert iv["n"] == n
+                assert iv["low"] <= iv["value"] <= iv["high"]
+            if key in ("pointing", "energy", "maxboxacc"):
+                assert 0 <= r["baseline"]["value"] <= 1
+            assert r["diff"]["value"] == pytest.approx(r["cbam"]["value"] - r["baseline"]["value"], abs=2e-4)
+    per = report["per_image"]["gradcam"]
+    assert len(per["cbam"]["energy"]) == 6 and len(per["cbam"]["ious"][0]) == 100
+    assert report["timings"]["methods"]["scorecam"]["images"] == 2
+    assert "verdict" in (out / "report.md").read_text()
+
+    recs = most_different_images(report, "energy", 3, method="gradcam")
+    assert len(recs) == 3
+    diffs = [abs(r["diff"]) for r in recs]
+    assert diffs == sorted(diffs, reverse=True)
+    assert recs[0]["path"].endswith(recs[0]["file"])
+    png = render_record(report, recs[0])
+    w, h = Image.open(recs[0]["path"]).size
+    assert png.width > 3 * w and png.height > h
+    box_recs = most_different_images(report, "maxboxacc", 6, method="layercam", direction="cbam")
+    assert all(r["baseline_box"] is None or len(r["baseline_box"]) == 4 for r in box_recs)
+
+
+def test_missing_images_and_unknown_classes(boxed_folder, micro_pair, tmp_path):
+    data, csv = boxed_folder
+    csv.write_text(csv.read_text() + "c0,gone.png,1,1,5,5\n")
+    with pytest.raises(BoxFileError, match="c0/gone.png"):
+        evaluate_cams(data, csv, pair=micro_pair, methods=["gradcam"], progress=False)
+    report, cams = evaluate_cams(data, csv, pair=micro_pair, methods=["gradcam"], allow_missing=True, n_boot=50,
+                                 max_images=3, progress=False)
+    assert report["missing_images"] == ["c0/gone.png"] and len(report["images"]) == 3
+    assert cams["gradcam/cbam"].shape == (3, 112, 112) and cams["gradcam/cbam"].dtype == np.uint8
+    (data / "zebra").mkdir()
+    make_image(32, 32).save(data / "zebra" / "z.png")
+    csv.write_text(csv.read_text() + "zebra,z.png,1,1,5,5\n")
+    with pytest.raises(ValueError, match="zebra"):
+        evaluate_cams(data, csv, pair=micro_pair, methods=["gradcam"], allow_missing=True, progress=False)
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        evaluate_cams(data, csv, pair=micro_pair, methods=["nope"], progress=False)
+
+
+def test_boxes_in_another_image_size_are_refused(boxed_folder, micro_pair):
+    data, csv = boxed_folder
+    csv.write_text(csv.read_text() + "c0,im0.png,100,100,400,300\n")
+    with pytest.raises(BoxFileError, match="outside their image"):
+        evaluate_cams(data, csv, pair=micro_pair, methods=["gradcam"], progress=False)
+
+
+def _fake_report():
+    iv = {"value": 0.5, "low": 0.4, "high": 0.6, "n": 3, "level": 0.95}
+    per_role = lambda e, r: {"energy": e, "road": r, "pointing": [1, 0, 1], "box_iou": [0.5, 0.5, 0.5],  # noqa: E731
+                             "best_threshold_index": 0, "morf_drop": [0, 0, 0], "lerf_drop": [0, 0, 0]}
+    return {
+        "data": "/nowhere", "models": {"baseline": {"name": "b", "trained": True}, "cbam": {"name": "c", "trained": True}},
+        "settings": {"layer": "layer4.1", "n_boot": 10, "imputer": "blur", "fractions": [0.2], "device": "cpu",
+                     "torch_threads": 2},
+        "metrics": {k: {"label": m.label, "higher_is_better": m.higher_is_better, "help": m.help} for k, m in METRICS.items()},
+        "images": [{"file": f"c/{i}.png", "class_name": "c", "target": 0, "size": [8, 8], "boxes": []} for i in range(3)],
+        "per_image": {"gradcam": {"index": [0, 1, 2], "baseline": per_role([0.5, 0.5, 0.9], [0.1, 0.2, None]),
+                                  "cbam": per_role([0.9, 0.4, 0.1], [0.3, 0.1, 0.5])}},
+        "results": {"gradcam": {k: {"baseline": iv, "cbam": iv, "diff": {**iv, "value": 0.1, "low": 0.05, "high": 0.2}}
+                                for k in METRICS}},
+        "timings": {"total_wall_s": 1, "total_cpu_s": 1, "methods": {"gradcam": {"wall_s": 1, "images": 3}}},
+    }
+
+
+def test_most_different_images_order_and_direction():
+    report = _fake_report()
+    both = most_different_images(report, "energy", 3)
+    assert [r["file"] for r in both] == ["c/2.png", "c/0.png", "c/1.png"]
+    assert both[0]["diff"] == pytest.approx(-0.8)
+    assert [r["file"] for r in most_different_images(report, "energy", 1, direction="cbam")] == ["c/0.png"]
+    assert [r["file"] for r in most_different_images(report, "energy", 1, direction="baseline")] == ["c/2.png"]
+    # An image without a value (None) is never returned.
+    assert [r["file"] for r in most_different_images(report, "road", 5)] == ["c/0.png", "c/1.png"]
+    with pytest.raises(ValueError, match="unknown metric"):
+        most_different_images(report, "nope", 1)
+    with pytest.raises(ValueError, match="not in this report"):
+        most_different_images(report, "energy", 1, method="scorecam")
+    md = markdown_report(report)
+    assert md.count("**CBAM better**") == len(METRICS) - 1  # lerf_drop: lower is better
+    assert "**baseline better**" in md
+
+
+def test_render_comparison_draws_boxes():
+    img = Image.new("RGB", (40, 30), (0, 0, 0))
+    cam = np.zeros((30, 40), np.float32)
+    out = render_comparison(img, cam, cam, [[5, 5, 20, 15]], cam_boxes=([0, 0, 10, 10], None))
+    assert out.size[0] > 120 and out.size[1] > 30
+    assert (0, 255, 0) in [c for _, c in out.getcolors(10000)]
+
+
+def test_load_report_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="evaluate-cams"):
+        load_report(tmp_path)
+    (tmp_path / "report.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not an evaluate-cams report"):
+        load_report(tmp_path)
