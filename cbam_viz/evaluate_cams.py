@@ -44,7 +44,7 @@ from cbam_viz.stats import Interval, bootstrap, max_box_acc_stat, mean_stat, pai
 __all__ = [
     "DEFAULT_METHODS", "DEFAULT_FRACTIONS", "METRICS", "MetricInfo", "REPORT_VERSION", "evaluate_cams",
     "write_report", "load_report", "load_report_cams", "markdown_report", "summary_figure",
-    "most_different_images", "render_comparison", "render_record", "record_image",
+    "most_different_images", "render_comparison", "render_record", "record_image", "confidence_drop_figure",
 ]
 
 REPORT_VERSION = 1
@@ -404,10 +404,7 @@ def markdown_report(report: dict) -> str:
 
 def summary_figure(report: dict):
     """A matplotlib Figure: per metric, CBAM − baseline with its 95 % interval for each method."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state touched
 
     metrics = list(report["metrics"])
     methods = list(report["results"])
@@ -635,3 +632,40 @@ def render_record(report: dict, record: dict, *, alpha: float = 0.5):
     cam_c = cams[key + "cbam"][record["row"]].astype(np.float32) / 255.0
     return render_comparison(record_image(record), cam_b, cam_c, record["boxes"],
                              cam_boxes=(record["baseline_box"], record["cbam_box"]), titles=titles, alpha=alpha)
+
+
+def confidence_drop_figure(drops: Mapping[str, Any], pair, *, labels: Mapping[str, str] | None = None):
+    """The main tab's faithfulness panel: each model's input with its top CAM region blurred away,
+    and its probability before -> after. Pure (PIL only).
+
+    Args:
+        drops: ``{"baseline": ConfidenceDrop, "cbam": ConfidenceDrop}`` from
+            :func:`cbam_viz.localization.pair_confidence_drop`.
+        pair: the pair (for each model's mean/std, to show the perturbed input, and class names).
+        labels: optional panel titles per role.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    tiles = []
+    for role in ROLES:
+        d, loaded = drops[role], getattr(pair, role)
+        x = d.perturbed.detach().cpu().float().numpy()
+        rgb = x * np.asarray(loaded.std, np.float32)[:, None, None] + np.asarray(loaded.mean, np.float32)[:, None, None]
+        tile = Image.fromarray(np.clip(np.rint(rgb.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8), "RGB")
+        cls = loaded.classes[d.target] if d.target < len(loaded.classes) else str(d.target)
+        title = (labels or {}).get(role, "baseline" if role == "baseline" else "CBAM")
+        text = [f"{title}: top {d.fraction:.0%} of its CAM blurred" if d.imputer == "blur" else
+                f"{title}: top {d.fraction:.0%} of its CAM removed ({d.imputer})",
+                f"p({cls}) {d.prob_before:.2f} -> {d.prob_after:.2f}  (drop {d.drop:+.2f}, {d.relative_drop:.0%})"]
+        tiles.append((tile, text))
+    side = max(t.width for t, _ in tiles)
+    pad, line_h = 6, 14
+    canvas = Image.new("RGB", (len(tiles) * (side + pad) + pad, side + 2 * line_h + 3 * pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, text) in enumerate(tiles):
+        x0 = pad + i * (side + pad)
+        for j, t in enumerate(text):
+            draw.text((x0, pad + j * line_h), t, fill=(0, 0, 0), font=font)
+        canvas.paste(tile.resize((side, side)), (x0, 2 * pad + 2 * line_h))
+    return canvas

@@ -47,7 +47,7 @@ __all__ = [
     "pointing_game", "energy_in_boxes", "cam_to_box", "box_iou", "box_hits_over_thresholds",
     "max_box_acc", "DEFAULT_THRESHOLDS", "IMPUTERS", "removal_mask", "remove_by_cam", "blur_fill_image",
     "perturbation_scores",
-    "confidence_drop", "ConfidenceDrop",
+    "confidence_drop", "ConfidenceDrop", "pair_confidence_drop",
 ]
 
 # wsolevaluation's cam_curve_interval 0.01: thresholds 0.00, 0.01, ..., 0.99.
@@ -361,3 +361,29 @@ def confidence_drop(
     device = next(model.parameters()).device
     probs = torch.softmax(model(torch.stack([image.detach().cpu(), perturbed]).to(device)).float(), dim=1)[:, target]
     return ConfidenceDrop(target, float(probs[0]), float(probs[1]), fraction, imputer, perturbed)
+
+
+def pair_confidence_drop(image, explanation, pair, *, fraction: float = 0.2, imputer: str = "blur") -> dict[str, ConfidenceDrop]:
+    """:func:`confidence_drop` for both models of a pair on the image the app just explained.
+
+    Each model is scored with its own CAM and its own explained class (``ModelExplanation.target``),
+    on the input the app built for it (:func:`cbam_viz.preprocess.to_model_tensor`).
+
+    Args:
+        image: the PIL image passed to :func:`cbam_viz.explain.explain`.
+        explanation: its :class:`cbam_viz.explain.Explanation`.
+        pair: the :class:`cbam_viz.pair.ModelPair` that produced it.
+        fraction, imputer: as in :func:`confidence_drop`.
+
+    Returns:
+        ``{"baseline": ConfidenceDrop, "cbam": ConfidenceDrop}``.
+    """
+    from cbam_viz.preprocess import to_model_tensor
+
+    out = {}
+    for role in ("baseline", "cbam"):
+        loaded, me = getattr(pair, role), getattr(explanation, role)
+        x = to_model_tensor(image, loaded.input_size, loaded.mean, loaded.std)[0]
+        out[role] = confidence_drop(loaded.model, x, np.asarray(me.cam, np.float32), me.target,
+                                    fraction=fraction, imputer=imputer)
+    return out

@@ -36,8 +36,8 @@ def test_cli_end_to_end(boxed_folder, micro_pair, monkeypatch, tmp_path, capsys)
     data, csv = boxed_folder
     monkeypatch.setattr(cbam_viz.pair, "load_pair", lambda *a, **k: micro_pair)
     out = tmp_path / "report"
-    rc = main(["evaluate-cams", "--data", str(data), "--boxes", str(csv), "--methods", "gradcam", "layercam",
-               "scorecam", "--method-limit", "scorecam=2", "--out", str(out), "--n-boot", "200", "--no-progress"])
+    rc = main(["evaluate-cams", "--data", str(data), "--boxes", str(csv), "--methods", "gradcam", "scorecam",
+               "--method-limit", "scorecam=1", "--out", str(out), "--n-boot", "200", "--no-progress"])
     assert rc == 0
     assert "| gradcam | Pointing game" in capsys.readouterr().out
     for name in ("report.json", "report.md", "summary.png", "cams.npz"):
@@ -47,9 +47,9 @@ def test_cli_end_to_end(boxed_folder, micro_pair, monkeypatch, tmp_path, capsys)
     assert [im["file"] for im in report["images"]] == [f"c{c}/im{i}.png" for c in range(3) for i in range(2)]
     assert report["images"][3]["boxes"][1] == [0.0, 0.0, 12.5, 10.0]
     assert [im["target"] for im in report["images"]] == [0, 0, 1, 1, 2, 2]
-    assert set(report["results"]) == {"gradcam", "layercam", "scorecam"}
+    assert set(report["results"]) == {"gradcam", "scorecam"}
     for method, res in report["results"].items():
-        n = 2 if method == "scorecam" else 6
+        n = 1 if method == "scorecam" else 6
         assert set(res) == set(METRICS)
         for key, r in res.items():
             for part in ("baseline", "cbam", "diff"):
@@ -61,7 +61,7 @@ def test_cli_end_to_end(boxed_folder, micro_pair, monkeypatch, tmp_path, capsys)
             assert r["diff"]["value"] == pytest.approx(r["cbam"]["value"] - r["baseline"]["value"], abs=2e-4)
     per = report["per_image"]["gradcam"]
     assert len(per["cbam"]["energy"]) == 6 and len(per["cbam"]["ious"][0]) == 100
-    assert report["timings"]["methods"]["scorecam"]["images"] == 2
+    assert report["timings"]["methods"]["scorecam"]["images"] == 1
     assert "verdict" in (out / "report.md").read_text()
 
     recs = most_different_images(report, "energy", 3, method="gradcam")
@@ -72,7 +72,7 @@ def test_cli_end_to_end(boxed_folder, micro_pair, monkeypatch, tmp_path, capsys)
     png = render_record(report, recs[0])
     w, h = Image.open(recs[0]["path"]).size
     assert png.width > 3 * w and png.height > h
-    box_recs = most_different_images(report, "maxboxacc", 6, method="layercam", direction="cbam")
+    box_recs = most_different_images(report, "maxboxacc", 6, method="gradcam", direction="cbam")
     assert all(r["baseline_box"] is None or len(r["baseline_box"]) == 4 for r in box_recs)
 
 
@@ -151,3 +151,19 @@ def test_load_report_errors(tmp_path):
     (tmp_path / "report.json").write_text('{"a": 1}')
     with pytest.raises(ValueError, match="not an evaluate-cams report"):
         load_report(tmp_path)
+
+
+def test_main_tab_confidence_drop(micro_pair):
+    from cbam_viz.explain import explain
+    from cbam_viz.localization import pair_confidence_drop
+    from cbam_viz.evaluate_cams import confidence_drop_figure
+
+    img = make_image(48, 40, seed=3)
+    exp = explain(img, micro_pair, method="gradcam")[0]
+    drops = pair_confidence_drop(img, exp, micro_pair)
+    for role in ("baseline", "cbam"):
+        d = drops[role]
+        assert d.target == getattr(exp, role).target and 0 <= d.prob_after <= 1
+        assert d.prob_before == pytest.approx(getattr(exp, role).top1.prob, abs=1e-4)  # target None: the top-1
+    fig = confidence_drop_figure(drops, micro_pair)
+    assert fig.width > 2 * micro_pair.cbam.input_size
