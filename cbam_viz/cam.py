@@ -329,8 +329,18 @@ def compute_cams(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    x = inputs.to(device, torch.float32)
+    # A caller inside torch.inference_mode() must still get gradients: leave it for this pass,
+    # and never feed autograd an inference tensor.
+    with torch.inference_mode(False):
+        x = inputs.to(device, torch.float32)
+        if x.is_inference():
+            x = x.clone()
+        return _compute(model, x, class_name, kind, layer_name, layer_module, targets, sizes)
 
+
+def _compute(model, x, class_name, kind, layer_name, layer_module, targets, sizes) -> CamResult:
+    b = x.shape[0]
+    device = x.device
     timings: dict[str, float] = {}
     with model_lock(model), preserved_state(model):
         t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cbam_viz.cam import compute_cams, list_methods, method_kind, resolve_layer
 from cbam_viz.pair import LoadedModel, ModelPair
-from cbam_viz.preprocess import to_model_batch, to_rgb
+from cbam_viz.preprocess import is_display_rgb, to_model_batch, to_rgb
 
 __all__ = [
     "Prediction", "ModelExplanation", "Explanation", "explain", "explain_model", "list_methods",
@@ -187,7 +187,8 @@ def _as_rgb_list(images) -> list[Image.Image]:
     for im in images:
         if not isinstance(im, Image.Image):
             raise TypeError(f"expected PIL images, got {type(im).__name__}")
-    return [im if im.mode == "RGB" else to_rgb(im) for im in images]
+    # EXIF orientation, first frame, alpha...: the CAM must match the picture a person sees.
+    return [im if is_display_rgb(im) else to_rgb(im) for im in images]
 
 
 def _per_image_targets(target, n: int, m: LoadedModel) -> list[int | None]:

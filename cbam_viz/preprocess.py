@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "MAX_PIXELS", "open_image", "to_rgb", "to_model_tensor", "to_model_batch"]
+__all__ = ["ImageError", "MAX_PIXELS", "open_image", "to_rgb", "is_display_rgb", "to_model_tensor", "to_model_batch"]
 
 #: Largest image accepted, in pixels (40 MP: a 7300 x 5470 photo). Bigger uploads are refused
 #: before decoding, so a crafted file cannot make the server allocate gigabytes.
@@ -118,7 +118,7 @@ def _scale_to_8bit(im: Image.Image) -> Image.Image:
     else:
         # 16-bit sources (PNG, TIFF) decode to I;16* or I; scale 0..65535 -> 0..255.
         a = np.clip(a.astype(np.float64), 0, 65535) / 257.0
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -138,14 +138,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         if im.mode.startswith("I") or im.mode == "F":
             im = _scale_to_8bit(im)
-        if im.mode == "P" and "transparency" in im.info or im.mode in _ALPHA_MODES:
+        if (im.mode == "P" and "transparency" in im.info) or im.mode in _ALPHA_MODES:
             rgba = im.convert("RGBA")
             out = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
             out.alpha_composite(rgba)
             return out.convert("RGB")
-        return im.convert("RGB") if im.mode != "RGB" else im.copy()
+        if im.mode != "RGB":
+            return im.convert("RGB")
+        return im.copy() if im is image else im
     except (OSError, ValueError) as err:
         raise ImageError(f"Images in mode {image.mode!r} cannot be converted to RGB ({err}).") from None
+
+
+def is_display_rgb(image: Image.Image) -> bool:
+    """True when :func:`to_rgb` would return the same pixels: 8-bit RGB, upright, first frame."""
+    if image.mode != "RGB" or (getattr(image, "n_frames", 1) > 1 and image.tell() != 0):
+        return False
+    try:
+        return image.getexif().get(0x0112, 1) == 1
+    except Exception:  # noqa: BLE001  unreadable EXIF: to_rgb ignores it too
+        return True
 
 
 def to_model_tensor(
@@ -174,7 +186,7 @@ def to_model_batch(
         raise ValueError(f"size must be >= 1, got {size}")
     arrays = []
     for image in images:
-        rgb = image if isinstance(image, Image.Image) and image.mode == "RGB" else to_rgb(image)
+        rgb = image if isinstance(image, Image.Image) and is_display_rgb(image) else to_rgb(image)
         _check_size(*rgb.size)
         # Same call as cbam_viz.data._decode_one: bilinear with PIL's antialiasing support.
         arrays.append(np.asarray(rgb.resize((size, size), Image.BILINEAR, reducing_gap=None)))

@@ -127,9 +127,9 @@ def colorize(mask: np.ndarray, *, colormap: str = "jet", size: tuple[int, int] |
     lut = _check_colormap(colormap)
     a = _check_mask(mask)
     if size is not None and (a.shape[1], a.shape[0]) != tuple(size):
-        a = np.asarray(Image.fromarray(a, mode="F").resize(tuple(size), Image.BILINEAR))
+        a = np.asarray(Image.fromarray(a).resize(tuple(size), Image.BILINEAR))
     idx = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(lut[idx], mode="RGB")
+    return Image.fromarray(lut[idx])
 
 
 def overlay(image: Image.Image, mask: np.ndarray, *, alpha: float = 0.5, colormap: str = "jet") -> Image.Image:
@@ -204,7 +204,7 @@ def channel_attention_image(
 ) -> Image.Image:
     """A compact bar strip of one block's channel attention: one bar per channel, height = value.
 
-    Bars are coloured by value too, with guides at 0.5 and 1.0; the title line also gives the
+    Bars are coloured by value too, with a guide line at 0.5; the title line also gives the
     channel count, mean and range.
 
     Raises:
@@ -229,7 +229,7 @@ def channel_attention_image(
     colors = lut[np.clip(np.rint(cols * 255), 0, 255).astype(np.uint8)]
     strip[filled] = np.broadcast_to(colors[None], (height, width, 3))[filled]
     strip[height - 1 - round(0.5 * (height - 1))] = (200, 200, 200)
-    img.paste(Image.fromarray(strip, mode="RGB"), (0, title_h))
+    img.paste(Image.fromarray(strip), (0, title_h))
     draw = ImageDraw.Draw(img)
     text = f"{title}  C={v.size}  mean {v.mean():.2f}  [{v.min():.2f}, {v.max():.2f}]"
     draw.text((2, 2), _ellipsize(draw, text, font, width - 4), fill=TEXT, font=font)

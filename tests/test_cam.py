@@ -148,3 +148,12 @@ def test_preserved_state_restores_swapped_module():
             model.layer1 = torch.nn.Identity()
             raise RuntimeError("fail mid-way")
     assert model.layer1 is original
+
+
+def test_works_inside_inference_mode(model):
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+        r = compute_cams(model, x, method="gradcam")
+    ref = compute_cams(model, x.clone(), method="gradcam")
+    np.testing.assert_allclose(r.cams[0], ref.cams[0], atol=1e-6)
+    assert r.cams[0].max() == pytest.approx(1.0)

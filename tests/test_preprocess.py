@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cbam_viz import preprocess
-from cbam_viz.preprocess import ImageError, open_image, to_model_batch, to_model_tensor, to_rgb
+from cbam_viz.preprocess import ImageError, is_display_rgb, open_image, to_model_batch, to_model_tensor, to_rgb
 
 
 def _png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -35,12 +35,13 @@ def test_palette_with_transparency():
 
 def test_sixteen_bit_and_float_scaled():
     a = np.array([[0, 32768, 65535]], dtype=np.uint16)
-    img16 = Image.fromarray(a, mode="I;16")
+    img16 = Image.fromarray(a)  # uint16 -> "I;16"
+    assert img16.mode == "I;16"
     assert [to_rgb(img16).getpixel((i, 0))[0] for i in range(3)] == [0, 128, 255]
     assert [open_image(_png(img16)).getpixel((i, 0))[0] for i in range(3)] == [0, 128, 255]
-    f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
     assert [to_rgb(f).getpixel((i, 0))[0] for i in range(3)] == [0, 128, 255]
-    f2 = Image.fromarray(np.array([[-10.0, 0.0, 10.0]], dtype=np.float32), mode="F")
+    f2 = Image.fromarray(np.array([[-10.0, 0.0, 10.0]], dtype=np.float32))
     assert [to_rgb(f2).getpixel((i, 0))[0] for i in range(3)] == [0, 128, 255]
 
 
@@ -57,10 +58,16 @@ def test_exif_orientation_applied():
     img.paste((255, 0, 0), (0, 0, 10, 20))  # red band on the left
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
-    out = open_image(_png(img, "JPEG", exif=exif.tobytes(), quality=95))
+    data = _png(img, "JPEG", exif=exif.tobytes(), quality=95)
+    out = open_image(data)
     assert out.size == (20, 40)
     r, g, b = out.getpixel((10, 3))  # the left band is now at the top
     assert r > 200 and b < 60
+    assert to_rgb(out).size == (20, 40) and is_display_rgb(out)  # applied once, never twice
+    with Image.open(io.BytesIO(data)) as raw:  # an RGB image straight from PIL, tag still set
+        assert raw.mode == "RGB" and not is_display_rgb(raw)
+        t = to_model_batch([raw], 8, (0, 0, 0), (1, 1, 1))
+    assert t[0, 0, 0].mean() > 0.7 and t[0, 0, -1].mean() < 0.3  # red on top after rotation
 
 
 def test_first_frame_of_animation():
