@@ -436,8 +436,9 @@ def analyse(
 
 
 def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, unsure_prob, unsure_margin) -> Analysis:
-    from cbam_viz import explain as _explain
+    # (``cbam_viz.explain`` the module is shadowed by the re-exported function of the same name.)
     from cbam_viz import render
+    from cbam_viz.explain import explain as explain_images
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -461,7 +462,7 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
     with _lock_for(pair):
         timings["wait_for_model"] = time.perf_counter() - t
         t = time.perf_counter()
-        (explanation,) = _explain.explain([image], pair, method=method, target=target, layer=layer)
+        (explanation,) = explain_images([image], pair, method=method, target=target, layer=layer)
     timings["explain"] = time.perf_counter() - t
 
     t = time.perf_counter()
