@@ -1,0 +1,52 @@
+"""Training-curves figure for the model card: loss, train accuracy and val top-1 per epoch.
+
+Reads the ``log.jsonl`` files the trainer appends to (one JSON object per epoch) and draws every
+run on shared axes, so a baseline and its CBAM twin trained with one recipe compare at a glance.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["read_log", "plot_training_curves"]
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """Per-epoch entries of one run, in order; a later line for the same epoch (a resumed,
+    repeated epoch) replaces the earlier one."""
+    by_epoch: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            by_epoch[int(entry["epoch"])] = entry
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
+def plot_training_curves(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Draw ``{label: log.jsonl}`` runs into one PNG with three panels; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    for label, path in runs.items():
+        log = read_log(path)
+        ep = [e["epoch"] for e in log]
+        axes[0].plot(ep, [e["train_loss"] for e in log], marker="o", ms=3, label=label)
+        axes[1].plot(ep, [100 * e["train_acc"] for e in log], marker="o", ms=3, label=label)
+        val = [(e["epoch"], 100 * e["val_top1"]) for e in log if "val_top1" in e]
+        if val:
+            axes[2].plot(*zip(*val), marker="s", ms=4, label=label)
+    titles = ("train loss (label-smoothed)", "train accuracy % (augmented)", "val top-1 % (224 px)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
