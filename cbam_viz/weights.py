@@ -22,7 +22,7 @@ __all__ = [
     "WeightRecord", "ChecksumError", "UnsafeCheckpointError", "sha256_file", "read_manifest",
     "update_manifest", "save_safetensors", "load_record", "load_checkpoint_into", "read_state_dict",
     "convert_state_dict", "detect_layout", "infer_model_kwargs", "load_any", "LAYOUTS",
-    "DEFAULT_WEIGHTS_DIR",
+    "recast_record", "DEFAULT_WEIGHTS_DIR",
 ]
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -168,6 +168,25 @@ def load_record(record: WeightRecord, weights_dir: str | os.PathLike = DEFAULT_W
     model = create_model(record.arch, num_classes=record.num_classes)
     _load_strict(model, load_file(str(path)), path)
     return model.eval()
+
+
+def recast_record(weights_dir: str | os.PathLike, name: str, *,
+                  dtype: torch.dtype | None = torch.float16) -> WeightRecord:
+    """Re-write one record's file with floating tensors stored as ``dtype``; update its sha256.
+
+    For files exported as float32 (45 MB for a ResNet-18) that must ship under 25 MB. The file
+    is checked against its old sha256 first, re-written atomically, and the manifest record's
+    ``sha256`` replaced; everything else in the record (metrics included) is kept, so re-run
+    ``python -m cbam_viz evaluate --update-manifest`` to measure the file as it now ships.
+    """
+    data = read_manifest(weights_dir)
+    if name not in data["models"]:
+        raise KeyError(f"no model {name!r} in {Path(weights_dir) / MANIFEST_NAME}")
+    record = WeightRecord(**data["models"][name])
+    model = load_record(record, weights_dir)
+    record.sha256 = save_safetensors(model, Path(weights_dir) / record.file, dtype=dtype)
+    update_manifest(weights_dir, record=record)
+    return record
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:

@@ -392,3 +392,18 @@ def test_manifest_records_metrics_and_pairs(tmp_path):
     assert WeightRecord(**data["models"][rec.name]).sha256 == sha256_file(tmp_path / rec.file)
     with pytest.raises(KeyError, match="nope"):
         update_manifest(tmp_path, metrics=("nope", {}))
+
+
+def test_recast_record_shrinks_a_float32_export(tmp_path):
+    from cbam_viz.weights import recast_record
+
+    rec, model = _record(tmp_path, dtype=None)
+    update_manifest(tmp_path, record=rec)
+    update_manifest(tmp_path, metrics=(rec.name, {"val_top1": 0.25}))
+    before = os.path.getsize(tmp_path / rec.file)
+    new = recast_record(tmp_path, rec.name)
+    assert os.path.getsize(tmp_path / rec.file) < 0.51 * before
+    entry = read_manifest(tmp_path)["models"][rec.name]
+    assert entry["sha256"] == new.sha256 == sha256_file(tmp_path / rec.file) != rec.sha256
+    assert entry["metrics"] == {"val_top1": 0.25}
+    load_record(WeightRecord(**entry), tmp_path)
