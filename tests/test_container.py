@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -76,7 +77,19 @@ def test_container_builds_serves_and_explains():
     cmd = ["bash", str(CONTAINER_SMOKE), str(REPO_ROOT), str(REPO_ROOT / "Dockerfile"), "7860", "/", "600"]
     t0 = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT)
+        # Own session: on timeout the whole group (bash, podman build, podman run) is stopped,
+        # so no orphaned `podman build` keeps the storage lock.
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            pytest.fail(f"container-smoke.sh took over {BUILD_TIMEOUT}s; log {log}", pytrace=False)
     elapsed = time.monotonic() - t0
     text = log.read_text(errors="replace")
     tail = "\n".join(text.splitlines()[-60:])
