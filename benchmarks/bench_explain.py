@@ -1,0 +1,484 @@
+"""Benchmark 1, the engine: what one explanation costs next to the model's own forward + backward.
+
+Variants, all on the shipped pair (:func:`cbam_viz.pair.load_pair`; before any weights exist it is
+the seeded untrained resnet18 / resnet18_cbam pair, which times the same) at its input size:
+
+* ``floor``: for each model, one forward and one backward of the bare model (no hooks, no CAM,
+  no preprocessing): ``logits[range, argmax].sum().backward()``. The least any gradient-CAM tool
+  can do.
+* ``engine``: :func:`cbam_viz.explain.explain` (preprocessing, predictions, Grad-CAM and every
+  CBAM attention map of both models, numpy arrays only).
+* ``full``: ``engine`` plus every picture the app shows for each image, drawn with the same
+  :mod:`cbam_viz.render` calls as :func:`cbam_viz.service.analyse` (two CAM overlays, the spatial
+  attention gallery, every channel strip plus the overview strip, the composite), in memory.
+* ``app``: :func:`cbam_viz.service.explain_files`, i.e. what one request costs inside the server:
+  one ``analyse`` per image (not batched) plus PNG/JSON/npz files written to a temp folder.
+* ``naive``: what a typical demo does: ``pytorch_grad_cam.GradCAM(model, target_layers)`` per
+  model, a separate forward for the predictions, a separate forward with hooks for the attention
+  maps, then one matplotlib figure per picture (``plt.subplots``, ``imshow``/``bar``,
+  ``savefig`` to a ``BytesIO``), at the same pixel sizes as ours.
+
+Timing: every repeat runs each variant once, round-robin (the start rotates each repeat) so
+that a noisy neighbour slows all variants alike; the median over repeats is reported.
+
+Memory (``--memory``, on by default): each variant runs in a fresh subprocess that first imports
+everything and loads the pair, then resets the kernel's peak-RSS mark (``/proc/self/clear_refs``
+= 5) and runs the variant ``--memory-repeats`` times. ``peak RSS delta`` is ``VmHWM`` minus the
+RSS before the first call: every byte the variant made resident (torch's CPU allocator, numpy,
+matplotlib, Python objects) at its worst moment. ``py peak`` is tracemalloc's peak over one more
+call: Python objects and numpy arrays only (torch tensors are invisible to tracemalloc).
+
+Usage::
+
+    python benchmarks/bench_explain.py                       # batch 1 and 8, 15 repeats, memory
+    python benchmarks/bench_explain.py --repeats 3 --batch 1 --no-memory   # a quick look
+    python benchmarks/bench_explain.py --profile engine --batch 1          # where the time goes
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+VARIANTS = ("floor", "engine", "full", "app", "naive")
+# (name, numerator, denominator, bound, "le"/"ge"): the targets of issue 5.
+TARGETS = (
+    ("engine/floor", "engine", "floor", 1.10, "le"),
+    ("full/floor", "full", "floor", 2.00, "le"),
+    ("naive/full", "naive", "full", 1.60, "ge"),
+)
+IMAGE_SIZE = (500, 375)  # a typical Imagenette photo
+
+
+# ------------------------------------------------------------------------------------- inputs
+
+
+def make_image(size: tuple[int, int] = IMAGE_SIZE, seed: int = 0) -> Image.Image:
+    """A seeded photo-like picture (gradient, shapes, noise): CAMs and attention over it vary."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w, y / h, 1 - x / w], axis=-1) * 180 + rng.normal(0, 12, (h, w, 3))
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w - w // 4)), int(rng.integers(0, h - h // 4))
+        x1, y1 = x0 + int(rng.integers(w // 12, w // 4)), y0 + int(rng.integers(h // 12, h // 4))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    return img
+
+
+def load_bench_pair(tiny: bool = False):
+    """The shipped pair (or its untrained stand-in); ``tiny``: the untrained pair at 64 px (tests)."""
+    from cbam_viz.pair import load_pair, untrained_pair
+
+    if tiny:
+        pair = untrained_pair(device="cpu")
+        return replace(pair, baseline=replace(pair.baseline, input_size=64),
+                       cbam=replace(pair.cbam, input_size=64))
+    return load_pair(device="cpu")
+
+
+# ------------------------------------------------------------------------------------ variants
+
+
+def render_like_service(image: Image.Image, explanation, *, alpha: float = 0.5) -> list[Image.Image]:
+    """Every picture :func:`cbam_viz.service.analyse` draws for one image (same calls, same order)."""
+    from cbam_viz import render
+
+    out = [render.overlay(image, explanation.baseline.cam, alpha=alpha),
+           render.overlay(image, explanation.cbam.cam, alpha=alpha)]
+    out += [im for im, _ in render.attention_gallery(image, explanation.cbam, alpha=alpha)]
+    out += [render.channel_attention_image(v, title=f"{block} channel")
+            for block, v in explanation.cbam.channel_attention.items()]
+    overview = render.channel_attention_summary(explanation.cbam)
+    if overview is not None:
+        out.append(overview)
+    out.append(render.composite(image, explanation, alpha=alpha))
+    return out
+
+
+class Variants:
+    """The benchmarked callables over one pair and one batch of images."""
+
+    def __init__(self, pair, images: list[Image.Image], workdir: Path):
+        from cbam_viz.preprocess import to_model_batch
+
+        self.pair = pair
+        self.images = images
+        self.models = [pair.baseline.model, pair.cbam.model]
+        m = pair.cbam
+        self.batch = to_model_batch(images, m.input_size, m.mean, m.std)
+        self.workdir = workdir
+        self.paths = []
+        for i, im in enumerate(images):
+            path = workdir / f"input_{i}.png"
+            im.save(path)
+            self.paths.append(str(path))
+        self.last_timings: dict[str, list[dict[str, float]]] = {}
+
+    def get(self, name: str) -> Callable[[], object]:
+        return getattr(self, name)
+
+    # -- floor
+    def floor(self):
+        x = self.batch
+        for model in self.models:
+            logits = model(x)
+            loss = logits[torch.arange(x.shape[0]), logits.argmax(1)].sum()
+            loss.backward()
+        return None
+
+    def after_floor(self):
+        for model in self.models:
+            model.zero_grad(set_to_none=True)
+
+    # -- ours
+    def engine(self):
+        from cbam_viz.explain import explain
+
+        out = explain(self.images, self.pair)
+        self.last_timings.setdefault("engine", []).append(_engine_timings(out))
+        return out
+
+    def full(self):
+        from cbam_viz.explain import explain
+
+        explanations = explain(self.images, self.pair)
+        return [render_like_service(im, e) for im, e in zip(self.images, explanations)]
+
+    def app(self):
+        from cbam_viz import service
+
+        batch = service.explain_files(self.paths, pair_name=None, out_root=self.workdir / "out",
+                                      max_images=len(self.paths))
+        return batch
+
+    def after_app(self):
+        import shutil
+
+        shutil.rmtree(self.workdir / "out", ignore_errors=True)
+
+    # -- the typical demo
+    def naive(self):
+        return naive_demo(self.pair, self.images)
+
+
+def _engine_timings(explanations) -> dict[str, float]:
+    e = explanations[0]
+    out: dict[str, float] = {}
+    for role in ("baseline", "cbam"):
+        for k, v in getattr(e, role).timings.items():
+            out[f"{role}.{k}"] = float(v)
+    return out
+
+
+def naive_demo(pair, images: list[Image.Image]) -> list[bytes]:
+    """A typical Grad-CAM demo: the library's GradCAM object, extra forwards, matplotlib figures.
+
+    Same preprocessing as ours (so only the approach differs), the library's own
+    ``show_cam_on_image`` for the overlays, and figure sizes that give the same pixel sizes as
+    :mod:`cbam_viz.render` (256 px overlays and tiles, 512x64 channel strips, an 800 px composite).
+    """
+    import cv2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from cbam_viz.preprocess import to_model_batch
+
+    m0 = pair.cbam
+    x = to_model_batch(images, m0.input_size, m0.mean, m0.std)
+    per_model = {}
+    for role in ("baseline", "cbam"):
+        loaded = getattr(pair, role)
+        model = loaded.model
+        with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+            grayscale = cam(input_tensor=x, targets=None)           # (B, S, S), predicted class
+        with torch.no_grad():                                         # predictions: another forward
+            probs = torch.softmax(model(x), dim=1)
+            top_p, top_i = probs.topk(5, dim=1)
+        maps: dict[str, torch.Tensor] = {}                            # attention: a forward with hooks
+        hooks = [module.register_forward_hook(lambda mod, inp, out, n=name: maps.__setitem__(n, out.detach()))
+                 for name, module in model.named_modules() if name.endswith((".cbam.channel", ".cbam.spatial"))]
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        model.zero_grad(set_to_none=True)
+        labels = [[loaded.classes[int(c)] for c in row] for row in top_i.tolist()]
+        per_model[role] = (grayscale, top_p.tolist(), labels, maps)
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return buf.getvalue()
+
+    out: list[bytes] = []
+    for i, im in enumerate(images):
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        overlays = {}
+        for role, (gray, probs, labels, maps) in per_model.items():
+            mask = cv2.resize(gray[i], im.size)
+            overlays[role] = show_cam_on_image(rgb, mask, use_rgb=True)
+            fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=80)
+            ax.imshow(overlays[role])
+            ax.set_title(f"{role}: {labels[i][0]} ({probs[i][0]:.1%})", fontsize=8)
+            ax.axis("off")
+            out.append(png(fig))
+        maps = per_model["cbam"][3]
+        spatial = {n[: -len(".cbam.spatial")]: t[i, 0].numpy() for n, t in maps.items() if n.endswith("spatial")}
+        channel = {n[: -len(".cbam.channel")]: t[i].flatten().numpy() for n, t in maps.items() if n.endswith("channel")}
+        for block, s in spatial.items():
+            fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=80)
+            ax.imshow(rgb)
+            ax.imshow(cv2.resize(s, im.size), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(f"{block} spatial {s.shape[0]}x{s.shape[1]}", fontsize=8)
+            ax.axis("off")
+            out.append(png(fig))
+        for block, v in channel.items():
+            fig, ax = plt.subplots(figsize=(6.4, 0.8), dpi=80)
+            ax.bar(np.arange(v.size), v, width=1.0, color=plt.cm.viridis(v))
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{block} channel C={v.size}", fontsize=8)
+            out.append(png(fig))
+        fig, axes = plt.subplots(3, 4, figsize=(10, 8), dpi=80)          # the composite
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (title, picture) in zip(axes[0], (("original", rgb), ("baseline", overlays["baseline"]),
+                                                  ("cbam", overlays["cbam"]))):
+            ax.imshow(picture)
+            ax.set_title(title, fontsize=8)
+        for ax, (block, s) in zip(axes[1:].flat, spatial.items()):
+            ax.imshow(rgb)
+            ax.imshow(cv2.resize(s, im.size), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(block, fontsize=8)
+        out.append(png(fig))
+    return out
+
+
+# ------------------------------------------------------------------------------------- timing
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_timed(v: Variants, names: list[str], *, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Interleaved repeats: each round runs every variant once, the starting variant rotating."""
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = v.get(name)
+            gc.collect()
+            _sync()
+            t = time.perf_counter()
+            fn()
+            _sync()
+            dt = time.perf_counter() - t
+            after = getattr(v, f"after_{name}", None)
+            if after is not None:
+                after()
+            if r >= warmup:
+                times[name].append(dt)
+    if warmup:
+        v.last_timings["engine"] = v.last_timings.get("engine", [])[warmup:]
+    return times
+
+
+# ------------------------------------------------------------------------------------- memory
+
+
+def _proc_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
+
+
+def memory_child(variant: str, batch: int, repeats: int, tiny: bool) -> dict:
+    """In a fresh process: peak RSS growth and tracemalloc peak of ``variant`` (see module doc)."""
+    import tracemalloc
+
+    import matplotlib  # imported up front: imports are not the variant's memory
+    matplotlib.use("Agg")
+    import cv2  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401
+    import pytorch_grad_cam  # noqa: F401
+
+    from cbam_viz import render, service  # noqa: F401
+    from cbam_viz.explain import explain  # noqa: F401
+
+    pair = load_bench_pair(tiny)
+    images = [make_image(seed=i) for i in range(batch)]
+    with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
+        v = Variants(pair, images, Path(tmp))
+        fn = v.get(variant)
+        after = getattr(v, f"after_{variant}", None) or (lambda: None)
+        gc.collect()
+        base = _proc_kib("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            reset = True
+        except OSError:
+            reset = False
+        for _ in range(repeats):
+            fn()
+            after()
+        peak = _proc_kib("VmHWM")
+        gc.collect()
+        tracemalloc.start()
+        fn()
+        after()
+        _, py_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return {"variant": variant, "batch": batch, "base_rss_mib": base / 1024, "peak_rss_mib": peak / 1024,
+            "peak_rss_delta_mib": (peak - base) / 1024, "py_peak_mib": py_peak / 2**20, "hwm_reset": reset}
+
+
+def measure_memory(variant: str, batch: int, repeats: int, tiny: bool) -> dict:
+    cmd = [sys.executable, __file__, "--_memory-child", variant, "--batch", str(batch),
+           "--memory-repeats", str(repeats)] + (["--tiny"] if tiny else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run of {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------------------- report
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def report(batch: int, times: dict[str, list[float]], v: Variants) -> dict:
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print(f"\n== batch {batch} ({len(next(iter(times.values())))} interleaved repeats, median; "
+          f"input {v.pair.cbam.input_size}px, images {v.images[0].size[0]}x{v.images[0].size[1]}) ==")
+    for n, t in times.items():
+        q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0]] * 3
+        print(f"  {n:<7} median {_fmt_s(med[n]):>10}   per image {_fmt_s(med[n] / batch):>10}   "
+              f"IQR {_fmt_s(q[0])} .. {_fmt_s(q[2])}")
+    results = {"batch": batch, "median_s": med, "all_s": times, "ratios": {}}
+    for label, num, den, bound, kind in TARGETS:
+        if num in med and den in med:
+            ratio = med[num] / med[den]
+            ok = ratio <= bound if kind == "le" else ratio >= bound
+            sign = "<=" if kind == "le" else ">="
+            print(f"ratio b={batch} {label} = {ratio:.2f} (target {sign} {bound:.2f}) {'MET' if ok else 'MISSED'}")
+            results["ratios"][label] = {"value": ratio, "bound": bound, "kind": kind, "met": ok}
+    if "app" in med and "naive" in med:
+        print(f"ratio b={batch} naive/app = {med['naive'] / med['app']:.2f} (info: app = full + per-image "
+              "explain + PNG/JSON/npz files)")
+        results["ratios"]["naive/app"] = {"value": med["naive"] / med["app"]}
+    steps = v.last_timings.get("engine")
+    if steps:
+        keys = steps[0].keys()
+        parts = {k: statistics.median(s[k] for s in steps) for k in keys}
+        print("  engine steps (median, seconds): " + ", ".join(
+            f"{k} {val * 1000:.1f} ms" for k, val in parts.items() if not k.endswith("total")))
+        results["engine_steps_s"] = parts
+    return results
+
+
+def profile(v: Variants, name: str, repeats: int) -> None:
+    import cProfile
+    import pstats
+
+    fn = v.get(name)
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(repeats):
+        fn()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("cumulative").print_stats(35)
+    stats.sort_stats("tottime").print_stats(20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved repeats per batch size (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-variant memory runs")
+    p.add_argument("--memory-repeats", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="untrained pair at 64 px: a smoke run, not a measurement")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--profile", choices=VARIANTS, help="cProfile this variant instead of benchmarking")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, i.e. the cores)")
+    p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.batch[0], args.memory_repeats, args.tiny)))
+        return 0
+
+    import platform
+
+    pair = load_bench_pair(args.tiny)
+    print(f"pair {pair.name!r}: {pair.baseline.name} vs {pair.cbam.name} (trained={pair.trained}), "
+          f"input {pair.cbam.input_size}px, device {pair.cbam.device}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    all_results = {"pair": pair.name, "trained": pair.trained, "input_size": pair.cbam.input_size,
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), "batches": []}
+    for b in args.batch:
+        images = [make_image(seed=i) for i in range(b)]
+        with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
+            v = Variants(pair, images, Path(tmp))
+            if args.profile:
+                profile(v, args.profile, max(1, args.repeats))
+                continue
+            times = run_timed(v, list(args.variants), repeats=args.repeats, warmup=args.warmup)
+            res = report(b, times, v)
+        if args.memory:
+            res["memory"] = {}
+            for name in args.variants:
+                mem = measure_memory(name, b, args.memory_repeats, args.tiny)
+                res["memory"][name] = mem
+                print(f"memory b={b} {name:<7} peak RSS delta {mem['peak_rss_delta_mib']:7.1f} MiB "
+                      f"(peak RSS {mem['peak_rss_mib']:.0f} MiB over a {mem['base_rss_mib']:.0f} MiB process"
+                      f"{'' if mem['hwm_reset'] else ', HWM not reset: upper bound'}), "
+                      f"py peak {mem['py_peak_mib']:.1f} MiB")
+        all_results["batches"].append(res)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(all_results, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

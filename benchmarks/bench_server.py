@@ -1,0 +1,370 @@
+"""Benchmark 2, the server: cold start and load through ``gradio_client``, as a user runs the app.
+
+For each queue concurrency (``--server-concurrency``, passed as ``CBAM_VIZ_CONCURRENCY``, which
+``app.py`` reads) this script starts ``python app.py`` on a free loopback port, exactly as a user
+would (its own temp folder, analytics off), and measures:
+
+* **cold start**: seconds from spawning ``python app.py`` to the first HTTP answer, and to the
+  first answered ``/explain`` request; then request 1 vs request 2 latency, client-side and as
+  the server's own ``analyse`` total from the JSON summary (models load once per process, at
+  start-up or lazily on the first request, never per request: request 2 carries no load cost);
+* **load**: ``--requests`` explanation requests at each client concurrency (``--concurrency``,
+  one thread and one ``gradio_client.Client`` per concurrent user), bounded by
+  ``--max-seconds`` per level and ``--request-timeout`` per request. Printed: throughput,
+  p50/p95/p99 latency, errors (must be 0), lost requests (submitted but never answered within
+  the timeout, must be 0), how many request folders the server actually wrote, the server's CPU
+  seconds per request, and its peak RSS (``VmHWM`` of the server process, cumulative since start).
+
+Clients do not download the result files (``download_files=False``): on a 2-core machine the
+load generator shares the CPU with the server, so it does the least it can; the server still
+computes, renders and writes every file of every request.
+
+Usage::
+
+    python benchmarks/bench_server.py                                   # 200 requests x 1/4/8 users, queue 2
+    python benchmarks/bench_server.py --server-concurrency 1 2 4        # choose the queue width
+    python benchmarks/bench_server.py --requests 20 --concurrency 1 4   # a quick run
+    python benchmarks/bench_server.py --cold-start-only --starts 3      # cold start alone (bench_coldstart.py)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "app.py"
+API = "/explain"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    tmp: Path
+    log: Path
+    started: float                      # perf_counter just before spawning
+    http_ready: float = 0.0             # perf_counter of the first HTTP 200
+
+    def status_kib(self, key: str) -> int:
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+        return int(m.group(1)) if m else 0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime, all threads
+
+    def request_dirs(self) -> int:
+        return len(list((self.tmp / "cbam_viz").glob("req-*")))
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start_server(*, concurrency: int | None, env: dict[str, str] | None = None, workdir: Path) -> Server:
+    """``python app.py`` on 127.0.0.1:<free port>, in its own session and temp folder."""
+    port = free_port()
+    tmp = workdir / f"server-{port}"
+    (tmp / "gradio").mkdir(parents=True)
+    child_env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(tmp / "gradio"),
+        "TMPDIR": str(tmp),                 # the app's request folders (tempfile.gettempdir())
+        "PYTHONUNBUFFERED": "1",
+        **({"CBAM_VIZ_CONCURRENCY": str(concurrency)} if concurrency else {}),
+        **(env or {}),
+    }
+    log = tmp / "server.log"
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(APP)], cwd=ROOT, env=child_env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(proc=proc, url=f"http://127.0.0.1:{port}", tmp=tmp, log=log, started=started)
+
+
+def wait_http(server: Server, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(server.url + "/", timeout=5) as resp:
+                if resp.status == 200:
+                    server.http_ready = time.perf_counter()
+                    return server.http_ready - server.started
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"app.py did not answer within {timeout:.0f}s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server) -> None:
+    """SIGTERM the server's process group (only the one we started), SIGKILL after 10 s."""
+    if server.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------------- client
+
+
+def make_images(folder: Path, n: int = 4) -> list[Path]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_explain import make_image
+
+    paths = []
+    for i in range(n):
+        path = folder / f"photo_{i}.jpg"
+        make_image(seed=100 + i).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def new_client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False, analytics_enabled=False)
+
+
+def explain_once(client, image: Path, timeout: float):
+    from gradio_client import handle_file
+
+    return client.submit(image=handle_file(str(image)), api_name=API).result(timeout=timeout)
+
+
+def _server_total_s(result) -> float | None:
+    """Seconds the server's ``analyse`` took for this request (from the JSON summary it returns)."""
+    summary = result[0] if isinstance(result, (list, tuple)) else result
+    try:
+        return float(summary["timings"]["total"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def cold_start(server: Server, image: Path, *, timeout: float) -> dict:
+    """Spawn -> first HTTP answer -> first /explain answered; then request 1 vs request 2."""
+    http_s = wait_http(server, timeout)
+    client = new_client(server.url)
+    t1 = time.perf_counter()
+    r1 = explain_once(client, image, timeout)
+    t_first = time.perf_counter()
+    r2 = explain_once(client, image, timeout)
+    t2 = time.perf_counter()
+    return {
+        "http_ready_s": http_s,
+        "first_answer_s": t_first - server.started,
+        "request1_s": t_first - t1,
+        "request2_s": t2 - t_first,
+        "request1_server_s": _server_total_s(r1),
+        "request2_server_s": _server_total_s(r2),
+        "rss_after_start_mib": server.status_kib("VmRSS") / 1024,
+    }
+
+
+@dataclass
+class LevelResult:
+    users: int
+    submitted: int = 0
+    ok: int = 0
+    errors: int = 0
+    lost: int = 0
+    latencies: list[float] = field(default_factory=list)
+    error_messages: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def load_level(server: Server, images: list[Path], *, users: int, requests: int, max_seconds: float,
+               request_timeout: float) -> LevelResult:
+    """``requests`` explanations from ``users`` threads (own client each), bounded in time."""
+    res = LevelResult(users=users)
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    clients = [new_client(server.url) for _ in range(users)]
+    deadline = time.monotonic() + max_seconds
+
+    def worker(client) -> None:
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        while True:
+            with lock:
+                i = next(counter, None)
+                if i is None or time.monotonic() > deadline:
+                    return
+                res.submitted += 1
+            t = time.perf_counter()
+            try:
+                explain_once(client, images[i % len(images)], request_timeout)
+            except (TimeoutError, FutureTimeout):
+                with lock:
+                    res.lost += 1
+                continue
+            except Exception as err:  # noqa: BLE001  counted and reported
+                with lock:
+                    res.errors += 1
+                    if len(res.error_messages) < 5:
+                        res.error_messages.append(f"{type(err).__name__}: {err}"[:300])
+                continue
+            dt = time.perf_counter() - t
+            with lock:
+                res.ok += 1
+                res.latencies.append(dt)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=users) as pool:
+        for fut in [pool.submit(worker, c) for c in clients]:
+            fut.result()
+    res.wall_s = time.perf_counter() - t0
+    for c in clients:
+        with contextlib.suppress(Exception):
+            c.close()
+    return res
+
+
+def _pct(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------- modes
+
+
+def run_config(concurrency: int | None, args, workdir: Path, images: list[Path]) -> dict:
+    label = concurrency if concurrency else "app default"
+    server = start_server(concurrency=concurrency, workdir=workdir)
+    out: dict = {"server_concurrency": concurrency, "levels": []}
+    try:
+        cs = cold_start(server, images[0], timeout=args.start_timeout)
+        out["cold_start"] = cs
+        print(f"\n== server CBAM_VIZ_CONCURRENCY={label} (pid {server.proc.pid}) ==")
+        print(f"cold start: HTTP answers after {cs['http_ready_s']:.2f} s; first /explain answered "
+              f"{cs['first_answer_s']:.2f} s after `python app.py`")
+        print(f"request 1 {cs['request1_s']:.3f} s (server analyse {cs['request1_server_s']:.3f} s), "
+              f"request 2 {cs['request2_s']:.3f} s (server analyse {cs['request2_server_s']:.3f} s)")
+        for users in args.concurrency:
+            dirs0, cpu0 = server.request_dirs(), server.cpu_seconds()
+            r = load_level(server, images, users=users, requests=args.requests, max_seconds=args.max_seconds,
+                           request_timeout=args.request_timeout)
+            processed = server.request_dirs() - dirs0
+            cpu = server.cpu_seconds() - cpu0
+            hwm = server.status_kib("VmHWM") / 1024
+            lat = r.latencies
+            level = {
+                "users": users, "submitted": r.submitted, "ok": r.ok, "errors": r.errors, "lost": r.lost,
+                "server_processed": processed, "wall_s": r.wall_s,
+                "throughput_rps": r.ok / r.wall_s if r.wall_s else 0.0,
+                "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95), "p99_s": _pct(lat, 99),
+                "mean_s": statistics.fmean(lat) if lat else float("nan"),
+                "server_cpu_s_per_request": cpu / max(1, processed), "peak_rss_mib": hwm,
+                "error_messages": r.error_messages,
+            }
+            out["levels"].append(level)
+            print(f"queue={label} users={users}: {r.ok}/{r.submitted} ok in {r.wall_s:.1f} s, "
+                  f"throughput {level['throughput_rps']:.2f} req/s, latency p50 {level['p50_s']:.3f} s "
+                  f"p95 {level['p95_s']:.3f} s p99 {level['p99_s']:.3f} s, errors {r.errors}, lost {r.lost}, "
+                  f"server wrote {processed}, server CPU {level['server_cpu_s_per_request']:.3f} s/request, "
+                  f"peak RSS {hwm:.0f} MiB")
+            for msg in r.error_messages:
+                print(f"   error: {msg}")
+            if r.submitted < args.requests:
+                print(f"   (stopped after {args.max_seconds:.0f} s: {r.submitted} of {args.requests} submitted)")
+    finally:
+        stop_server(server)
+        out["server_log_tail"] = server.log_tail(15)
+        shutil.rmtree(server.tmp, ignore_errors=True)
+    return out
+
+
+def run_cold(args, workdir: Path, images: list[Path]) -> dict:
+    """Cold start alone, ``--starts`` times with the app's warm-up and ``--starts`` without."""
+    results = {}
+    for warm in ("1", "0"):
+        runs = []
+        for _ in range(args.starts):
+            server = start_server(concurrency=None, env={"CBAM_VIZ_WARMUP": warm}, workdir=workdir)
+            try:
+                runs.append(cold_start(server, images[0], timeout=args.start_timeout))
+            finally:
+                stop_server(server)
+                shutil.rmtree(server.tmp, ignore_errors=True)
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if runs[0][k] is not None}
+        results["warmup" if warm == "1" else "no_warmup"] = {"runs": runs, "median": med}
+        print(f"cold start (CBAM_VIZ_WARMUP={warm}, median of {len(runs)}): HTTP {med['http_ready_s']:.2f} s, "
+              f"first /explain answered {med['first_answer_s']:.2f} s (target <= 10 s: "
+              f"{'MET' if med['first_answer_s'] <= 10 else 'MISSED'}); request 1 {med['request1_s']:.3f} s, "
+              f"request 2 {med['request2_s']:.3f} s (server analyse {med['request1_server_s']:.3f} s vs "
+              f"{med['request2_server_s']:.3f} s)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--requests", type=int, default=200, help="requests per client-concurrency level")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="concurrent users (threads)")
+    p.add_argument("--server-concurrency", type=int, nargs="+", default=[2],
+                   help="CBAM_VIZ_CONCURRENCY values to start the app with (0: the app's default)")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="time bound per level")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="a request unanswered by then is lost")
+    p.add_argument("--start-timeout", type=float, default=180.0)
+    p.add_argument("--cold-start-only", action="store_true")
+    p.add_argument("--starts", type=int, default=3, help="cold starts per setting (--cold-start-only)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        workdir = Path(tmp)
+        images = make_images(workdir)
+        if args.cold_start_only:
+            results = {"cold_start": run_cold(args, workdir, images)}
+        else:
+            results = {"configs": [run_config(c or None, args, workdir, images) for c in args.server_concurrency]}
+            failed = [(cfg["server_concurrency"], lv["users"]) for cfg in results["configs"] for lv in cfg["levels"]
+                      if lv["errors"] or lv["lost"]]
+            print(f"errors/lost: {'none' if not failed else failed}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
