@@ -1,0 +1,199 @@
+"""cbam_viz.service: explain + render + downloads on a tiny pair; every failure is one sentence."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cbam_viz import service
+from cbam_viz.models import create_model
+from cbam_viz.pair import LoadedModel, ModelPair
+from tests.e2e_helpers import make_broken_image, make_image
+
+CLASSES = ("tench", "church", "golf ball")
+
+
+def _loaded(arch: str, *, trained: bool, seed: int) -> LoadedModel:
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes=len(CLASSES)).eval()
+    return LoadedModel(
+        name=f"{arch}-tiny", arch=arch, model=model, classes=CLASSES, class_ids=tuple(f"n{i}" for i in range(3)),
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=64, trained=trained, record=None,
+        device=torch.device("cpu"),
+    )
+
+
+def _pair(name: str, *, trained: bool) -> ModelPair:
+    return ModelPair(name=name, baseline=_loaded("resnet18", trained=trained, seed=0),
+                     cbam=_loaded("resnet18_cbam", trained=trained, seed=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair() -> ModelPair:
+    return _pair("tiny", trained=False)
+
+
+@pytest.fixture()
+def use_pair(monkeypatch, tiny_pair):
+    """Make ``service.get_pair`` return the tiny pair (no weights, no manifest involved)."""
+    monkeypatch.setattr(service, "get_pair", lambda name=None: tiny_pair)
+    return tiny_pair
+
+
+@pytest.fixture()
+def image(tmp_path):
+    return make_image(tmp_path / "photo.png", size=(96, 72))
+
+
+def test_analyse_returns_everything(tiny_pair, image):
+    a = service.analyse(image, pair=tiny_pair, method="gradcam", alpha=0.4)
+    assert set(a.overlays) == {"baseline", "cbam"}
+    assert all(im.size == (96, 72) for im in a.overlays.values())
+    blocks = service.block_names(tiny_pair.cbam.model)
+    assert len(a.spatial_gallery) >= len(blocks)  # every CBAM block's spatial attention
+    assert all(any(c.startswith(f"{b} channel") for _, c in a.channel_gallery) for b in blocks)
+    assert set(a.labels("baseline")) <= set(CLASSES)
+    assert abs(sum(a.labels("cbam").values()) - 1.0) < 1e-4  # top-3 of 3 classes
+    for step in ("open_image", "explain", "render", "total"):
+        assert a.timings[step] >= 0
+    assert a.summary["layer"] == blocks[-1] and a.summary["method"] == "gradcam"
+
+
+def test_save_writes_valid_png_json_npz(tiny_pair, image, tmp_path):
+    a = service.analyse(image, pair=tiny_pair)
+    paths = service.save(a, tmp_path / "out", stem="x")
+    assert {p.name for p in paths.values()} == {"x.png", "x.json", "x.npz"}
+    with Image.open(paths["png"]) as im:
+        im.verify()
+    doc = json.loads(paths["json"].read_text())
+    for role in ("baseline", "cbam"):
+        m = doc["models"][role]
+        assert m["predictions"][0]["label"] in CLASSES and 0 <= m["predictions"][0]["prob"] <= 1
+        assert m["target"]["label"] in CLASSES and m["trained"] is False
+    assert doc["image"]["name"] == "photo.png" and doc["metadata"]["classes"] == list(CLASSES)
+    assert doc["timings"]["total"] > 0 and doc["warnings"]
+    with np.load(paths["npz"]) as z:
+        keys = set(z.files)
+        assert {"image", "baseline/cam", "cbam/cam"} <= keys
+        blocks = service.block_names(tiny_pair.cbam.model)
+        assert {f"cbam/channel/{b}" for b in blocks} <= keys
+        assert {f"cbam/spatial/{b}" for b in blocks} <= keys
+        assert not any(k.startswith("baseline/channel") for k in keys)  # the baseline has no gates
+        assert z["cbam/cam"].shape == (72, 96) and z["image"].shape == (72, 96, 3)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_untrained_pair_is_said_plainly(tiny_pair):
+    info = service.describe_pair(tiny_pair)
+    assert not info.baseline_trained and not info.cbam_trained
+    assert any("untrained" in w and "random" in w for w in info.warnings)
+    assert "Untrained" in service.model_card_markdown(tiny_pair)
+    assert info.targets[0] == service.AUTO_TARGET and info.layer_choices[0] == service.AUTO_LAYER
+    assert service.describe_pair(_pair("t", trained=True)).warnings == ()
+
+
+def test_unsure_prediction_names_the_known_classes(tiny_pair, image):
+    # An untrained 3-class model is never sure of anything: thresholds above 1 force the flag.
+    a = service.analyse(image, pair=tiny_pair, unsure_prob=1.01)
+    unsure = [w for w in a.warnings if w.startswith("Unsure prediction")]
+    assert unsure and "The models only know these 3 classes: tench, church, golf ball" in unsure[0]
+    assert "may show none of them" in unsure[0]
+    sure = service.analyse(image, pair=tiny_pair, unsure_prob=0.0, unsure_margin=0.0)
+    assert not [w for w in sure.warnings if w.startswith("Unsure")]
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    ({"method": "nope"}, "Unknown CAM method 'nope'"),
+    ({"target": "cat"}, "Unknown target class 'cat'"),
+    ({"target": 7}, "out of range"),
+    ({"layer": "layer9.9"}, "Unknown layer 'layer9.9'"),
+    ({"alpha": 1.5}, "between 0 and 1"),
+])
+def test_wrong_controls_are_one_sentence(tiny_pair, image, kwargs, phrase):
+    with pytest.raises(service.UserFacingError) as info:
+        service.analyse(image, pair=tiny_pair, **kwargs)
+    assert phrase in str(info.value) and "\n" not in str(info.value)
+
+
+def test_target_by_name_or_index_string(tiny_pair, image):
+    by_name = service.analyse(image, pair=tiny_pair, target="church")
+    by_index = service.analyse(image, pair=tiny_pair, target="1")
+    assert by_name.explanation.cbam.target_label == by_index.explanation.cbam.target_label == "church"
+
+
+def test_bad_image_is_a_clear_sentence_without_server_path(tiny_pair, tmp_path):
+    broken = make_broken_image(tmp_path / "holiday.png")
+    with pytest.raises(service.UserFacingError) as info:
+        service.analyse(broken, pair=tiny_pair)
+    message = str(info.value)
+    assert "holiday.png" in message and "not an image" in message
+    assert str(tmp_path) not in message and message.endswith(".")
+    with pytest.raises(service.UserFacingError, match="does not exist"):
+        service.analyse(tmp_path / "missing.jpg", pair=tiny_pair)
+
+
+def test_large_image_is_downscaled_for_display(tiny_pair, tmp_path):
+    big = make_image(tmp_path / "big.png", size=(service.DISPLAY_MAX_SIDE * 2, 300))
+    a = service.analyse(big, pair=tiny_pair)
+    assert max(a.image.size) == service.DISPLAY_MAX_SIDE
+    assert a.summary["image"]["original_size"] == [service.DISPLAY_MAX_SIDE * 2, 300]
+
+
+def test_explain_files_batch_in_private_folder(use_pair, tmp_path):
+    good = [make_image(tmp_path / "a.png", size=(80, 64)), make_image(tmp_path / "b.jpg", size=(72, 72), seed=3)]
+    broken = make_broken_image(tmp_path / "c.png")
+    root = tmp_path / "outputs"
+    first = service.explain_files([good[0], broken, good[1]], names=["a.png", "upload c.png", None], out_root=root)
+    second = service.explain_files([good[0]], out_root=root)
+    assert first.out_dir != second.out_dir and first.out_dir.parent == root  # no cross-request mixing
+    assert [r.name for r in first.results] == ["a.png", "b.jpg"]
+    assert first.failures and first.failures[0][0] == "upload c.png"
+    assert first.archive is not None and first.archive.is_file() and second.archive is None
+    for r in first.results:
+        assert all(p.is_file() and first.out_dir in p.parents for p in r.files.values())
+        assert all(os.path.isfile(p) for p, _ in r.spatial_gallery + r.channel_gallery)
+        assert all(p.is_file() for p in r.overlays.values())
+
+
+def test_explain_files_all_failing_or_empty(use_pair, tmp_path):
+    with pytest.raises(service.UserFacingError, match="upload an image"):
+        service.explain_files([])
+    with pytest.raises(service.UserFacingError, match="not an image"):
+        service.explain_files([make_broken_image(tmp_path / "x.png")], out_root=tmp_path)
+    with pytest.raises(service.UserFacingError, match="at most 2 images"):
+        service.explain_files(["a", "b", "c"], max_images=2)
+
+
+def test_old_request_folders_are_cleaned(tmp_path):
+    old = tmp_path / "req-old"
+    old.mkdir()
+    os.utime(old, (0, 0))
+    fresh = service.new_request_dir(tmp_path)
+    assert not old.exists() and fresh.is_dir()
+
+
+def test_collect_images_and_output_dir(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    a = make_image(tmp_path / "in" / "a.png", size=(72, 72))
+    make_image(tmp_path / "in" / "sub" / "b.jpg", size=(72, 72))
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    found, missing = service.collect_images([tmp_path / "in", a, tmp_path / "nope.png"])
+    assert [p.name for p in found] == ["a.png", "b.jpg"] and missing == [str(tmp_path / "nope.png")]
+    assert service.prepare_output_dir(tmp_path / "new" / "dir").is_dir()
+    with pytest.raises(service.UserFacingError, match="is a file"):
+        service.prepare_output_dir(a)
+
+
+def test_format_error_hides_tracebacks():
+    assert service.format_error(ValueError("unknown class 'x'")) == "unknown class 'x'."
+    message = service.format_error(RuntimeError("CUDA error: device-side assert\nline 2"))
+    assert "RuntimeError" in message and "\n" not in message and "server log" in message
+    assert "memory" in service.format_error(MemoryError())
+
+
+def test_pair_names_always_offer_the_untrained_pair():
+    assert service.pair_names()[-1] == "untrained"
