@@ -408,8 +408,12 @@ def summary_figure(report: dict):
 
     metrics = list(report["metrics"])
     methods = list(report["results"])
-    fig = Figure(figsize=(3.2 * len(metrics), 0.55 * len(methods) + 1.6), layout="constrained")
-    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    ncols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig = Figure(figsize=(3.6 * ncols, nrows * (0.45 * len(methods) + 1.3) + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
     for ax, key in zip(axes, metrics):
         info = report["metrics"][key]
         scale = 100.0 if key in _PCT else 1.0
@@ -426,7 +430,7 @@ def summary_figure(report: dict):
         ax.set_xlabel("CBAM − baseline" + (" (points)" if scale == 100 else ""), fontsize=8)
         ax.tick_params(labelsize=8)
     axes[0].set_yticks(range(len(methods)), methods)
-    axes[0].invert_yaxis()
+    axes[0].set_ylim(len(methods) - 0.5, -0.5)  # first method on top (axes share y)
     fig.suptitle(f"Paired differences, 95 % bootstrap intervals, {len(report['images'])} images "
                  "(green: CBAM better, red: baseline better, grey: no clear difference)", fontsize=9)
     return fig
