@@ -374,7 +374,8 @@ def _compute(model, x, class_name, kind, layer_name, layer_module, targets, size
         timings["forward_backward" if kind == "gradient" else "forward"] = t1 - t0
 
         if kind == "library":
-            raw = _library_cam(model, x, class_name, layer_module, resolved)
+            with torch.enable_grad():  # the library backpropagates even if the caller is in no_grad
+                raw = _library_cam(model, x, class_name, layer_module, resolved)
         else:
             acts = activation.detach().float().cpu().numpy()
             grad_np = grads.detach().float().cpu().numpy() if grads is not None else None

@@ -88,7 +88,7 @@ def resolve_target(target: Target, classes: Sequence[str], class_ids: Sequence[s
         hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else \
             f"the classes are: {', '.join(classes[:20])}{', ...' if n > 20 else ''}"
         raise ValueError(f"unknown class {target!r}; {hint}")
-    raise ValueError(f"target must be None, a class index or a class name, got {type(target).__name__}")
+    raise ValueError(f"target must be None, a class index or name, got {type(target).__name__}")
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

@@ -131,7 +131,8 @@ def test_library_methods_restore_everything(method):
     model.train()
     layer4_last = model.layer4[-1]
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    r = compute_cams(model, x, method=method, sizes=[(40, 24)])
+    # layer2.1 has 128 channels: 4x fewer perturbation passes than layer4 (FullGrad ignores it).
+    r = compute_cams(model, x, method=method, layer="layer2.1", sizes=[(40, 24)])
     assert r.cams[0].shape == (24, 40) and np.isfinite(r.cams[0]).all()
     assert 0 <= r.cams[0].min() and r.cams[0].max() <= 1
     assert all(m.training for m in model.modules())
@@ -157,3 +158,13 @@ def test_works_inside_inference_mode(model):
     ref = compute_cams(model, x.clone(), method="gradcam")
     np.testing.assert_allclose(r.cams[0], ref.cams[0], atol=1e-6)
     assert r.cams[0].max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "fullgrad"])
+def test_works_inside_no_grad(method):
+    model = make_model("resnet18")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        r = compute_cams(model, x, method=method)
+        assert not torch.is_grad_enabled()  # the caller's mode is left as it was
+    assert np.isfinite(r.cams[0]).all() and r.cams[0].max() == pytest.approx(1.0)

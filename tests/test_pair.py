@@ -22,8 +22,9 @@ def _record(weights_dir, name, arch):
 def weights_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("weights")
     update_manifest(d, record=_record(d, "base", "resnet18"))
-    update_manifest(d, record=_record(d, "cb", "resnet18_cbam"))
-    broken = WeightRecord(**{**_record(d, "cb", "resnet18_cbam").to_json(), "name": "broken", "file": "broken.safetensors"})
+    cb = _record(d, "cb", "resnet18_cbam")
+    update_manifest(d, record=cb)
+    broken = WeightRecord(**{**cb.to_json(), "name": "broken", "file": "broken.safetensors"})
     (d / "broken.safetensors").write_bytes((d / "cb.safetensors").read_bytes()[:-64] + b"\0" * 64)
     update_manifest(d, record=broken)
     update_manifest(d, pair=("bad", {"baseline": "base", "cbam": "broken"}))
