@@ -29,11 +29,15 @@ from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, WeightRecord, load_record, rea
 __all__ = [
     "LoadedModel", "ModelPair", "ModelLoadError", "list_pairs", "default_pair_name", "load_pair",
     "load_model", "untrained_pair", "load_available_pairs", "select_device", "clear_cache",
-    "UNTRAINED_PAIR", "DEVICE_ENV",
+    "UNTRAINED_PAIR", "DEVICE_ENV", "WEIGHTS_DIR_ENV", "weights_dir_default",
 ]
 
 UNTRAINED_PAIR = "untrained"
 DEVICE_ENV = "CBAM_VIZ_DEVICE"
+#: Folder of ``manifest.json`` and the weight files when no ``weights_dir`` is passed
+#: (default: the repository's ``weights/``). Read at each call, so the app, the CLI and tests
+#: can point at another folder without code changes.
+WEIGHTS_DIR_ENV = "CBAM_VIZ_WEIGHTS_DIR"
 _UNTRAINED_INPUT = 224
 _UNTRAINED_SEED = 0
 _CACHE_SIZE = 6  # a few pairs' worth of models; resnet18s are ~45 MB each
@@ -126,6 +130,14 @@ def select_device(preferred: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def weights_dir_default(weights_dir: str | os.PathLike | None = None) -> Path:
+    """``weights_dir`` if given, else ``$CBAM_VIZ_WEIGHTS_DIR``, else the repository's ``weights/``."""
+    if weights_dir is not None:
+        return Path(weights_dir)
+    env = os.environ.get(WEIGHTS_DIR_ENV, "").strip()
+    return Path(env) if env else DEFAULT_WEIGHTS_DIR
+
+
 # ------------------------------------------------------------------------------------- cache
 
 _cache: OrderedDict[tuple, LoadedModel] = OrderedDict()
@@ -167,7 +179,7 @@ def _weights_key(weights_dir) -> str:
 
 
 def load_model(
-    name: str, *, weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR, device=None
+    name: str, *, weights_dir: str | os.PathLike | None = None, device=None
 ) -> LoadedModel:
     """Load one manifest record (sha256-checked), cached.
 
@@ -176,6 +188,7 @@ def load_model(
             the architecture; the message names the file.
     """
     device = select_device(device)
+    weights_dir = weights_dir_default(weights_dir)
     records = read_manifest(weights_dir)["models"]
     if name not in records:
         raise ModelLoadError(
@@ -253,15 +266,17 @@ def _pairs(weights_dir) -> dict[str, dict[str, Any]]:
     return read_manifest(weights_dir)["pairs"]
 
 
-def list_pairs(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR) -> list[str]:
+def list_pairs(weights_dir: str | os.PathLike | None = None) -> list[str]:
     """Pair names in manifest order, the default first; empty when there is no manifest."""
+    weights_dir = weights_dir_default(weights_dir)
     pairs = _pairs(weights_dir)
     default = default_pair_name(weights_dir)
     return ([default] if default else []) + [p for p in pairs if p != default]
 
 
-def default_pair_name(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR) -> str | None:
+def default_pair_name(weights_dir: str | os.PathLike | None = None) -> str | None:
     """The pair marked ``"default": true``, else the first one; None without pairs."""
+    weights_dir = weights_dir_default(weights_dir)
     pairs = _pairs(weights_dir)
     for name, spec in pairs.items():
         if isinstance(spec, dict) and spec.get("default"):
@@ -272,7 +287,7 @@ def default_pair_name(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR) -> s
 def load_pair(
     name: str | None = None,
     *,
-    weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR,
+    weights_dir: str | os.PathLike | None = None,
     device=None,
 ) -> ModelPair:
     """Load a pair of models from the manifest (cached).
@@ -280,7 +295,8 @@ def load_pair(
     Args:
         name: a pair from :func:`list_pairs`; None for the default pair. ``"untrained"`` always
             gives the untrained fallback pair.
-        weights_dir: folder of the manifest and the weight files.
+        weights_dir: folder of the manifest and the weight files (default: see
+            :func:`weights_dir_default`).
         device: see :func:`select_device`.
 
     Returns:
@@ -294,6 +310,7 @@ def load_pair(
             file, ``.model_name``/``.file``/``.pair`` say which. Other pairs may still load.
     """
     device = select_device(device)
+    weights_dir = weights_dir_default(weights_dir)
     if name == UNTRAINED_PAIR:
         return untrained_pair(device=device)
     pairs = _pairs(weights_dir)
@@ -322,7 +339,7 @@ def load_pair(
 
 
 def load_available_pairs(
-    *, weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR, device=None
+    *, weights_dir: str | os.PathLike | None = None, device=None
 ) -> tuple[dict[str, ModelPair], dict[str, str]]:
     """Load every pair that can be loaded, so the app stays up when one file is broken.
 
@@ -333,6 +350,7 @@ def load_available_pairs(
     """
     loaded: dict[str, ModelPair] = {}
     errors: dict[str, str] = {}
+    weights_dir = weights_dir_default(weights_dir)
     names = list_pairs(weights_dir)
     for name in names:
         try:

@@ -65,6 +65,8 @@ def open_image(source: str | os.PathLike | bytes | bytearray | BinaryIO) -> Imag
             raise ImageError("The file is empty.")
         source = io.BytesIO(source)
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the upload"
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source) and os.path.getsize(source) == 0:
+        raise ImageError(f"The file {name} is empty.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -77,6 +79,10 @@ def open_image(source: str | os.PathLike | bytes | bytearray | BinaryIO) -> Imag
     except FileNotFoundError:
         raise ImageError(f"The file {name} does not exist.") from None
     except UnidentifiedImageError:
+        kind = _signature(source)
+        if kind:  # starts like a real image file: a damaged one, not a wrong extension
+            raise ImageError(f"{name} is not an image file PIL can read: it starts like a {kind} file "
+                             "but is damaged.") from None
         raise ImageError(f"{name} is not an image file PIL can read (wrong format or extension).") from None
     except Image.DecompressionBombError:
         raise ImageError(
@@ -85,6 +91,26 @@ def open_image(source: str | os.PathLike | bytes | bytearray | BinaryIO) -> Imag
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
         # Truncated files ("image file is truncated"), broken chunks, bad headers...
         raise ImageError(f"The image {name} is damaged or truncated and cannot be decoded ({err}).") from None
+
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
+
+
+def _signature(source) -> str | None:
+    """The image format a file's first bytes announce (None if none we know)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                head = f.read(12)
+        else:
+            source.seek(0)
+            head = source.read(12)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
 
 
 def _first_frame(im: Image.Image) -> Image.Image:

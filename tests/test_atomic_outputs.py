@@ -1,0 +1,128 @@
+"""Output files are whole or absent: atomic writes, a CLI killed with SIGKILL, unwritable folders.
+
+The service writes every file to a hidden temporary name in the same folder and renames it into
+place (``os.replace``), so a reader (or a crash) never sees half a PNG/JSON/npz under its final
+name. Unwritable output folders fail up front with one sentence. Tests run as root, where
+``chmod`` does not stop writes, so "read-only" is simulated with folders that cannot exist or be
+written even by root: a path below a regular file (ENOTDIR) and a folder under ``/sys`` (EPERM or
+EROFS, depending on the container).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbam_viz import service
+from cbam_viz.cli import main
+from tests.bad_inputs import good_image, write_test_weights
+from tests.e2e_helpers import REPO_ROOT
+
+FINAL_NAME = re.compile(r"^img_\d{3}\.(png|json|npz)$")
+
+
+def _assert_complete(path: Path) -> None:
+    """The file is whole: the PNG decodes to the end, the JSON parses, the npz's arrays load."""
+    if path.suffix == ".png":
+        with Image.open(path) as im:
+            im.load()
+            assert im.size[0] > 0
+    elif path.suffix == ".json":
+        doc = json.loads(path.read_text())
+        assert doc["models"]["cbam"]["predictions"]
+    elif path.suffix == ".npz":
+        with np.load(path) as z:
+            assert z["baseline/cam"].ndim == 2 and all(z[k].size for k in z.files)
+    else:
+        raise AssertionError(f"unexpected file {path.name}")
+
+
+def test_atomic_write_leaves_old_file_or_nothing(tmp_path):
+    target = tmp_path / "result.json"
+
+    def crash_halfway(f):
+        f.write(b'{"half": ')
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        service._atomic_write(target, crash_halfway)
+    assert list(tmp_path.iterdir()) == []  # neither a partial file nor a temp file
+
+    service._atomic_write(target, lambda f: f.write(b'{"version": 1}'))
+    with pytest.raises(RuntimeError):
+        service._atomic_write(target, crash_halfway)
+    assert json.loads(target.read_text()) == {"version": 1}  # the old complete file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_save_writes_whole_files_and_no_temp_files(tiny_pair, tmp_path):
+    analysis = service.analyse(Image.new("RGB", (50, 40), (10, 200, 30)), pair=tiny_pair, name="img_000.png")
+    paths = service.save(analysis, tmp_path / "out", formats=("png", "json", "npz"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_000.json", "img_000.npz", "img_000.png"]
+    for p in paths.values():
+        _assert_complete(p)
+
+
+@pytest.mark.slow
+def test_cli_killed_with_sigkill_leaves_only_whole_files(tmp_path):
+    weights = write_test_weights(tmp_path / "weights")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    n = 40
+    for i in range(n):
+        good_image(inputs / f"img_{i:03d}.png", seed=i, size=(400, 300))
+    out = tmp_path / "out"
+    env = {**os.environ, "CBAM_VIZ_WEIGHTS_DIR": str(weights), "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "cbam_viz", "explain", str(inputs), "--out", str(out), "--npz",
+                             "--no-progress"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_dir() and len(list(out.glob("img_*.npz"))) >= 3:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the CLI ended before it was killed: {proc.stderr.read()[-2000:]!r}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    visible = [p for p in out.iterdir() if not p.name.startswith(".")]
+    hidden = [p for p in out.iterdir() if p.name.startswith(".")]
+    assert 3 <= len({p.stem for p in visible}) < n, "killed too early or too late to test anything"
+    for p in visible:
+        assert FINAL_NAME.match(p.name), f"a temporary or unexpected file under a visible name: {p.name}"
+        _assert_complete(p)
+    # Temporary files of the interrupted write (if the kill hit one) are hidden dot-files.
+    assert all(p.name.endswith(".tmp") for p in hidden), [p.name for p in hidden]
+
+
+@pytest.fixture
+def one_image(tmp_path) -> Path:
+    return good_image(tmp_path / "img_000.png", seed=1)
+
+
+@pytest.mark.parametrize("where", ["below_a_file", "sys", "is_a_file"])
+def test_unwritable_output_folder_is_one_clear_error(where, one_image, tmp_path, capsys):
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("a file, not a folder")
+    out = {"below_a_file": blocker / "out", "sys": Path("/sys/cbam_viz_out"), "is_a_file": blocker}[where]
+    reason = {"below_a_file": "Not a directory", "sys": "permission denied|read-only",
+              "is_a_file": "is a file, not a folder"}[where]
+    code = main(["explain", str(one_image), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("explain: error: ") and len(err.splitlines()) == 1, err
+    assert str(out) in err and re.search(reason, err), err
+    assert blocker.read_text() == "a file, not a folder" and not Path("/sys/cbam_viz_out").exists()

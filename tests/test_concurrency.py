@@ -1,0 +1,182 @@
+"""Concurrent requests give the same answers as one-by-one requests, and leave no hooks behind.
+
+Library level: 16 explanations (each a different image, CAM method and target) on 8 threads
+sharing one model pair, through :func:`cbam_viz.explain.explain` and through
+:func:`cbam_viz.service.analyse`. Server level (slow): 200 requests at concurrency 8 against the
+live app; every answer must be the one for its own image (name and size echoed, predictions equal
+to the in-process ones).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbam_viz import service
+from cbam_viz.explain import explain
+from tests.bad_inputs import TEST_PAIR, good_image, write_test_weights
+from tests.conftest import assert_no_hooks, make_image
+from tests.e2e_helpers import running_app
+
+N_REQUESTS = 16
+N_THREADS = 8
+METHODS = ("gradcam", "gradcam++", "layercam", "eigencam")
+
+
+def _jobs():
+    """Request i: its own image size and content, one of four methods, a target every third time."""
+    return [
+        dict(image=make_image(48 + 4 * i, 40 + 3 * (i % 5), seed=100 + i), method=METHODS[i % len(METHODS)],
+             target=(i % 3) if i % 3 == 1 else None)
+        for i in range(N_REQUESTS)
+    ]
+
+
+def _assert_same_model_explanation(a, b, where: str) -> None:
+    assert [p.index for p in a.predictions] == [p.index for p in b.predictions], where
+    np.testing.assert_allclose([p.prob for p in a.predictions], [p.prob for p in b.predictions], atol=1e-5,
+                               err_msg=where)
+    assert a.target == b.target, where
+    np.testing.assert_allclose(a.cam, b.cam, atol=1e-4, err_msg=where)
+    assert a.spatial_attention.keys() == b.spatial_attention.keys()
+    for k in a.spatial_attention:
+        np.testing.assert_allclose(a.spatial_attention[k], b.spatial_attention[k], atol=1e-5, err_msg=f"{where} {k}")
+        np.testing.assert_allclose(a.channel_attention[k], b.channel_attention[k], atol=1e-5, err_msg=f"{where} {k}")
+
+
+def _run_threads(fn, jobs):
+    """Run fn(job) for every job on N_THREADS threads released at once; return results in order."""
+    barrier = threading.Barrier(N_THREADS)
+    started = threading.local()
+
+    def call(job):
+        if not getattr(started, "done", False):  # each worker waits for the others once, then runs freely
+            started.done = True
+            barrier.wait(timeout=120)
+        return fn(job)
+
+    with ThreadPoolExecutor(max_workers=N_THREADS) as pool:
+        return list(pool.map(call, jobs, timeout=600))
+
+
+def test_explain_on_8_threads_equals_one_by_one(tiny_pair):
+    jobs = _jobs()
+    run = lambda job: explain(job["image"], tiny_pair, method=job["method"], target=job["target"])[0]  # noqa: E731
+    sequential = [run(job) for job in jobs]
+    concurrent = _run_threads(run, jobs)
+    assert len(concurrent) == N_REQUESTS
+    for i, (s, c) in enumerate(zip(sequential, concurrent)):
+        assert c.image_size == jobs[i]["image"].size == s.image_size
+        assert c.method == jobs[i]["method"]
+        _assert_same_model_explanation(s.baseline, c.baseline, f"request {i} baseline")
+        _assert_same_model_explanation(s.cbam, c.cbam, f"request {i} cbam")
+    # Different images really give different answers (the comparison above could not pass by accident).
+    assert len({round(s.cbam.predictions[0].prob, 6) for s in sequential}) > N_REQUESTS // 2
+    for model in (tiny_pair.baseline.model, tiny_pair.cbam.model):
+        assert_no_hooks(model)
+
+
+def test_service_analyse_on_8_threads_equals_one_by_one(tiny_pair):
+    jobs = _jobs()
+
+    def run(job):
+        a = service.analyse(job["image"], pair=tiny_pair, method=job["method"], target=job["target"],
+                            name=f"img{job['image'].size}")
+        return a
+
+    sequential = [run(job) for job in jobs]
+    concurrent = _run_threads(run, jobs)
+    for i, (s, c) in enumerate(zip(sequential, concurrent)):
+        assert c.name == s.name and c.image.size == jobs[i]["image"].size
+        assert [p["index"] for p in c.summary["models"]["cbam"]["predictions"]] == \
+            [p["index"] for p in s.summary["models"]["cbam"]["predictions"]]
+        _assert_same_model_explanation(s.explanation.baseline, c.explanation.baseline, f"request {i} baseline")
+        _assert_same_model_explanation(s.explanation.cbam, c.explanation.cbam, f"request {i} cbam")
+        assert np.array_equal(np.asarray(s.composite), np.asarray(c.composite)), f"request {i} composite"
+    for model in (tiny_pair.baseline.model, tiny_pair.cbam.model):
+        assert_no_hooks(model)
+
+
+def test_no_hooks_after_a_failing_request_among_others(tiny_pair):
+    """One failing request among seven good ones: it fails alone, and no hook is left on any model."""
+    jobs = _jobs()[:8]
+    jobs[3] = dict(jobs[3], target=[0, 1])  # two targets for one image: explain raises ValueError
+
+    def run(job):
+        try:
+            return explain(job["image"], tiny_pair, method=job["method"], target=job["target"])[0]
+        except ValueError as err:
+            return err
+
+    results = _run_threads(run, jobs)
+    assert isinstance(results[3], ValueError)
+    assert all(not isinstance(r, Exception) for i, r in enumerate(results) if i != 3)
+    for model in (tiny_pair.baseline.model, tiny_pair.cbam.model):
+        assert_no_hooks(model)
+
+
+# -------------------------------------------------------------------------------- live server
+
+LOAD_REQUESTS = 200
+LOAD_CONCURRENCY = 8
+LOAD_TIME_LIMIT_S = 420
+
+
+@pytest.mark.slow
+def test_200_requests_at_concurrency_8_all_right(tmp_path):
+    from gradio_client import Client, handle_file
+
+    from cbam_viz.pair import load_pair
+
+    weights = write_test_weights(tmp_path / "weights")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    # Image i is (40 + i) pixels wide: its width alone says which request an answer belongs to.
+    paths = [good_image(folder / f"img_{i:03d}.png", seed=1000 + i, size=(40 + i, 30 + (7 * i) % 41))
+             for i in range(LOAD_REQUESTS)]
+
+    # The expected answer of each image, computed in this process with the same weights.
+    pair = load_pair(TEST_PAIR, weights_dir=weights)
+    expected = []
+    for start in range(0, LOAD_REQUESTS, 25):
+        images = [Image.open(p).convert("RGB") for p in paths[start:start + 25]]
+        expected += explain(images, pair)
+    distinct = {tuple(round(p.prob, 4) for p in e.cbam.predictions[:2]) for e in expected}
+    assert len(distinct) > LOAD_REQUESTS // 2  # answers differ per image, so a mix-up would show
+
+    with running_app(env={"CBAM_VIZ_WEIGHTS_DIR": str(weights)}, log_name="load-server.log") as app:
+        local = threading.local()
+
+        def request(i: int):
+            if not hasattr(local, "client"):
+                local.client = Client(app.url, verbose=False)
+            try:
+                out = local.client.predict(image=handle_file(str(paths[i])), api_name="/explain")
+            except Exception as err:  # noqa: BLE001  counted, reported below
+                return i, err
+            return i, out[0]
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=LOAD_CONCURRENCY) as pool:
+            answers = list(pool.map(request, range(LOAD_REQUESTS), timeout=LOAD_TIME_LIMIT_S))
+        elapsed = time.monotonic() - t0
+        assert app.proc.poll() is None, app.log_tail()
+
+    errors = [(i, a) for i, a in answers if isinstance(a, Exception)]
+    assert not errors, f"{len(errors)} errors, first: {errors[:3]}"
+    assert sorted(i for i, _ in answers) == list(range(LOAD_REQUESTS))  # none lost
+    for i, summary in answers:
+        img = summary["image"]
+        assert img["name"] == paths[i].name and img["analysed_size"] == list(Image.open(paths[i]).size), i
+        for role in ("baseline", "cbam"):
+            got = summary["models"][role]["predictions"]
+            want = getattr(expected[i], role).predictions
+            assert [g["index"] for g in got] == [w.index for w in want], (i, role)
+            np.testing.assert_allclose([g["prob"] for g in got], [w.prob for w in want], atol=1e-4,
+                                       err_msg=f"request {i} {role}")
+    print(f"{LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY}: {elapsed:.1f}s")
