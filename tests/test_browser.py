@@ -121,7 +121,13 @@ def choose(page, elem_id: str, option: str) -> str:
     exact = page.locator(f"[role=listbox] [role=option][aria-label={json.dumps(option)}]").first
     exact.wait_for(state="visible")
     page.wait_for_timeout(300)  # the list re-renders while it filters
-    exact.click()
+    try:
+        exact.click(timeout=5000)
+    except Exception:  # the option re-rendered under the pointer: Enter picks the filtered match
+        box.click()
+        box.fill(option)
+        page.wait_for_timeout(500)
+        box.press("Enter")
     page.wait_for_timeout(300)
     assert box.input_value() == option, f"{elem_id}: picked {option!r}, shows {box.input_value()!r}"
     return option
