@@ -163,7 +163,7 @@ def test_works_inside_inference_mode(model):
 @pytest.mark.parametrize("method", ["gradcam", "fullgrad"])
 def test_works_inside_no_grad(method):
     model = make_model("resnet18")
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))  # 2x2 at layer4: a 1x1 CAM normalises to 0
     with torch.no_grad():
         r = compute_cams(model, x, method=method)
         assert not torch.is_grad_enabled()  # the caller's mode is left as it was
