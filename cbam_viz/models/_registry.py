@@ -33,7 +33,7 @@ def create_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Modul
 
     Args:
         name: a name from :func:`list_models`.
-        weights: path of a checkpoint in any layout :func:`cbam_viz.weights.load_state_dict` reads.
+        weights: path of a checkpoint in any layout :func:`cbam_viz.weights.load_checkpoint_into` reads.
         **kwargs: builder options, e.g. ``num_classes=10`` or ``cbam_config=SIMPLIFIED``.
 
     Raises:
