@@ -9,13 +9,7 @@ import torch.nn.functional as F
 
 from cbam_viz.models import CBAM, OFFICIAL, SIMPLIFIED, ChannelGate, SpatialGate, create_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(*shape, seed=0):

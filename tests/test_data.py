@@ -1,7 +1,6 @@
 """ImageFolder scan, the decoded-tensor cache and batched augmentation, on a generated tiny dataset."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,25 +9,14 @@ import cbam_viz.data as data
 from cbam_viz.data import (
     load_cached_split, load_rgb, normalize, random_resized_crop_flip, resize_batch, scan_image_folder,
 )
+from tests.synthetic import make_image_folder
 
 CLASSES = ("n001", "n002", "n003")
 
 
-def make_image_folder(root, *, per_class=16, size=(40, 48), seed=0):
-    """3 classes x ``per_class`` PNGs of coloured noise (W x H = ``size``), one dominant colour per class."""
-    rng = np.random.default_rng(seed)
-    for i, cls in enumerate(CLASSES):
-        (root / cls).mkdir(parents=True)
-        for j in range(per_class):
-            img = rng.integers(0, 90, (size[1], size[0], 3), dtype=np.uint8)
-            img[..., i] += 160
-            Image.fromarray(img).save(root / cls / f"img{j:02d}.png")
-    return root
-
-
 @pytest.fixture()
 def folder(tmp_path):
-    return make_image_folder(tmp_path / "train")
+    return make_image_folder(tmp_path / "train", CLASSES)
 
 
 def test_scan_lists_classes_files_and_labels(folder):

@@ -14,28 +14,12 @@ from cbam_viz.evaluate import ClassMismatchError, evaluate_record, format_report
 from cbam_viz.models import create_model
 from cbam_viz.preprocess import open_image, to_model_batch
 from cbam_viz.weights import ChecksumError, WeightRecord, read_manifest, save_safetensors, update_manifest
+from tests.synthetic import make_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ("n01", "n02", "n03")
 NAMES = {"n01": "red thing", "n02": "green thing", "n03": "blue thing"}
-
-
-def _make_folder(root, per_class=4, size=(40, 48), seed=0):
-    rng = np.random.default_rng(seed)
-    for i, cls in enumerate(CLASSES):
-        (root / cls).mkdir(parents=True)
-        for j in range(per_class):
-            img = rng.integers(0, 80, (size[1], size[0], 3), dtype=np.uint8)
-            img[..., i] += 150
-            Image.fromarray(img).save(root / cls / f"{j}.png")
-    return root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()
@@ -54,7 +38,7 @@ def setup(tmp_path):
             mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], input_size=32,
             metrics={"val_top1": 0.5}))
     update_manifest(weights, pair=("tiny", {"baseline": "resnet18_tiny", "cbam": "resnet18_cbam_tiny"}))
-    data = _make_folder(tmp_path / "val")
+    data = make_image_folder(tmp_path / "val", CLASSES, per_class=4)
     return weights, data
 
 

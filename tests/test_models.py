@@ -6,16 +6,9 @@ import torch
 
 from cbam_viz.models import create_model, is_model, list_models, register_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASELINES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a small, busy CPU one intra-op thread is several times faster for these tiny inputs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _num_params(model: torch.nn.Module) -> int:

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cbam_viz.train import Recipe, export, train, train_size_at
 from cbam_viz.weights import WeightRecord, load_record, read_manifest, sha256_file
+from tests.synthetic import make_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ("n001", "n002", "n003")
 # lr 0.1 (the full recipe) is too hot for batches of 8: the loss jumps around; 0.02 learns steadily.
@@ -18,28 +19,9 @@ RECIPE = Recipe(epochs=3, batch_size=8, sizes=((0, 32),), cache_size=40, eval_si
 STEPS_PER_EPOCH = 48 // 8
 
 
-def _make_image_folder(root, *, per_class=16, size=(40, 48), seed=0):
-    rng = np.random.default_rng(seed)
-    for i, cls in enumerate(CLASSES):
-        (root / cls).mkdir(parents=True)
-        for j in range(per_class):
-            img = rng.integers(0, 90, (size[1], size[0], 3), dtype=np.uint8)
-            img[..., i] += 160
-            Image.fromarray(img).save(root / cls / f"img{j:02d}.png")
-    return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return _make_image_folder(tmp_path_factory.mktemp("data") / "train")
+    return make_image_folder(tmp_path_factory.mktemp("data") / "train", CLASSES)
 
 
 @pytest.fixture(scope="module")
