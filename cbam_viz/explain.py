@@ -113,8 +113,7 @@ def explain_model(
     t0 = time.perf_counter()
     rgb = _as_rgb_list(images)
     targets = _per_image_targets(target, len(rgb), loaded)
-    if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
-        raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    _check_topk(topk)
     batch = to_model_batch(rgb, loaded.input_size, loaded.mean, loaded.std)
     t_pre = time.perf_counter() - t0
     return _explain_batch(rgb, batch, loaded, method=method, targets=targets, layer=layer, topk=int(topk),
@@ -157,8 +156,7 @@ def explain(
     resolve_layer(pair.baseline.model, layer_name)  # same name must exist in both, fail before any pass
     targets = {role: _per_image_targets(target, len(rgb), m) for role, m in
                (("baseline", pair.baseline), ("cbam", pair.cbam))}
-    if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
-        raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    _check_topk(topk)
     t_common = time.perf_counter() - t0
 
     batches: dict[tuple, torch.Tensor] = {}
@@ -176,6 +174,11 @@ def explain(
         Explanation(image_size=im.size, method=method, layer=layer_name, baseline=b, cbam=c)
         for im, b, c in zip(rgb, results["baseline"], results["cbam"])
     ]
+
+
+def _check_topk(topk) -> None:
+    if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"topk must be a positive integer, got {topk!r}")
 
 
 def _as_rgb_list(images) -> list[Image.Image]:
