@@ -9,6 +9,10 @@ Environment:
     CBAM_VIZ_MAX_FILE_SIZE    largest upload, e.g. "20mb" (default)
     CBAM_VIZ_MAX_IMAGES       images per request (default 16)
     CBAM_VIZ_WARMUP           "0": no warm-up explanation at start-up (default: one, in the background)
+    CBAM_VIZ_WEIGHTS_DIR      folder with manifest.json and the weights (default: the repository's weights/)
+    CBAM_VIZ_QUALITY_REPORT   evaluate-cams output shown in the Explanation-quality tab
+                              (default: docs/explanation_quality)
+    CBAM_VIZ_DATA             where that report's boxed photos are, if not where they were evaluated
 
 API (``gradio_client``): ``/explain`` (one image) and ``/info`` (classes, layers, methods); see
 the "Use via API" link at the bottom of the page.
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from cbam_viz import service
+from cbam_viz import quality_view, service
 from cbam_viz.examples import list_examples
 
 ROOT = Path(__file__).resolve().parent
@@ -31,6 +35,7 @@ MAX_FILE_SIZE = os.environ.get("CBAM_VIZ_MAX_FILE_SIZE", "20mb")
 MAX_IMAGES = int(os.environ.get("CBAM_VIZ_MAX_IMAGES", "16"))
 QUALITY_DOC = ROOT / "docs" / "explanation_quality.md"
 
+QUALITY_REPORT, QUALITY_NOTE = quality_view.load_app_report()
 PAIRS = service.pair_names()
 METHODS = service.list_methods()
 EXAMPLES = list_examples()
@@ -105,8 +110,17 @@ def _view(item: dict):
     return (
         item["labels"]["baseline"], item["overlays"]["baseline"],
         item["labels"]["cbam"], item["overlays"]["cbam"],
+        item["faithfulness"], item["faithfulness_md"],
         item["spatial"], item["channel"], item["timings_md"], item["files"],
     )
+
+
+def _channel_overview(gallery: list[tuple[str, str]]) -> str | None:
+    """The one picture stacking every block's channel attention (the per-block strips repeat it)."""
+    for path, caption in gallery:
+        if caption == service.CHANNEL_OVERVIEW_CAPTION:
+            return path
+    return gallery[0][0] if gallery else None
 
 
 def _uploads(*values) -> tuple[list[str], list[str | None]]:
@@ -149,7 +163,9 @@ def explain_ui(image, files, pair_name, method, target, layer, alpha):
             "name": a.name,
             "labels": {"baseline": a.labels("baseline"), "cbam": a.labels("cbam")},
             "overlays": {k: str(v) for k, v in r.overlays.items()},
-            "spatial": r.spatial_gallery, "channel": r.channel_gallery,
+            "spatial": r.spatial_gallery, "channel": _channel_overview(r.channel_gallery),
+            "faithfulness": str(r.faithfulness) if r.faithfulness else None,
+            "faithfulness_md": service.faithfulness_markdown(a.summary.get("faithfulness")),
             "timings_md": _timings_markdown(a.timings, per_model), "files": files_out,
             "warnings": list(a.warnings),
         })
@@ -190,6 +206,18 @@ def explain_api(image, method, target, layer, alpha, pair_name):
     files = [str(r.files[k]) for k in ("json", "npz")]
     return (r.analysis.summary, str(r.overlays["baseline"]), str(r.overlays["cbam"]), str(r.files["png"]),
             attention, files)
+
+
+def show_differences(metric: str, method: str, direction: str, k: float):
+    """The Explanation-quality tab: the images where the two CAMs score most differently."""
+    if QUALITY_REPORT is None:
+        return [], QUALITY_NOTE
+    try:
+        pictures, note = quality_view.differing_images(
+            QUALITY_REPORT, metric, method, quality_view.DIRECTIONS.get(direction, "both"), int(k))
+    except (ValueError, KeyError, OSError) as err:
+        raise gr.Error(service.format_error(err), print_exception=False) from None
+    return pictures, note
 
 
 def info_api(pair_name):
@@ -245,17 +273,34 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
                 gr.Markdown("### ResNet + CBAM")
                 cbam_label = gr.Label(num_top_classes=5, label="CBAM: predictions")
                 cbam_cam = gr.Image(label="CBAM: CAM overlay", interactive=False, format="png")
+        with gr.Row():
+            faithful_img = gr.Image(label="Faithfulness: each model's input with the top of its own CAM blurred away",
+                                    interactive=False, format="png", scale=3)
+            faithful_md = gr.Markdown()
         spatial = gr.Gallery(label="CBAM spatial attention of every block (where each block looks)",
                              columns=4, height="auto", object_fit="contain")
-        channel = gr.Gallery(label="CBAM channel attention of every block (how each block re-weights its channels)",
-                             columns=2, height="auto", object_fit="contain")
+        channel = gr.Image(label="CBAM channel attention of every block (one bar per channel: how each block "
+                                 "re-weights its feature maps)", interactive=False, format="png")
         with gr.Row():
             timings = gr.Markdown(label="Timings")
             downloads = gr.File(label="Downloads: composite PNG, JSON, raw maps (.npz)", file_count="multiple",
                                 interactive=False)
 
-    with gr.Tab("Explanation quality"):
+    with gr.Tab("Explanation quality") as quality_tab:
         gr.Markdown(_quality_markdown())
+        gr.Markdown("### Where the two models differ most\n"
+                    "Pick a metric to see the boxed photos behind the averages: green boxes are the "
+                    "true objects, white boxes each CAM's own box at its best threshold.")
+        with gr.Row():
+            q_metric = gr.Dropdown(quality_view.metric_choices(), value="energy", label="Metric")
+            q_methods = quality_view.method_choices(QUALITY_REPORT) if QUALITY_REPORT else ["gradcam"]
+            q_method = gr.Dropdown(q_methods, value=q_methods[0], label="CAM method")
+            q_direction = gr.Radio(list(quality_view.DIRECTIONS), value=next(iter(quality_view.DIRECTIONS)),
+                                   label="Show")
+            q_k = gr.Slider(1, 16, value=6, step=1, label="Images")
+        q_note = gr.Markdown(QUALITY_NOTE)
+        q_gallery = gr.Gallery(label="Photo + true boxes | baseline CAM | CBAM CAM", columns=2, height="auto",
+                               object_fit="contain", format="png")
 
     with gr.Tab("About"):
         gr.Markdown(INTRO.split("\n", 2)[2])
@@ -273,7 +318,8 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
         api_files = gr.File(file_count="multiple", label="JSON and npz")
         api_info = gr.JSON(label="info")
 
-    view = [base_label, base_cam, cbam_label, cbam_cam, spatial, channel, timings, downloads]
+    view = [base_label, base_cam, cbam_label, cbam_cam, faithful_img, faithful_md, spatial, channel, timings,
+            downloads]
     demo.load(on_load, inputs=[pair], outputs=[pair_md, target, layer, about_md], api_visibility="private")
     pair.change(on_pair_change, inputs=[pair], outputs=[pair_md, target, layer, about_md],
                 api_visibility="private")
@@ -285,6 +331,10 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
                      outputs=[api_summary, api_base, api_cbam, api_composite, api_attention, api_files],
                      api_name="explain", preprocess=False)
     info_button.click(info_api, inputs=[pair], outputs=[api_info], api_name="info")
+    q_inputs = [q_metric, q_method, q_direction, q_k]
+    quality_tab.select(show_differences, inputs=q_inputs, outputs=[q_gallery, q_note], api_visibility="private")
+    for control in q_inputs:
+        control.change(show_differences, inputs=q_inputs, outputs=[q_gallery, q_note], api_visibility="private")
 
 demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 

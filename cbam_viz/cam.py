@@ -237,18 +237,40 @@ _PROJECTIONS = {
 }
 
 
+def _gradcam_image(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """Grad-CAM's map (Selvaraju et al., 2017): each channel weighted by its mean gradient, summed.
+
+    The same numbers as ``pytorch_grad_cam.GradCAM``'s ``get_cam_image`` (a test compares them),
+    computed here because importing the library pulls in torchvision, scipy and matplotlib:
+    about 4 s of the app's cold start, for the method nearly every request uses.
+    """
+    weights = grads.mean(axis=(2, 3))
+    return (weights[:, :, None, None] * activations).sum(axis=1)
+
+
+# Methods computed without importing pytorch-grad-cam (same maths; tests compare them).
+_NATIVE = {"GradCAM": _gradcam_image}
+
+
+def _min_max(cam: np.ndarray) -> np.ndarray:
+    cam = cam - cam.min()
+    return cam / (1e-7 + cam.max())
+
+
 def normalize_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A raw ``(h, w)`` CAM -> float32 ``(H, W)`` in [0, 1] at ``size = (W, H)``.
 
     Exactly the library's post-processing for one target layer (ReLU, ``scale_cam_image`` to the
-    target size, then ``scale_cam_image`` again as ``aggregate_multi_layers`` does); a constant
-    map becomes all zeros, never NaN.
+    target size, then ``scale_cam_image`` again as ``aggregate_multi_layers`` does: min-max,
+    bilinear ``cv2.resize``, min-max), written out so that the default method never imports
+    the library (tests compare it with ``scale_cam_image``); a constant map becomes all zeros,
+    never NaN.
     """
-    from pytorch_grad_cam.utils.image import scale_cam_image
+    import cv2
 
     cam = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    cam = np.maximum(cam, 0)[None]
-    cam = scale_cam_image(scale_cam_image(cam, tuple(int(s) for s in size)))[0]
+    cam = _min_max(np.maximum(cam, 0))
+    cam = _min_max(np.float32(cv2.resize(np.float32(cam), tuple(int(s) for s in size))))
     return np.clip(cam, 0.0, 1.0, out=cam)
 
 
@@ -381,6 +403,8 @@ def _compute(model, x, class_name, kind, layer_name, layer_module, targets, size
             grad_np = grads.detach().float().cpu().numpy() if grads is not None else None
             if class_name in _PROJECTIONS:
                 raw = _projection(_PROJECTIONS[class_name](acts, grad_np))
+            elif class_name in _NATIVE:
+                raw = _NATIVE[class_name](acts, grad_np)
             else:
                 # BaseCAM.compute_cam_per_layer's call, minus the pass it would have run itself.
                 raw = _math_object(class_name).get_cam_image(x, layer_module, None, acts, grad_np, False)

@@ -23,6 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     if args.sizes:
         overrides["sizes"] = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(","))
+    if args.crop_scale:
+        overrides["crop_scale"] = tuple(float(v) for v in args.crop_scale.split(","))
     if args.no_bf16:
         overrides["bf16"] = False
     recipe = replace(recipe, **overrides)
@@ -173,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-size", type=int)
     t.add_argument("--eval-every", type=int)
     t.add_argument("--cache-size", type=int)
-    t.add_argument("--sizes", help="progressive resizing as EPOCH:SIZE,..., e.g. 0:112,6:128,13:160")
+    t.add_argument("--sizes", help="progressive resizing as EPOCH:SIZE,..., e.g. 0:96,10:128,21:144")
+    t.add_argument("--crop-scale", help="random-resized-crop area range as MIN,MAX, e.g. 0.35,1")
     t.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")

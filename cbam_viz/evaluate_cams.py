@@ -621,8 +621,11 @@ def render_comparison(
     return canvas
 
 
-def render_record(report: dict, record: dict, *, alpha: float = 0.5):
-    """:func:`render_comparison` for a :func:`most_different_images` record, from the stored CAMs."""
+def render_record(report: dict, record: dict, *, alpha: float = 0.5, image=None):
+    """:func:`render_comparison` for a :func:`most_different_images` record, from the stored CAMs.
+
+    ``image``: the photo to draw on; default: read it from ``record["path"]``.
+    """
     cams = _cams_cache(report)
     key = f"{record['method']}/"
     if key + "baseline" not in cams:
@@ -634,7 +637,7 @@ def render_record(report: dict, record: dict, *, alpha: float = 0.5):
               f"CBAM {label} {fmt.format(record['cbam'])}")
     cam_b = cams[key + "baseline"][record["row"]].astype(np.float32) / 255.0
     cam_c = cams[key + "cbam"][record["row"]].astype(np.float32) / 255.0
-    return render_comparison(record_image(record), cam_b, cam_c, record["boxes"],
+    return render_comparison(record_image(record) if image is None else image, cam_b, cam_c, record["boxes"],
                              cam_boxes=(record["baseline_box"], record["cbam_box"]), titles=titles, alpha=alpha)
 
 

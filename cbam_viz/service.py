@@ -47,6 +47,7 @@ __all__ = [
     "open_image", "analyse", "save", "explain_files", "format_error", "model_card_markdown",
     "cleanup_outputs", "IMAGE_SUFFIXES", "warm_up", "check_controls", "collect_images", "prepare_output_dir",
     "safe_stem", "unique_stem", "npz_arrays", "classes_sentence", "new_request_dir",
+    "FAITHFULNESS_FRACTION", "CHANNEL_OVERVIEW_CAPTION", "faithfulness_summary", "faithfulness_markdown",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ DISPLAY_MAX_SIDE = 1024
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "cbam_viz"
 #: Request folders older than this (seconds) are removed when a new request starts.
 OUTPUT_MAX_AGE_S = 3600.0
+#: Caption of the channel-attention picture that stacks every block's strip.
+CHANNEL_OVERVIEW_CAPTION = "every block's channel attention"
+#: Share of the image blurred away (the top of each model's CAM) for the per-image faithfulness.
+FAITHFULNESS_FRACTION = 0.2
 #: File suffixes treated as images when a folder is given.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
@@ -338,6 +343,8 @@ class Analysis:
     warnings: tuple[str, ...]
     timings: dict[str, float]                  # seconds per step
     summary: dict[str, Any] = field(repr=False)  # the JSON document
+    faithfulness: dict[str, Any] | None = None  # "baseline" / "cbam" -> localization.ConfidenceDrop
+    faithfulness_image: Image.Image | None = None
 
     def labels(self, role: str) -> dict[str, float]:
         """``{label: probability}`` of one model's top-k (what a ``gr.Label`` shows)."""
@@ -411,6 +418,7 @@ def analyse(
     name: str | None = None,
     unsure_prob: float = UNSURE_PROB,
     unsure_margin: float = UNSURE_MARGIN,
+    faithfulness: bool = True,
 ) -> Analysis:
     """Explain one image with both models and render every picture, in memory.
 
@@ -422,20 +430,26 @@ def analyse(
         layer: the block the CAM looks at (a name from :func:`block_names`); default: the last.
         alpha: heatmap opacity in the overlays, 0 to 1.
         name: shown in captions and written in the JSON; default: the file's name.
+        faithfulness: also measure each model's confidence drop when the top
+            :data:`FAITHFULNESS_FRACTION` of its own CAM is blurred away (two more forwards): a
+            user's photo has no boxes, so this is how the app tells which CAM found what the
+            model actually uses.
 
     Raises:
         UserFacingError: for every failure, with a one-sentence message.
     """
     try:
         return _analyse(source, pair=pair, pair_name=pair_name, method=method, target=target, layer=layer,
-                        alpha=alpha, name=name, unsure_prob=unsure_prob, unsure_margin=unsure_margin)
+                        alpha=alpha, name=name, unsure_prob=unsure_prob, unsure_margin=unsure_margin,
+                        faithfulness=faithfulness)
     except UserFacingError:
         raise
     except Exception as err:  # noqa: BLE001  every failure reaches the person as one sentence
         raise UserFacingError(format_error(err)) from err
 
 
-def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, unsure_prob, unsure_margin) -> Analysis:
+def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, unsure_prob, unsure_margin,
+             faithfulness) -> Analysis:
     # (``cbam_viz.explain`` the module is shadowed by the re-exported function of the same name.)
     from cbam_viz import render
     from cbam_viz.explain import explain as explain_images
@@ -463,7 +477,16 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
         timings["wait_for_model"] = time.perf_counter() - t
         t = time.perf_counter()
         (explanation,) = explain_images([image], pair, method=method, target=target, layer=layer)
-    timings["explain"] = time.perf_counter() - t
+        timings["explain"] = time.perf_counter() - t
+        drops = None
+        if faithfulness:
+            # Under the lock too: a forward while another thread's hooks sit on the model would
+            # feed that thread's recorder.
+            from cbam_viz.localization import pair_confidence_drop
+
+            t = time.perf_counter()
+            drops = pair_confidence_drop(image, explanation, pair, fraction=FAITHFULNESS_FRACTION)
+            timings["faithfulness"] = time.perf_counter() - t
 
     t = time.perf_counter()
     overlays = {
@@ -476,8 +499,13 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
     summary_strip = getattr(render, "channel_attention_summary", None)
     overview = summary_strip(explanation.cbam) if summary_strip is not None else None
     if overview is not None:
-        channel.insert(0, (overview, "every block's channel attention"))
+        channel.insert(0, (overview, CHANNEL_OVERVIEW_CAPTION))
     composite = render.composite(image, explanation, alpha=alpha)
+    faithfulness_image = None
+    if drops is not None:
+        from cbam_viz.evaluate_cams import confidence_drop_figure
+
+        faithfulness_image = confidence_drop_figure(drops, pair)
     timings["render"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -485,10 +513,49 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
                                                       unsure_margin=unsure_margin)]
     summary = _summary(name=name, image=image, original_size=original_size, explanation=explanation,
                        pair=pair, info=info, alpha=alpha, warnings=warnings, timings=timings)
+    if drops is not None:
+        summary["faithfulness"] = faithfulness_summary(drops)
     return Analysis(name=name, image=image, original_size=original_size, explanation=explanation,
                     pair_name=pair.name, alpha=alpha, overlays=overlays, spatial_gallery=spatial,
                     channel_gallery=channel, composite=composite, warnings=tuple(warnings),
-                    timings=timings, summary=summary)
+                    timings=timings, summary=summary, faithfulness=drops, faithfulness_image=faithfulness_image)
+
+
+_REMOVED = {"blur": "blurred away", "mean": "replaced by the mean colour", "road": "removed (ROAD imputation)"}
+
+
+def faithfulness_summary(drops: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form of :func:`cbam_viz.localization.pair_confidence_drop`'s result."""
+    any_drop = next(iter(drops.values()))
+    out: dict[str, Any] = {"fraction": any_drop.fraction, "imputer": any_drop.imputer,
+                           "meaning": "probability of the explained class before and after the top "
+                                      f"{any_drop.fraction:.0%} of the model's own CAM is "
+                                      f"{_REMOVED.get(any_drop.imputer, 'removed')}; "
+                                      "a larger drop means the CAM marks what the model relies on"}
+    for role, d in drops.items():
+        out[role] = {"target": int(d.target), "prob_before": float(d.prob_before), "prob_after": float(d.prob_after),
+                     "drop": float(d.drop), "relative_drop": float(d.relative_drop)}
+    return out
+
+
+def faithfulness_markdown(summary: dict[str, Any] | None) -> str:
+    """One plain sentence comparing the two models' confidence drops (for the app)."""
+    if not summary:
+        return ""
+    b, c = summary["baseline"], summary["cbam"]
+    frac = f"{summary['fraction']:.0%}"
+    lines = [f"**Faithfulness, without boxes:** blurring away the top {frac} of its own CAM lowers the "
+             f"baseline's probability from {b['prob_before']:.2f} to {b['prob_after']:.2f} "
+             f"(drop {b['relative_drop']:.0%}) and CBAM's from {c['prob_before']:.2f} to {c['prob_after']:.2f} "
+             f"(drop {c['relative_drop']:.0%})."]
+    gap = c["relative_drop"] - b["relative_drop"]
+    if abs(gap) < 0.05:
+        lines.append("On this photo the two CAMs are about equally faithful.")
+    else:
+        better = "CBAM's" if gap > 0 else "the baseline's"
+        lines.append(f"On this photo {better} CAM points more at what its model relies on. "
+                     "One photo proves little: see the Explanation-quality tab for the measured averages.")
+    return " ".join(lines)
 
 
 def _original_size(source, image: Image.Image) -> tuple[int, int]:
@@ -693,6 +760,7 @@ class ImageResult:
     spatial_gallery: list[tuple[str, str]]     # (file path, caption)
     channel_gallery: list[tuple[str, str]]
     files: dict[str, Path]                     # "png" / "json" / "npz"
+    faithfulness: Path | None = None           # the confidence-drop picture
 
     @property
     def name(self) -> str:
@@ -794,9 +862,11 @@ def explain_files(
             overlays = {role: _save_png(im, folder / f"cam_{role}.png") for role, im in analysis.overlays.items()}
             spatial = _write_gallery(analysis.spatial_gallery, folder, "spatial")
             channel = _write_gallery(analysis.channel_gallery, folder, "channel")
+            faithful = (_save_png(analysis.faithfulness_image, folder / "faithfulness.png")
+                        if analysis.faithfulness_image is not None else None)
             analysis.timings["write_files"] = time.perf_counter() - t
             results.append(ImageResult(analysis=analysis, overlays=overlays, spatial_gallery=spatial,
-                                       channel_gallery=channel, files=files))
+                                       channel_gallery=channel, files=files, faithfulness=faithful))
         except UserFacingError as err:
             failures.append((display, str(err)))
         except OSError as err:

@@ -38,6 +38,9 @@ IDS = {
     "cam_cbam": "CBAM: CAM overlay",
     "attention_gallery": "CBAM spatial attention",
     "channel_gallery": "CBAM channel attention",
+    "faithfulness": "Faithfulness",
+    "quality_gallery": "Photo + true boxes",
+    "quality_metric": "Metric",
     "downloads": "Downloads",
     "status": None,
 }
@@ -226,6 +229,11 @@ def test_explain_flow(page, inputs):
     assert channel, "channel attention gallery: no images"
     for i, src in enumerate(channel):
         assert_real_image(page, src, f"channel attention gallery #{i}")
+    faithful = image_srcs(page, "faithfulness")
+    assert faithful, "faithfulness: no image"
+    assert_real_image(page, faithful[0], "faithfulness")
+    assert re.search(r"baseline's probability from \d\.\d\d to \d\.\d\d", page.inner_text("body")), \
+        "faithfulness: no sentence with both probabilities"
     _assert_rendered(page, ["attention_gallery", "channel_gallery", "cam_baseline", "cam_cbam"])
 
     # Downloads: a valid PNG (the composite) and valid JSON (the summary).
@@ -281,6 +289,25 @@ def test_broken_upload_shows_error_then_recovers(page, inputs):
     for elem_id in ("cam_baseline", "cam_cbam"):
         assert_real_image(page, after[elem_id][0], f"{elem_id} after recovery")
     screenshot(page, "04-recovered")
+
+
+def test_quality_tab_shows_the_most_different_images(page):
+    """The Explanation-quality tab: the measured table, then the images behind a chosen metric."""
+    page.get_by_role("tab", name="Explanation quality", exact=True).click()
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('.block')].some(b =>
+                 /Photo \+ true boxes/.test(b.innerText) && b.querySelector('img'))""", timeout=RESULT_TIMEOUT_MS)
+    assert "Pointing game" in page.inner_text("body"), "the quality table is not shown"
+    first = image_srcs(page, "quality_gallery")
+    assert len(first) >= 2, f"quality gallery: expected several pictures, got {len(first)}"
+    assert_real_image(page, first[0], "quality gallery #0")
+    choose(page, "quality_metric", "Pointing game (higher is better)")
+    page.wait_for_function(
+        """(old) => { const b = [...document.querySelectorAll('.block')].find(b => /Photo \+ true boxes/.test(b.innerText));
+                      return b && b.querySelector('img') && b.querySelector('img').src !== old; }""",
+        arg=first[0], timeout=RESULT_TIMEOUT_MS)
+    screenshot(page, "05-quality-tab")
+    page.get_by_role("tab", name="Explain", exact=True).click()
 
 
 def test_screenshot_for_readme(page, inputs):

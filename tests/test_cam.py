@@ -125,6 +125,33 @@ def test_normalize_cam():
     assert np.isfinite(out).all() and out.min() == 0 and out.max() == pytest.approx(1.0)
 
 
+def test_normalize_cam_is_the_library_post_processing():
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    raw = np.random.default_rng(0).normal(size=(7, 7)).astype(np.float32)
+    theirs = scale_cam_image(scale_cam_image(np.maximum(raw, 0)[None], (50, 30)))[0]
+    np.testing.assert_allclose(normalize_cam(raw, (50, 30)), theirs, atol=1e-6)
+
+
+def test_gradcam_does_not_import_the_library():
+    """The default method must not pay pytorch-grad-cam's imports (torchvision, scipy,
+    matplotlib): they were most of the app's cold start."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from cbam_viz.cam import compute_cams; from conftest import make_model; "
+            "compute_cams(make_model('resnet18_cbam'), torch.randn(1, 3, 64, 64), method='gradcam'); "
+            "print(sorted(m for m in ('pytorch_grad_cam', 'torchvision', 'matplotlib', 'scipy') if m in sys.modules))")
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("method", SLOW)
 def test_library_methods_restore_everything(method):
     model = make_model("resnet18_cbam")

@@ -197,3 +197,46 @@ def test_format_error_hides_tracebacks():
 
 def test_pair_names_always_offer_the_untrained_pair():
     assert service.pair_names()[-1] == "untrained"
+
+
+def test_faithfulness_is_measured_for_both_models(tiny_pair, image):
+    """Each model's own CAM top is blurred away; probabilities before match the predictions."""
+    a = service.analyse(image, pair=tiny_pair, target=1)
+    doc = a.summary["faithfulness"]
+    assert doc["fraction"] == service.FAITHFULNESS_FRACTION and doc["imputer"] == "blur"
+    for role in ("baseline", "cbam"):
+        d = doc[role]
+        assert d["target"] == 1
+        assert d["drop"] == pytest.approx(d["prob_before"] - d["prob_after"])
+        prob_of_target = a.summary["models"][role]["predictions"]
+        shown = {p["index"]: p["prob"] for p in prob_of_target}
+        if 1 in shown:  # the same input as the explanation: the same probability
+            assert d["prob_before"] == pytest.approx(shown[1], abs=1e-4)
+    assert a.faithfulness_image is not None and a.faithfulness_image.width > a.faithfulness_image.height
+    assert a.timings["faithfulness"] >= 0
+    text = service.faithfulness_markdown(doc)
+    assert f"{doc['baseline']['prob_before']:.2f}" in text and f"{doc['cbam']['prob_after']:.2f}" in text
+
+
+def test_faithfulness_can_be_skipped(tiny_pair, image):
+    a = service.analyse(image, pair=tiny_pair, faithfulness=False)
+    assert a.faithfulness is None and a.faithfulness_image is None
+    assert "faithfulness" not in a.summary and "faithfulness" not in a.timings
+    assert service.faithfulness_markdown(None) == ""
+
+
+def test_faithfulness_sentence_names_the_more_faithful_cam():
+    doc = {"fraction": 0.2, "imputer": "blur",
+           "baseline": {"prob_before": 0.9, "prob_after": 0.8, "drop": 0.1, "relative_drop": 0.11},
+           "cbam": {"prob_before": 0.9, "prob_after": 0.3, "drop": 0.6, "relative_drop": 0.67}}
+    assert "CBAM's CAM points more" in service.faithfulness_markdown(doc)
+    doc["cbam"] = dict(doc["baseline"])
+    assert "about equally faithful" in service.faithfulness_markdown(doc)
+
+
+def test_explain_files_writes_the_faithfulness_picture(use_pair, image, tmp_path):
+    batch = service.explain_files([image], out_root=tmp_path)
+    path = batch.results[0].faithfulness
+    assert path is not None and path.is_file()
+    with Image.open(path) as im:
+        assert im.format == "PNG"

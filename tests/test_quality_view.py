@@ -1,0 +1,79 @@
+"""The Explanation-quality tab's pictures: most different images, photos found or drawn on grey."""
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbam_viz import quality_view
+from cbam_viz.evaluate_cams import METRICS, evaluate_cams, load_report, write_report
+from tests.test_evaluate_cams import boxed_folder  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def report_dir(boxed_folder, micro_pair, tmp_path):  # noqa: F811
+    data, csv = boxed_folder
+    report, cams = evaluate_cams(data, csv, pair=micro_pair, methods=["gradcam"], n_boot=50, progress=False)
+    write_report(report, cams, tmp_path / "report")
+    return tmp_path / "report", data
+
+
+def test_pictures_use_the_photos_when_present(report_dir):
+    path, data = report_dir
+    report, note = quality_view.load_app_report(path)
+    assert report is not None and note == ""
+    pictures, note = quality_view.differing_images(report, "energy", "gradcam", "both", 3)
+    assert len(pictures) == 3 and note == ""
+    for picture, caption in pictures:
+        assert "Energy in box" in caption and "baseline" in caption and "CBAM" in caption
+        assert picture.width > 3 * 40 and picture.height > 40
+        # the first panel is the photo itself: not the grey placeholder
+        assert np.asarray(picture)[30:38, 10:40].std() > 1
+
+
+def test_missing_photos_are_drawn_on_grey_and_found_through_data_dir(report_dir, tmp_path, monkeypatch):
+    path, data = report_dir
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(data), moved)
+    report, _ = quality_view.load_app_report(path)
+    pictures, note = quality_view.differing_images(report, "pointing", None, "cbam", 2)
+    assert len(pictures) == 2 and "CBAM_VIZ_DATA" in note
+    first_panel = np.asarray(pictures[0][0])[42:46, 24:28]  # inside the box outline, below the text
+    assert (first_panel == quality_view.PLACEHOLDER_GREY).all()
+    pictures, note = quality_view.differing_images(report, "pointing", None, "cbam", 2, data_dir=moved)
+    assert note == ""
+    monkeypatch.setenv("CBAM_VIZ_DATA", str(moved))
+    assert quality_view.differing_images(report, "road", None, "baseline", 1)[1] == ""
+
+
+def test_report_problems_become_a_note(report_dir, tmp_path, monkeypatch):
+    path, _ = report_dir
+    report, note = quality_view.load_app_report(tmp_path / "nowhere")
+    assert report is None and "No per-image results" in note
+    (path / "cams.npz").unlink()
+    report, note = quality_view.load_app_report(path)
+    assert report is None and "cams.npz" in note
+    monkeypatch.setenv("CBAM_VIZ_QUALITY_REPORT", str(tmp_path / "nowhere"))
+    assert quality_view.load_app_report()[0] is None
+
+
+def test_bad_choice_is_a_clear_error(report_dir):
+    report = load_report(report_dir[0])
+    with pytest.raises(ValueError, match="unknown metric"):
+        quality_view.differing_images(report, "accuracy", None)
+    with pytest.raises(ValueError, match="not in this report"):
+        quality_view.differing_images(report, "energy", "scorecam")
+
+
+def test_metric_choices_cover_every_metric():
+    assert [key for _, key in quality_view.metric_choices()] == list(METRICS)
+
+
+def test_shipped_report_renders_every_metric():
+    """The committed report and CAMs (docs/explanation_quality) are what the app tab shows."""
+    report, note = quality_view.load_app_report()
+    assert report is not None, note
+    for key in METRICS:
+        pictures, _ = quality_view.differing_images(report, key, quality_view.method_choices(report)[0], "both", 2)
+        assert len(pictures) == 2
+        assert isinstance(pictures[0][0], Image.Image) and pictures[0][0].width > pictures[0][0].height
