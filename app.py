@@ -19,6 +19,7 @@ the "Use via API" link at the bottom of the page.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -53,13 +54,16 @@ CBAM gate did to the features.
 """
 
 QUALITY_PLACEHOLDER = "Explanation quality: not measured yet."
+QUALITY_FIGURE = ROOT / "docs" / "explanation_quality" / "summary.png"
 
 
 def _quality_markdown() -> str:
+    """docs/explanation_quality.md without its image lines (the tab shows the figure itself)."""
     try:
-        return QUALITY_DOC.read_text(encoding="utf-8")
+        text = QUALITY_DOC.read_text(encoding="utf-8")
     except OSError:
         return QUALITY_PLACEHOLDER
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("!["))
 
 
 def _pair_markdown(info: service.PairInfo) -> str:
@@ -208,15 +212,23 @@ def explain_api(image, method, target, layer, alpha, pair_name):
             attention, files)
 
 
+@functools.lru_cache(maxsize=8)
+def _differing_images(metric: str, method: str, direction: str, k: int):
+    # The report never changes while the app runs: the same choice gives the same pictures.
+    return quality_view.differing_images(QUALITY_REPORT, metric, method, direction, k)
+
+
 def show_differences(metric: str, method: str, direction: str, k: float):
     """The Explanation-quality tab: the images where the two CAMs score most differently."""
     if QUALITY_REPORT is None:
         return [], QUALITY_NOTE
     try:
-        pictures, note = quality_view.differing_images(
-            QUALITY_REPORT, metric, method, quality_view.DIRECTIONS.get(direction, "both"), int(k))
+        pictures, note = _differing_images(metric, method, quality_view.DIRECTIONS.get(direction, "both"),
+                                           int(k))
     except (ValueError, KeyError, OSError) as err:
         raise gr.Error(service.format_error(err), print_exception=False) from None
+    except Exception as err:  # noqa: BLE001  the server keeps serving; the person gets one sentence
+        raise gr.Error(service.format_error(err)) from None
     return pictures, note
 
 
@@ -288,6 +300,9 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
 
     with gr.Tab("Explanation quality") as quality_tab:
         gr.Markdown(_quality_markdown())
+        if QUALITY_FIGURE.is_file():
+            gr.Image(str(QUALITY_FIGURE), label="Paired differences, CBAM - baseline (green: CBAM better, "
+                     "red: baseline better, grey: no clear difference)", interactive=False, format="png")
         gr.Markdown("### Where the two models differ most\n"
                     "Pick a metric to see the boxed photos behind the averages: green boxes are the "
                     "true objects, white boxes each CAM's own box at its best threshold.")
@@ -299,7 +314,7 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
                                    label="Show")
             q_k = gr.Slider(1, 16, value=6, step=1, label="Images")
         q_note = gr.Markdown(QUALITY_NOTE)
-        q_gallery = gr.Gallery(label="Photo + true boxes | baseline CAM | CBAM CAM", columns=2, height="auto",
+        q_gallery = gr.Gallery(label="Boxed photo | baseline CAM | CBAM CAM", columns=2, height="auto",
                                object_fit="contain", format="png")
 
     with gr.Tab("About"):
@@ -332,9 +347,9 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
                      api_name="explain", preprocess=False)
     info_button.click(info_api, inputs=[pair], outputs=[api_info], api_name="info")
     q_inputs = [q_metric, q_method, q_direction, q_k]
-    quality_tab.select(show_differences, inputs=q_inputs, outputs=[q_gallery, q_note], api_visibility="private")
-    for control in q_inputs:
-        control.change(show_differences, inputs=q_inputs, outputs=[q_gallery, q_note], api_visibility="private")
+    # One render at a time for this tab: explanations keep the cores.
+    gr.on([quality_tab.select, *(c.change for c in q_inputs)], show_differences, inputs=q_inputs,
+          outputs=[q_gallery, q_note], api_visibility="private", concurrency_limit=1, concurrency_id="quality")
 
 demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 

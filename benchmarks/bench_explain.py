@@ -8,9 +8,11 @@ the seeded untrained resnet18 / resnet18_cbam pair, which times the same) at its
   can do.
 * ``engine``: :func:`cbam_viz.explain.explain` (preprocessing, predictions, Grad-CAM and every
   CBAM attention map of both models, numpy arrays only).
-* ``full``: ``engine`` plus every picture the app shows for each image, drawn with the same
-  :mod:`cbam_viz.render` calls as :func:`cbam_viz.service.analyse` (two CAM overlays, the spatial
-  attention gallery, every channel strip plus the overview strip, the composite), in memory.
+* ``full``: ``engine`` plus everything else the app shows for each image, with the same calls as
+  :func:`cbam_viz.service.analyse`: the per-image faithfulness (one more forward per model, on
+  the input with its CAM's top 20 % blurred) and every picture (two CAM overlays, the spatial
+  attention gallery, every channel strip plus the overview strip, the composite, the
+  faithfulness panel), in memory.
 * ``app``: :func:`cbam_viz.service.explain_files`, i.e. what one request costs inside the server:
   one ``analyse`` per image (not batched) plus PNG/JSON/npz files written to a temp folder.
 * ``naive``: what a typical demo does: ``pytorch_grad_cam.GradCAM(model, target_layers)`` per
@@ -165,8 +167,16 @@ class Variants:
     def full(self):
         from cbam_viz.explain import explain
 
+        from cbam_viz.evaluate_cams import confidence_drop_figure
+        from cbam_viz.localization import pair_confidence_drop
+        from cbam_viz.service import FAITHFULNESS_FRACTION
+
         explanations = explain(self.images, self.pair)
-        return [render_like_service(im, e) for im, e in zip(self.images, explanations)]
+        out = []
+        for im, e in zip(self.images, explanations):
+            drops = pair_confidence_drop(im, e, self.pair, fraction=FAITHFULNESS_FRACTION)
+            out.append([*render_like_service(im, e), confidence_drop_figure(drops, self.pair)])
+        return out
 
     def app(self):
         from cbam_viz import service
@@ -269,6 +279,23 @@ def naive_demo(pair, images: list[Image.Image]) -> list[bytes]:
             ax.set_ylim(0, 1)
             ax.set_title(f"{block} channel C={v.size}", fontsize=8)
             out.append(png(fig))
+        # Faithfulness the usual way: blur the CAM's top 20 % in the photo, preprocess again,
+        # classify original and perturbed in a forward of their own, one figure for both models.
+        fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.6), dpi=80)
+        for ax, (role, (gray, probs, labels, maps)) in zip(axes, per_model.items()):
+            loaded = getattr(pair, role)
+            mask = cv2.resize(gray[i], im.size) >= np.percentile(gray[i], 80)
+            blurred = cv2.GaussianBlur(rgb, (0, 0), sigmaX=max(1.0, min(im.size) / 16))
+            perturbed = np.where(mask[..., None], blurred, rgb)
+            pair_in = to_model_batch([im, Image.fromarray(np.uint8(perturbed * 255))], loaded.input_size,
+                                     loaded.mean, loaded.std)
+            with torch.no_grad():
+                p = torch.softmax(loaded.model(pair_in), dim=1)
+            c = int(p[0].argmax())
+            ax.imshow(perturbed)
+            ax.set_title(f"{role}: p {float(p[0, c]):.2f} -> {float(p[1, c]):.2f}", fontsize=8)
+            ax.axis("off")
+        out.append(png(fig))
         fig, axes = plt.subplots(3, 4, figsize=(10, 8), dpi=80)          # the composite
         for ax in axes.flat:
             ax.axis("off")

@@ -24,7 +24,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.sizes:
         overrides["sizes"] = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(","))
     if args.crop_scale:
-        overrides["crop_scale"] = tuple(float(v) for v in args.crop_scale.split(","))
+        try:
+            lo, hi = (float(v) for v in args.crop_scale.split(","))
+        except ValueError:
+            lo = hi = -1.0
+        if not 0 < lo <= hi <= 1:
+            print(f"error: --crop-scale wants MIN,MAX with 0 < MIN <= MAX <= 1, got {args.crop_scale!r}",
+                  file=sys.stderr)
+            return 2
+        overrides["crop_scale"] = (lo, hi)
     if args.no_bf16:
         overrides["bf16"] = False
     recipe = replace(recipe, **overrides)

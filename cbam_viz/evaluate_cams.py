@@ -506,7 +506,7 @@ def most_different_images(
 
     Returns:
         Records sorted by difference: ``{"file", "path", "class_name", "target", "method", "metric",
-        "baseline", "cbam", "diff", "boxes", "baseline_box", "cbam_box", "row"}``; ``row`` indexes the
+        "baseline", "cbam", "diff", "boxes", "size", "baseline_box", "cbam_box", "row"}``; ``row`` indexes the
         method's stored CAMs (:func:`load_report_cams`), ``*_box`` is the CAM box at the model's
         MaxBoxAcc threshold (or None).
 
@@ -541,7 +541,7 @@ def most_different_images(
         out.append({
             "file": img["file"], "path": str(Path(report["data"]) / img["file"]), "class_name": img["class_name"],
             "target": img["target"], "method": method, "metric": metric, "baseline": float(base[row]),
-            "cbam": float(cbam[row]), "diff": float(cbam[row] - base[row]), "boxes": img["boxes"],
+            "cbam": float(cbam[row]), "diff": float(cbam[row] - base[row]), "boxes": img["boxes"], "size": img["size"],
             "baseline_box": boxes["baseline"], "cbam_box": boxes["cbam"], "row": int(row),
         })
     return out
@@ -631,7 +631,8 @@ def render_record(report: dict, record: dict, *, alpha: float = 0.5, image=None)
     if key + "baseline" not in cams:
         raise FileNotFoundError(f"no stored CAMs (cams.npz) next to the report in {report.get('_dir')}")
     fmt = "{:.0%}" if record["metric"] in _PCT else "{:.3f}"
-    label = METRICS[record["metric"]].label
+    # Per image, MaxBoxAcc is the IoU of the CAM's box at the set's best threshold.
+    label = "box IoU" if record["metric"] == "maxboxacc" else METRICS[record["metric"]].label
     titles = ("image + true boxes",
               f"baseline {label} {fmt.format(record['baseline'])}",
               f"CBAM {label} {fmt.format(record['cbam'])}")
@@ -662,17 +663,19 @@ def confidence_drop_figure(drops: Mapping[str, Any], pair, *, labels: Mapping[st
         tile = Image.fromarray(np.clip(np.rint(rgb.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8), "RGB")
         cls = loaded.classes[d.target] if d.target < len(loaded.classes) else str(d.target)
         title = (labels or {}).get(role, "baseline" if role == "baseline" else "CBAM")
-        text = [f"{title}: top {d.fraction:.0%} of its CAM blurred" if d.imputer == "blur" else
-                f"{title}: top {d.fraction:.0%} of its CAM removed ({d.imputer})",
-                f"p({cls}) {d.prob_before:.2f} -> {d.prob_after:.2f}  (drop {d.drop:+.2f}, {d.relative_drop:.0%})"]
+        text = [f"{title}: top {d.fraction:.0%} of its CAM {'blurred' if d.imputer == 'blur' else 'removed'}",
+                f"p({cls}) {d.prob_before:.2f} -> {d.prob_after:.2f}",
+                f"drop {d.relative_drop:.0%} of its confidence"]
         tiles.append((tile, text))
-    side = max(t.width for t, _ in tiles)
+    # Wide enough for the longest line in the default bitmap font (~6 px per character).
+    side = max(max(t.width for t, _ in tiles), 6 * max(len(line) for _, text in tiles for line in text) + 8)
     pad, line_h = 6, 14
-    canvas = Image.new("RGB", (len(tiles) * (side + pad) + pad, side + 2 * line_h + 3 * pad), (255, 255, 255))
+    text_h = 3 * line_h
+    canvas = Image.new("RGB", (len(tiles) * (side + pad) + pad, side + text_h + 3 * pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, (tile, text) in enumerate(tiles):
         x0 = pad + i * (side + pad)
         for j, t in enumerate(text):
             draw.text((x0, pad + j * line_h), t, fill=(0, 0, 0), font=font)
-        canvas.paste(tile.resize((side, side)), (x0, 2 * pad + 2 * line_h))
+        canvas.paste(tile.resize((side, side)), (x0, 2 * pad + text_h))
     return canvas

@@ -337,6 +337,7 @@ def confidence_drop(
     *,
     fraction: float = 0.2,
     imputer: str = "blur",
+    prob_before: float | None = None,
 ) -> ConfidenceDrop:
     """The target probability before and after removing the top ``fraction`` of the CAM.
 
@@ -351,6 +352,8 @@ def confidence_drop(
         target: class index whose probability is watched.
         fraction: share of pixels removed (0.2: the top 20 %).
         imputer: ``"blur"``, ``"mean"`` or ``"road"``.
+        prob_before: the target's probability on ``image`` if already known (e.g. from the
+            explanation's own forward): then only the perturbed image is classified.
     """
     cam = _check_cam(cam)
     h, w = image.shape[-2:]
@@ -359,8 +362,10 @@ def confidence_drop(
         cam = np.clip(cam, 0, None)
     perturbed = remove_by_cam(image, cam, fraction, most_relevant=True, imputer=imputer)
     device = next(model.parameters()).device
-    probs = torch.softmax(model(torch.stack([image.detach().cpu(), perturbed]).to(device)).float(), dim=1)[:, target]
-    return ConfidenceDrop(target, float(probs[0]), float(probs[1]), fraction, imputer, perturbed)
+    batch = [perturbed] if prob_before is not None else [image.detach().cpu(), perturbed]
+    probs = torch.softmax(model(torch.stack(batch).to(device)).float(), dim=1)[:, target]
+    before = float(probs[0]) if prob_before is None else float(prob_before)
+    return ConfidenceDrop(target, before, float(probs[-1]), fraction, imputer, perturbed)
 
 
 def pair_confidence_drop(image, explanation, pair, *, fraction: float = 0.2, imputer: str = "blur") -> dict[str, ConfidenceDrop]:
@@ -384,6 +389,8 @@ def pair_confidence_drop(image, explanation, pair, *, fraction: float = 0.2, imp
     for role in ("baseline", "cbam"):
         loaded, me = getattr(pair, role), getattr(explanation, role)
         x = to_model_tensor(image, loaded.input_size, loaded.mean, loaded.std)[0]
+        # The explanation's forward already gave the probability before (when the target is in its top-k).
+        known = next((p.prob for p in me.predictions if p.index == me.target), None)
         out[role] = confidence_drop(loaded.model, x, np.asarray(me.cam, np.float32), me.target,
-                                    fraction=fraction, imputer=imputer)
+                                    fraction=fraction, imputer=imputer, prob_before=known)
     return out

@@ -93,17 +93,23 @@ def differing_images(
     fmt = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3f}")
     out: list[tuple[Image.Image, str]] = []
     missing = 0
+    resized = 0
     for r in records:
         photo_path = find_photo(r, data_dir)
-        size = next(img["size"] for img in report["images"] if img["file"] == r["file"])
+        size = tuple(int(v) for v in r["size"])
         if photo_path is None:
             missing += 1
             photo: Any = _placeholder(size)
         else:
             with Image.open(photo_path) as im:
                 photo = im.convert("RGB")
+            if photo.size != size:
+                # Boxes and CAMs are in the evaluated image's pixels (e.g. a 320 px copy of the set).
+                resized += 1
+                photo = photo.resize(size, Image.BILINEAR)
         picture = render_record(report, r, alpha=alpha, image=photo)
-        caption = (f"{Path(r['file']).name} ({r['class_name']}): {info.label} baseline {fmt(r['baseline'])}, "
+        label = "box IoU" if metric == "maxboxacc" else info.label  # per image: the IoU behind MaxBoxAcc
+        caption = (f"{Path(r['file']).name} ({r['class_name']}): {label} baseline {fmt(r['baseline'])}, "
                    f"CBAM {fmt(r['cbam'])}")
         out.append((picture, caption))
     notes = []
@@ -113,4 +119,6 @@ def differing_images(
         notes.append(f"{missing} of {len(out)} photos are not on this machine (dataset images do not ship "
                      "with cbam-viz), so their CAMs are drawn on grey; set CBAM_VIZ_DATA to the folder "
                      "that was evaluated to see them.")
+    if resized:
+        notes.append(f"{resized} photos had another size than the evaluated images and were resized to it.")
     return out, " ".join(notes)

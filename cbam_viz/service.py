@@ -539,15 +539,19 @@ def faithfulness_summary(drops: dict[str, Any]) -> dict[str, Any]:
 
 
 def faithfulness_markdown(summary: dict[str, Any] | None) -> str:
-    """One plain sentence comparing the two models' confidence drops (for the app)."""
+    """A few plain sentences comparing the two models' confidence drops (for the app)."""
     if not summary:
         return ""
     b, c = summary["baseline"], summary["cbam"]
     frac = f"{summary['fraction']:.0%}"
-    lines = [f"**Faithfulness, without boxes:** blurring away the top {frac} of its own CAM lowers the "
-             f"baseline's probability from {b['prob_before']:.2f} to {b['prob_after']:.2f} "
-             f"(drop {b['relative_drop']:.0%}) and CBAM's from {c['prob_before']:.2f} to {c['prob_after']:.2f} "
-             f"(drop {c['relative_drop']:.0%})."]
+
+    def change(d: dict) -> str:
+        if d["drop"] >= 0:
+            return f"from {d['prob_before']:.2f} to {d['prob_after']:.2f} (drop {d['relative_drop']:.0%})"
+        return f"from {d['prob_before']:.2f} to {d['prob_after']:.2f} (it rose)"
+
+    lines = [f"**Faithfulness, without boxes:** blurring away the top {frac} of its own CAM takes the "
+             f"baseline's probability {change(b)} and CBAM's {change(c)}."]
     gap = c["relative_drop"] - b["relative_drop"]
     if abs(gap) < 0.05:
         lines.append("On this photo the two CAMs are about equally faithful.")

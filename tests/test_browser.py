@@ -39,7 +39,7 @@ IDS = {
     "attention_gallery": "CBAM spatial attention",
     "channel_gallery": "CBAM channel attention",
     "faithfulness": "Faithfulness",
-    "quality_gallery": "Photo + true boxes",
+    "quality_gallery": "Boxed photo",
     "quality_metric": "Metric",
     "downloads": "Downloads",
     "status": None,
@@ -296,14 +296,14 @@ def test_quality_tab_shows_the_most_different_images(page):
     page.get_by_role("tab", name="Explanation quality", exact=True).click()
     page.wait_for_function(
         """() => [...document.querySelectorAll('.block')].some(b =>
-                 /Photo \+ true boxes/.test(b.innerText) && b.querySelector('img'))""", timeout=RESULT_TIMEOUT_MS)
+                 /Boxed photo/.test(b.innerText) && b.querySelector('img'))""", timeout=RESULT_TIMEOUT_MS)
     assert "Pointing game" in page.inner_text("body"), "the quality table is not shown"
     first = image_srcs(page, "quality_gallery")
     assert len(first) >= 2, f"quality gallery: expected several pictures, got {len(first)}"
     assert_real_image(page, first[0], "quality gallery #0")
     choose(page, "quality_metric", "Pointing game (higher is better)")
     page.wait_for_function(
-        """(old) => { const b = [...document.querySelectorAll('.block')].find(b => /Photo \+ true boxes/.test(b.innerText));
+        """(old) => { const b = [...document.querySelectorAll('.block')].find(b => /Boxed photo/.test(b.innerText));
                       return b && b.querySelector('img') && b.querySelector('img').src !== old; }""",
         arg=first[0], timeout=RESULT_TIMEOUT_MS)
     screenshot(page, "05-quality-tab")

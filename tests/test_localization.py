@@ -123,6 +123,10 @@ def test_faithfulness_prefers_the_cam_on_the_evidence():
         assert good.prob_before == pytest.approx(bad.prob_before)
         assert abs(bad.drop) < 0.05 and good.drop > bad.drop + 0.05 and good.relative_drop > bad.relative_drop
     assert confidence_drop(model, image, right, 1, imputer="mean").drop > 0.3
+    # A known probability before skips that forward and changes nothing else.
+    full = confidence_drop(model, image, right, 1, imputer="blur")
+    known = confidence_drop(model, image, right, 1, imputer="blur", prob_before=full.prob_before)
+    assert (known.prob_before, known.prob_after) == pytest.approx((full.prob_before, full.prob_after), abs=1e-6)
     s_right = perturbation_scores(model, image, right, 1, fractions=(0.1, 0.5), imputer="mean")
     s_wrong = perturbation_scores(model, image, wrong, 1, fractions=(0.1, 0.5), imputer="mean")
     road = lambda s: float(np.mean((s["lerf"] - s["morf"]) / 2))  # noqa: E731

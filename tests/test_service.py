@@ -204,18 +204,40 @@ def test_faithfulness_is_measured_for_both_models(tiny_pair, image):
     a = service.analyse(image, pair=tiny_pair, target=1)
     doc = a.summary["faithfulness"]
     assert doc["fraction"] == service.FAITHFULNESS_FRACTION and doc["imputer"] == "blur"
+    from cbam_viz.localization import confidence_drop
+    from cbam_viz.preprocess import to_model_tensor
+
     for role in ("baseline", "cbam"):
-        d = doc[role]
+        d, loaded = doc[role], getattr(tiny_pair, role)
         assert d["target"] == 1
-        assert d["drop"] == pytest.approx(d["prob_before"] - d["prob_after"])
-        prob_of_target = a.summary["models"][role]["predictions"]
-        shown = {p["index"]: p["prob"] for p in prob_of_target}
-        if 1 in shown:  # the same input as the explanation: the same probability
-            assert d["prob_before"] == pytest.approx(shown[1], abs=1e-4)
+        # Recomputed from scratch (its own forward of the unperturbed input): the same numbers,
+        # so the probability taken from the explanation is the one of the input the model saw.
+        x = to_model_tensor(a.image, loaded.input_size, loaded.mean, loaded.std)[0]
+        ref = confidence_drop(loaded.model, x, getattr(a.explanation, role).cam, 1,
+                              fraction=service.FAITHFULNESS_FRACTION)
+        assert (d["prob_before"], d["prob_after"]) == pytest.approx((ref.prob_before, ref.prob_after), abs=1e-4)
     assert a.faithfulness_image is not None and a.faithfulness_image.width > a.faithfulness_image.height
     assert a.timings["faithfulness"] >= 0
     text = service.faithfulness_markdown(doc)
     assert f"{doc['baseline']['prob_before']:.2f}" in text and f"{doc['cbam']['prob_after']:.2f}" in text
+
+
+def test_faithfulness_when_the_target_is_not_in_the_top_k(tiny_pair, image):
+    """Without the target's probability in the predictions, the drop runs the extra forward."""
+    import dataclasses
+
+    from cbam_viz.explain import explain
+    from cbam_viz.localization import pair_confidence_drop
+
+    im = service.open_image(image)
+    (e,) = explain([im], tiny_pair, target=2)
+    full = pair_confidence_drop(im, e, tiny_pair)
+    cut = dataclasses.replace(e, baseline=dataclasses.replace(e.baseline, predictions=()),
+                              cbam=dataclasses.replace(e.cbam, predictions=()))
+    recomputed = pair_confidence_drop(im, cut, tiny_pair)
+    for role in ("baseline", "cbam"):
+        assert recomputed[role].prob_before == pytest.approx(full[role].prob_before, abs=1e-5)
+        assert recomputed[role].prob_after == pytest.approx(full[role].prob_after, abs=1e-5)
 
 
 def test_faithfulness_can_be_skipped(tiny_pair, image):
@@ -232,6 +254,9 @@ def test_faithfulness_sentence_names_the_more_faithful_cam():
     assert "CBAM's CAM points more" in service.faithfulness_markdown(doc)
     doc["cbam"] = dict(doc["baseline"])
     assert "about equally faithful" in service.faithfulness_markdown(doc)
+    doc["cbam"] = {"prob_before": 0.5, "prob_after": 0.7, "drop": -0.2, "relative_drop": -0.4}
+    text = service.faithfulness_markdown(doc)
+    assert "(it rose)" in text and "-40%" not in text and "baseline's CAM points more" in text
 
 
 def test_explain_files_writes_the_faithfulness_picture(use_pair, image, tmp_path):

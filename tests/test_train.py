@@ -113,3 +113,13 @@ def test_export_writes_file_and_manifest_that_load_strictly(full_run, tmp_path):
         a, b = model(x), full_run.model.eval()(x)
     torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
     assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+@pytest.mark.parametrize("value", ["0.35", "0.9,0.2", "0,1", "a,b", "0.2,1.5"])
+def test_cli_refuses_a_bad_crop_scale(value, tmp_path, capsys):
+    """A wrong --crop-scale stops before any data is read, naming the option (exit status 2)."""
+    from cbam_viz.cli import main
+
+    rc = main(["train", "--data", str(tmp_path / "none"), "--crop-scale", value, "--runs", str(tmp_path)])
+    assert rc == 2 and "--crop-scale" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
