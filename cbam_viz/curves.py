@@ -23,8 +23,12 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-def plot_training_curves(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Draw ``{label: log.jsonl}`` runs into one PNG with three panels; returns the path."""
+def plot_training_curves(runs: dict[str, str | os.PathLike], out: str | os.PathLike, *,
+                         eval_size: int | None = None) -> Path:
+    """Draw ``{label: log.jsonl}`` runs into one PNG with three panels; returns the path.
+
+    ``eval_size``: the validation image size, for the third panel's title (the log omits it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +43,7 @@ def plot_training_curves(runs: dict[str, str | os.PathLike], out: str | os.PathL
         val = [(e["epoch"], 100 * e["val_top1"]) for e in log if "val_top1" in e]
         if val:
             axes[2].plot(*zip(*val), marker="s", ms=4, label=label)
-    titles = ("train loss (label-smoothed)", "train accuracy % (augmented)", "val top-1 % (224 px)")
+    titles = ("train loss (label-smoothed)", "train accuracy % (augmented)", f"val top-1 % ({eval_size} px)" if eval_size else "val top-1 %")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
