@@ -671,11 +671,12 @@ def confidence_drop_figure(drops: Mapping[str, Any], pair, *, labels: Mapping[st
     side = max(max(t.width for t, _ in tiles), 6 * max(len(line) for _, text in tiles for line in text) + 8)
     pad, line_h = 6, 14
     text_h = 3 * line_h
-    canvas = Image.new("RGB", (len(tiles) * (side + pad) + pad, side + text_h + 3 * pad), (255, 255, 255))
+    top = 24  # blank band: image viewers (Gradio's label badge) often cover an image's top-left corner
+    canvas = Image.new("RGB", (len(tiles) * (side + pad) + pad, top + side + text_h + 3 * pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, (tile, text) in enumerate(tiles):
         x0 = pad + i * (side + pad)
         for j, t in enumerate(text):
-            draw.text((x0, pad + j * line_h), t, fill=(0, 0, 0), font=font)
-        canvas.paste(tile.resize((side, side)), (x0, 2 * pad + text_h))
+            draw.text((x0, top + pad + j * line_h), t, fill=(0, 0, 0), font=font)
+        canvas.paste(tile.resize((side, side)), (x0, top + 2 * pad + text_h))
     return canvas

@@ -312,8 +312,12 @@ def test_quality_tab_shows_the_most_different_images(page):
 
 def test_screenshot_for_readme(page, inputs):
     """Re-render the first image with the default options and keep it as docs/screenshot.png."""
+    page.reload(wait_until="domcontentloaded")  # every control back to its default
+    page.wait_for_selector("gradio-app .gradio-container", timeout=120_000)
+    run_button(page).wait_for(state="visible", timeout=120_000)
+    wait_idle(page, timeout=120_000)
     upload(page, inputs["first"])
-    explain_and_wait(page, before={i: image_srcs(page, i) for i in ("cam_baseline", "cam_cbam")})
+    explain_and_wait(page)
     page.evaluate("() => window.scrollTo(0, 0)")
     shot = screenshot(page, "00-readme")
     if os.environ.get("CBAM_UPDATE_DOCS_SCREENSHOT") == "1":
