@@ -60,7 +60,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image  # noqa: E402
 
 VARIANTS = ("floor", "engine", "full", "app", "naive")
 # (name, numerator, denominator, bound, "le"/"ge"): the targets of issue 5.
@@ -76,19 +76,10 @@ IMAGE_SIZE = (500, 375)  # a typical Imagenette photo
 
 
 def make_image(size: tuple[int, int] = IMAGE_SIZE, seed: int = 0) -> Image.Image:
-    """A seeded photo-like picture (gradient, shapes, noise): CAMs and attention over it vary."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([x / w, y / h, 1 - x / w], axis=-1) * 180 + rng.normal(0, 12, (h, w, 3))
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x0, y0 = int(rng.integers(0, w - w // 4)), int(rng.integers(0, h - h // 4))
-        x1, y1 = x0 + int(rng.integers(w // 12, w // 4)), y0 + int(rng.integers(h // 12, h // 4))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
-    return img
+    """A seeded photo-like picture: CAMs and attention over it vary (see ``synthetic_photo``)."""
+    from cbam_viz.examples import synthetic_photo
+
+    return synthetic_photo(size, seed)
 
 
 def load_bench_pair(tiny: bool = False):

@@ -621,6 +621,16 @@ def render_comparison(
     return canvas
 
 
+def per_image_text(metric: str, value: float) -> str:
+    """``"Energy in box 61%"``: one image's value of ``metric``, labelled and formatted.
+
+    Per image, MaxBoxAcc is the IoU of the CAM's box at the set's best threshold, so it is
+    labelled "box IoU".
+    """
+    label = "box IoU" if metric == "maxboxacc" else METRICS[metric].label
+    return f"{label} {value:.0%}" if metric in _PCT else f"{label} {value:.3f}"
+
+
 def render_record(report: dict, record: dict, *, alpha: float = 0.5, image=None):
     """:func:`render_comparison` for a :func:`most_different_images` record, from the stored CAMs.
 
@@ -630,12 +640,9 @@ def render_record(report: dict, record: dict, *, alpha: float = 0.5, image=None)
     key = f"{record['method']}/"
     if key + "baseline" not in cams:
         raise FileNotFoundError(f"no stored CAMs (cams.npz) next to the report in {report.get('_dir')}")
-    fmt = "{:.0%}" if record["metric"] in _PCT else "{:.3f}"
-    # Per image, MaxBoxAcc is the IoU of the CAM's box at the set's best threshold.
-    label = "box IoU" if record["metric"] == "maxboxacc" else METRICS[record["metric"]].label
     titles = ("image + true boxes",
-              f"baseline {label} {fmt.format(record['baseline'])}",
-              f"CBAM {label} {fmt.format(record['cbam'])}")
+              f"baseline {per_image_text(record['metric'], record['baseline'])}",
+              f"CBAM {per_image_text(record['metric'], record['cbam'])}")
     cam_b = cams[key + "baseline"][record["row"]].astype(np.float32) / 255.0
     cam_c = cams[key + "cbam"][record["row"]].astype(np.float32) / 255.0
     return render_comparison(record_image(record) if image is None else image, cam_b, cam_c, record["boxes"],

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["Example", "list_examples", "generated_dir"]
+__all__ = ["Example", "list_examples", "generated_dir", "synthetic_photo"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,26 @@ _GENERATED = (
     ("generated_golf_ball.png", _golf_ball, "A drawn golf ball (generated)"),
     ("generated_shapes.png", _shapes, "Coloured shapes (generated): none of the classes"),
 )
+
+
+def synthetic_photo(size: tuple[int, int] = (320, 240), seed: int = 0) -> Image.Image:
+    """A seeded photo-like picture (gradient, shapes, noise) for benchmarks and tests.
+
+    Not an example for people: it shows none of the classes. Its point is that CAMs and
+    attention over it are not flat, as over a real photo, without shipping a dataset image.
+    """
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w, y / h, 1 - x / w], axis=-1) * 180 + rng.normal(0, 12, (h, w, 3))
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w - w // 4)), int(rng.integers(0, h - h // 4))
+        x1, y1 = x0 + int(rng.integers(w // 12, w // 4)), y0 + int(rng.integers(h // 12, h // 4))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    return img
 
 
 def list_examples(*, include_generated: bool = True) -> list[Example]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from cbam_viz.evaluate_cams import METRICS, load_report, most_different_images, render_record
+from cbam_viz.evaluate_cams import METRICS, load_report, most_different_images, per_image_text, render_record
 
 __all__ = ["DEFAULT_REPORT_DIR", "DIRECTIONS", "load_app_report", "metric_choices", "method_choices",
            "find_photo", "differing_images"]
@@ -89,8 +89,6 @@ def differing_images(
     """
     records = most_different_images(report, metric, k=max(1, int(k)), method=method, direction=direction)
     info = METRICS[metric]
-    pct = metric in ("pointing", "energy", "maxboxacc")
-    fmt = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3f}")
     out: list[tuple[Image.Image, str]] = []
     missing = 0
     resized = 0
@@ -108,9 +106,8 @@ def differing_images(
                 resized += 1
                 photo = photo.resize(size, Image.BILINEAR)
         picture = render_record(report, r, alpha=alpha, image=photo)
-        label = "box IoU" if metric == "maxboxacc" else info.label  # per image: the IoU behind MaxBoxAcc
-        caption = (f"{Path(r['file']).name} ({r['class_name']}): {label} baseline {fmt(r['baseline'])}, "
-                   f"CBAM {fmt(r['cbam'])}")
+        caption = (f"{Path(r['file']).name} ({r['class_name']}): baseline "
+                   f"{per_image_text(metric, r['baseline'])}, CBAM {per_image_text(metric, r['cbam'])}")
         out.append((picture, caption))
     notes = []
     if not out:

@@ -187,22 +187,10 @@ def podman_available() -> bool:
 # --------------------------------------------------------------------------- synthetic inputs
 def make_image(path: str | os.PathLike, *, size: tuple[int, int] = (320, 240), seed: int = 0) -> Path:
     """Write a structured RGB test picture (gradient, shapes, noise): CAMs over it are not flat."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    from cbam_viz.examples import synthetic_photo
 
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([x / w, y / h, 1 - x / w], axis=-1) * 180 + rng.normal(0, 12, (h, w, 3))
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
-        x1, y1 = x0 + int(rng.integers(25, 60)), y0 + int(rng.integers(25, 60))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
     path = Path(path)
-    img.save(path)
+    synthetic_photo(size, seed).save(path)
     return path
 
 
