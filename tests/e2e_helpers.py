@@ -281,6 +281,8 @@ def api_summary(outputs: tuple) -> str:
 
 
 if __name__ == "__main__":
+    # Run as a script, sys.path starts at tests/: the repository root holds cbam_viz (make_image).
+    sys.path.insert(0, str(REPO_ROOT))
     if len(sys.argv) >= 2 and sys.argv[1] == "client-smoke":
         sys.exit(_client_smoke(sys.argv[2] if len(sys.argv) > 2 else os.environ["SMOKE_URL"]))
     print(__doc__)
