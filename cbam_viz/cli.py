@@ -33,8 +33,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         overrides["crop_scale"] = (lo, hi)
-    if args.no_bf16:
+    if args.no_bf16 or args.bf16 == "off":
         overrides["bf16"] = False
+    elif args.bf16 == "on":
+        overrides["bf16"] = True
+    else:  # auto: bfloat16 only where the CPU multiplies it in hardware
+        from cbam_viz.train import cpu_has_fast_bf16
+
+        overrides["bf16"] = cpu_has_fast_bf16()
+        print(f"bf16 auto: {'on' if overrides['bf16'] else 'off'} (this CPU "
+              f"{'has' if overrides['bf16'] else 'lacks'} AVX-512 BF16 / AMX)")
     recipe = replace(recipe, **overrides)
     for arch in args.arch:
         run_dir = Path(args.runs) / arch
@@ -185,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-size", type=int)
     t.add_argument("--sizes", help="progressive resizing as EPOCH:SIZE,..., e.g. 0:96,10:128,21:144")
     t.add_argument("--crop-scale", help="random-resized-crop area range as MIN,MAX, e.g. 0.35,1")
-    t.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bfloat16 autocast: auto = on only where the CPU has AVX-512 BF16 or AMX (elsewhere "
+                        "it is emulated, ~10x slower); the choice is recorded in the recipe, so --resume "
+                        "needs the same one")
+    t.add_argument("--no-bf16", action="store_true", help="same as --bf16 off")
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
     t.set_defaults(func=_cmd_train)

@@ -70,3 +70,65 @@ def test_bench_coldstart_runs(tmp_path):
     out = _run([str(BENCH / "bench_coldstart.py"), "--starts", "1"], 900)
     assert re.search(r"cold start \(CBAM_VIZ_WARMUP=1, median of 1\): .* first /explain answered [\d.]+ s", out), out
     assert "CBAM_VIZ_WARMUP=0" in out
+
+
+@pytest.mark.timeout(600)
+def test_bench_train_prints_speeds_ratio_and_recipe_estimate(tmp_path):
+    out_json = tmp_path / "train.json"
+    out = _run([str(BENCH / "bench_train.py"), "--tiny", "--json", str(out_json)], 600)
+    assert re.search(r"^CPU: .* native bf16: (yes|no) -> --bf16 auto trains in (bf16|fp32)", out, re.M), out
+    for arch in ("resnet18", "resnet18_cbam"):
+        assert re.search(rf"^\s+{arch}\s+32 px\s+(fp32|bf16)\s+\d+\.\d img/s$", out, re.M), out
+        assert re.search(rf"^\s+{arch}\s+32 px .* ratio (bf16/fp32|fp32/bf16) = \d+\.\d\d$", out, re.M), out
+        assert re.search(rf"^estimated recipe time {arch} = \d+\.\d min .* (MET|MISSED)$", out, re.M), out
+    doc = json.loads(out_json.read_text())
+    assert set(doc["estimated_minutes"]) == {"resnet18", "resnet18_cbam"}
+    assert all(v > 0 for v in doc["estimated_minutes"].values())
+
+
+def test_recipe_estimate_adds_each_epoch_at_its_size():
+    """The estimate is steps x batch / speed at each epoch's size, plus the evaluations."""
+    sys.path.insert(0, str(BENCH))
+    from bench_train import estimate_minutes
+
+    from cbam_viz.train import Recipe
+
+    recipe = Recipe(epochs=3, batch_size=10, sizes=((0, 32), (2, 64)), eval_size=64, eval_every=100)
+    minutes = estimate_minutes(recipe, {32: 10.0, 64: 5.0}, train_images=105, val_images=30)
+    # 10 steps x 10 images: 10 s, 10 s, then 20 s; one final eval of 30 images at 3 x 5 img/s: 2 s
+    assert minutes == pytest.approx((10 + 10 + 20 + 2) / 60)
+
+
+@pytest.mark.timeout(600)
+def test_bn_recalibration_reports_both_figures_and_changes_no_file(tmp_path):
+    import torch
+
+    from cbam_viz.models import create_model
+    from cbam_viz.weights import WeightRecord, save_safetensors, sha256_file, update_manifest
+    from tests.synthetic import make_image_folder
+
+    classes = ("n01", "n02", "n03")
+    weights = tmp_path / "weights"
+    for arch in ("resnet18", "resnet18_cbam"):
+        torch.manual_seed(0)
+        model = create_model(arch, num_classes=3)
+        digest = save_safetensors(model, weights / f"{arch}_tiny.safetensors")
+        update_manifest(weights, record=WeightRecord(
+            name=f"{arch}_tiny", file=f"{arch}_tiny.safetensors", arch=arch, sha256=digest,
+            num_params=sum(p.numel() for p in model.parameters()),
+            classes=[{"id": c, "name": f"class {c}"} for c in classes],
+            mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], input_size=32))
+    update_manifest(weights, pair=("tiny", {"baseline": "resnet18_tiny", "cbam": "resnet18_cbam_tiny",
+                                            "default": True}))
+    data = make_image_folder(tmp_path / "data", classes, per_class=4)
+    before = {p.name: sha256_file(p) for p in weights.iterdir()}
+    out_json = tmp_path / "bn.json"
+    out = _run([str(BENCH / "bn_recalibration.py"), "--train", str(data), "--val", str(data), "--weights",
+                str(weights), "--images", "8", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+                "--json", str(out_json)], 600)
+    for name in ("resnet18_tiny", "resnet18_cbam_tiny"):
+        assert re.search(rf"^{name}: top-1 as shipped \d+\.\d\d %, BN recalibrated on 8 images at 32 px "
+                         rf"\d+\.\d\d % \([+-]\d+\.\d\d points\)$", out, re.M), out
+    doc = json.loads(out_json.read_text())
+    assert doc["pair"] == "tiny" and set(doc["models"]) == {"resnet18_tiny", "resnet18_cbam_tiny"}
+    assert {p.name: sha256_file(p) for p in weights.iterdir()} == before  # the files stay as shipped

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from cbam_viz.models import create_model
 from cbam_viz.train import Recipe, export, train, train_size_at
 from cbam_viz.weights import WeightRecord, load_record, read_manifest, sha256_file
 from tests.synthetic import make_image_folder
@@ -75,10 +76,52 @@ def test_cut_then_resume_equals_uninterrupted(full_run, dataset, cache, tmp_path
         assert a["train_loss"] == b["train_loss"]
 
 
+@pytest.mark.filterwarnings("ignore:bfloat16 autocast")
 def test_resume_with_another_recipe_is_refused(full_run, dataset, cache):
-    with pytest.raises(ValueError, match="recipe"):
-        train("resnet18", dataset, full_run.run_dir, recipe=replace(RECIPE, lr=0.05), cache_dir=cache,
+    """The refusal names the fields that changed, so the user knows which option to put back."""
+    with pytest.raises(ValueError, match="recipe") as err:
+        train("resnet18", dataset, full_run.run_dir, recipe=replace(RECIPE, lr=0.05, bf16=True), cache_dir=cache,
               resume=True, progress=False)
+    assert "lr: 0.02 -> 0.05" in str(err.value) and "bf16: False -> True" in str(err.value)
+    assert "epochs" not in str(err.value)  # unchanged fields are not listed
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True),
+                                                        (False, True, True)])
+def test_fast_bf16_needs_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expected):
+    from cbam_viz.train import cpu_has_fast_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert cpu_has_fast_bf16() is expected
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch, dataset, cache, tmp_path):
+    monkeypatch.setattr("cbam_viz.train.cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="emulated"):
+        train("resnet18", dataset, tmp_path / "r", recipe=replace(RECIPE, bf16=True), cache_dir=cache,
+              progress=False, max_steps=1)
+
+
+@pytest.mark.parametrize("flags, fast, expected", [([], True, True), ([], False, False),
+                                                   (["--bf16", "on"], False, True),
+                                                   (["--bf16", "off"], True, False), (["--no-bf16"], True, False)])
+def test_cli_bf16_auto_follows_the_cpu(monkeypatch, tmp_path, flags, fast, expected):
+    """``--bf16 auto`` (the default) turns autocast on only where the CPU has bfloat16 hardware."""
+    from cbam_viz import cli
+
+    seen = {}
+
+    def fake_train(arch, data, run_dir, *, recipe, **kwargs):
+        seen[arch] = recipe
+        from cbam_viz.train import TrainResult
+        return TrainResult(run_dir, torch.nn.Identity())
+
+    monkeypatch.setattr("cbam_viz.train.cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr("cbam_viz.train.train", fake_train)
+    assert cli.main(["train", "--data", str(tmp_path), "--runs", str(tmp_path), *flags]) == 0
+    assert {r.bf16 for r in seen.values()} == {expected}
+    assert set(seen) == {"resnet18", "resnet18_cbam"}  # one recipe for both models of the pair
 
 
 def test_seed_decides_the_weights(full_run, dataset, cache, tmp_path):
@@ -123,3 +166,36 @@ def test_cli_refuses_a_bad_crop_scale(value, tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "none"), "--crop-scale", value, "--runs", str(tmp_path)])
     assert rc == 2 and "--crop-scale" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_batchnorm_recalibration_is_the_exact_mean_of_the_images():
+    """After recalibration a BN's running statistics are those of the given images at that size."""
+    from cbam_viz.data import TensorDataset, normalize, resize_batch
+    from cbam_viz.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8)
+    ds = TensorDataset(images, torch.zeros(8, dtype=torch.int64), ("a",), tuple(f"{i}.png" for i in range(8)))
+    conv = torch.nn.Conv2d(3, 4, 3)
+    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4, momentum=0.3)).eval()
+    recalibrate_batchnorm(model, ds, size=16, mean=RECIPE.mean, std=RECIPE.std, images=8, batch_size=8)
+    with torch.no_grad():
+        feats = conv(normalize(resize_batch(images.float() / 255, 16), RECIPE.mean, RECIPE.std))
+    bn = model[1]
+    torch.testing.assert_close(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var, feats.var((0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-4)
+    assert bn.momentum == 0.3 and not model.training  # both restored
+    assert torch.equal(conv.weight, model[0].weight)  # weights untouched
+
+
+def test_batchnorm_recalibration_reaches_the_cbam_spatial_gate():
+    from cbam_viz.data import TensorDataset
+    from cbam_viz.train import recalibrate_batchnorm
+
+    model = create_model("resnet18_cbam", num_classes=3).eval()
+    gate_bn = model.layer1[0].cbam.spatial.bn
+    ds = TensorDataset(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), torch.zeros(4, dtype=torch.int64),
+                       ("a",), ("0", "1", "2", "3"))
+    recalibrate_batchnorm(model, ds, size=32, mean=RECIPE.mean, std=RECIPE.std, images=4)
+    assert gate_bn.num_batches_tracked.item() == 1 and gate_bn.momentum == 0.01
+    assert not torch.equal(gate_bn.running_mean, torch.zeros(1))
