@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--crop-scale", help="random-resized-crop area range as MIN,MAX, e.g. 0.35,1")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bfloat16 autocast: auto = on only where the CPU has AVX-512 BF16 or AMX (elsewhere "
-                        "it is emulated, ~10x slower); the choice is recorded in the recipe, so --resume "
+                        "it is emulated, over 10x slower); the choice is recorded in the recipe, so --resume "
                         "needs the same one")
     t.add_argument("--no-bf16", action="store_true", help="same as --bf16 off")
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
