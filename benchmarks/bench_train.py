@@ -4,9 +4,9 @@ The accuracy a recipe reaches in the 60-minute budget depends on how many images
 CPU trains, and that depends above all on whether it multiplies bfloat16 in hardware (AVX-512
 BF16 or AMX): where it does, bfloat16 autocast is the fast path; where it does not, oneDNN
 emulates it and it is many times *slower* than float32. This script measures one training step
-exactly as :func:`cbam_viz.train.train` runs it (batched random-resized crop + flip from a uint8
-batch, normalise, channels-last, optional autocast, label-smoothed cross-entropy, backward, SGD
-step) for each model and train size of the recipe, and prints:
+with the trainer's own :func:`cbam_viz.train.train_step` (batched random-resized crop + flip
+from a uint8 batch, normalise, channels-last, optional autocast, label-smoothed cross-entropy,
+backward, SGD step) for each model and train size of the recipe, and prints:
 
 * images/s per (model, size) in the precision ``--bf16 auto`` would pick on this CPU;
 * the other precision at the first size only (it can be 10x slower) and the ratio of the two;
@@ -34,11 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from cbam_viz.data import normalize, random_resized_crop_flip  # noqa: E402
 from cbam_viz.models import create_model  # noqa: E402
-from cbam_viz.train import Recipe, cpu_has_fast_bf16, train_size_at  # noqa: E402
+from cbam_viz.train import Recipe, cpu_has_fast_bf16, train_size_at, train_step  # noqa: E402
 
 BUDGET_MIN = 60.0
 
@@ -58,16 +56,9 @@ class _Stepper:
         self.gen = torch.Generator().manual_seed(0)
 
     def step(self, size: int, bf16: bool) -> float:
+        recipe = replace(self.recipe, bf16=bf16)
         t0 = time.perf_counter()
-        x = random_resized_crop_flip(self.images.float().div_(255), size, generator=self.gen,
-                                     scale=self.recipe.crop_scale)
-        x = normalize(x, self.recipe.mean, self.recipe.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), self.labels, label_smoothing=self.recipe.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        train_step(self.model, self.opt, self.images, self.labels, recipe=recipe, size=size, generator=self.gen)
         return time.perf_counter() - t0
 
 

@@ -29,8 +29,9 @@ import torch  # noqa: E402
 
 from cbam_viz.data import load_cached_split  # noqa: E402
 from cbam_viz.evaluate import resolve_models  # noqa: E402
+from cbam_viz.pair import default_pair_name  # noqa: E402
 from cbam_viz.train import evaluate_tensors, recalibrate_batchnorm  # noqa: E402
-from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, load_record, read_manifest  # noqa: E402
+from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, load_record  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    manifest = read_manifest(args.weights)
-    defaults = [name for name, members in manifest["pairs"].items() if members.get("default")]
-    pair = args.pair or (defaults or sorted(manifest["pairs"]))[0]
+    pair = args.pair or default_pair_name(args.weights)
     rows = {}
     for rec in resolve_models(args.weights, pair=pair):
         val = load_cached_split(args.val, rec.input_size, cache_dir=args.cache_dir, progress=False)

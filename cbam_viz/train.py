@@ -38,7 +38,7 @@ from cbam_viz.data import (
 from cbam_viz.models import create_model
 from cbam_viz.weights import WeightRecord, save_safetensors, update_manifest
 
-__all__ = ["Recipe", "train", "evaluate_tensors", "train_size_at", "cpu_has_fast_bf16", "recipe_differences",
+__all__ = ["Recipe", "train", "evaluate_tensors", "train_size_at", "train_step", "cpu_has_fast_bf16", "recipe_differences",
            "recalibrate_batchnorm"]
 
 
@@ -159,6 +159,24 @@ def evaluate_tensors(model: nn.Module, ds: TensorDataset, *, size: int, mean, st
         "n": len(ds),
         "size": size,
     }
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
+               recipe: Recipe, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a uint8 batch: crop + flip to ``size``, normalise, forward, backward.
+
+    The whole per-step work of :func:`train` (the learning rate is set by the caller), so that
+    ``benchmarks/bench_train.py`` times exactly what training runs. Returns the loss and logits.
+    """
+    x = random_resized_crop_flip(images.float().div_(255), size, generator=generator, scale=recipe.crop_scale)
+    x = normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
 
 
 @torch.no_grad()
@@ -285,16 +303,9 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(recipe, step, steps_per_epoch)
             idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
-            x = train_ds.images[idx].float().div_(255)
-            x = random_resized_crop_flip(x, size, generator=gen, scale=recipe.crop_scale)
-            x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
             y = train_ds.labels[idx]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = train_step(model, optimizer, train_ds.images[idx], y, recipe=recipe, size=size,
+                                      generator=gen)
             seen += len(y)
             correct += (logits.argmax(1) == y).sum().item()
             loss_sum += loss.item() * len(y)

@@ -101,34 +101,22 @@ def test_recipe_estimate_adds_each_epoch_at_its_size():
 
 @pytest.mark.timeout(600)
 def test_bn_recalibration_reports_both_figures_and_changes_no_file(tmp_path):
-    import torch
-
-    from cbam_viz.models import create_model
-    from cbam_viz.weights import WeightRecord, save_safetensors, sha256_file, update_manifest
+    from cbam_viz.data import IMAGENETTE_NAMES
+    from cbam_viz.weights import sha256_file
+    from tests.bad_inputs import TEST_PAIR, write_test_weights
     from tests.synthetic import make_image_folder
 
-    classes = ("n01", "n02", "n03")
-    weights = tmp_path / "weights"
-    for arch in ("resnet18", "resnet18_cbam"):
-        torch.manual_seed(0)
-        model = create_model(arch, num_classes=3)
-        digest = save_safetensors(model, weights / f"{arch}_tiny.safetensors")
-        update_manifest(weights, record=WeightRecord(
-            name=f"{arch}_tiny", file=f"{arch}_tiny.safetensors", arch=arch, sha256=digest,
-            num_params=sum(p.numel() for p in model.parameters()),
-            classes=[{"id": c, "name": f"class {c}"} for c in classes],
-            mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], input_size=32))
-    update_manifest(weights, pair=("tiny", {"baseline": "resnet18_tiny", "cbam": "resnet18_cbam_tiny",
-                                            "default": True}))
-    data = make_image_folder(tmp_path / "data", classes, per_class=4)
+    weights = write_test_weights(tmp_path / "weights", input_size=32)
+    data = make_image_folder(tmp_path / "data", tuple(IMAGENETTE_NAMES), per_class=1)
     before = {p.name: sha256_file(p) for p in weights.iterdir()}
     out_json = tmp_path / "bn.json"
     out = _run([str(BENCH / "bn_recalibration.py"), "--train", str(data), "--val", str(data), "--weights",
                 str(weights), "--images", "8", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
                 "--json", str(out_json)], 600)
-    for name in ("resnet18_tiny", "resnet18_cbam_tiny"):
+    names = ("resnet18_baseline_test", "resnet18_cbam_cbam_test")
+    for name in names:
         assert re.search(rf"^{name}: top-1 as shipped \d+\.\d\d %, BN recalibrated on 8 images at 32 px "
                          rf"\d+\.\d\d % \([+-]\d+\.\d\d points\)$", out, re.M), out
     doc = json.loads(out_json.read_text())
-    assert doc["pair"] == "tiny" and set(doc["models"]) == {"resnet18_tiny", "resnet18_cbam_tiny"}
+    assert doc["pair"] == TEST_PAIR and set(doc["models"]) == set(names)  # the manifest's default pair
     assert {p.name: sha256_file(p) for p in weights.iterdir()} == before  # the files stay as shipped
