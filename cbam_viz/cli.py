@@ -19,7 +19,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cbam_viz.train import Recipe, export, train
 
     recipe = Recipe()
-    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "eval_size", "eval_every", "cache_size")
+    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "eval_size", "eval_every", "cache_size",
+                                            "holdout", "ema_decay")
                  if getattr(args, k) is not None}
     if args.sizes:
         overrides["sizes"] = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(","))
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-size", type=int)
     t.add_argument("--eval-every", type=int)
     t.add_argument("--cache-size", type=int)
+    t.add_argument("--holdout", type=float, help="share of each training class held out to choose the evaluation "
+                                                 "size and EMA-or-raw weights on (default 0.08; 0 = none)")
+    t.add_argument("--ema-decay", type=float, help="decay of the weight average (default 0.999; 0 = off)")
     t.add_argument("--sizes", help="progressive resizing as EPOCH:SIZE,..., e.g. 0:96,10:128,21:144")
     t.add_argument("--crop-scale", help="random-resized-crop area range as MIN,MAX, e.g. 0.35,1")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",

@@ -24,7 +24,7 @@ from PIL import Image
 
 __all__ = [
     "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENETTE_NAMES", "ImageFolderScan",
-    "TensorDataset", "scan_image_folder", "load_rgb", "decode_images", "load_cached_split",
+    "TensorDataset", "scan_image_folder", "load_rgb", "decode_images", "load_cached_split", "holdout_split",
     "random_resized_crop_flip", "normalize", "resize_batch",
 ]
 
@@ -120,6 +120,33 @@ class TensorDataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> "TensorDataset":
+        """The samples at ``indices`` (same classes); images are copied, not viewed."""
+        idx = indices.tolist()
+        return TensorDataset(self.images[indices], self.labels[indices], self.classes,
+                             tuple(self.files[i] for i in idx))
+
+
+def holdout_split(ds: TensorDataset, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, holdout)`` indices: ``fraction`` of every class held out of training.
+
+    The recipe's choices that are made after training (evaluation size, EMA or raw weights) are
+    made on this held-out part of the *training* folder, so the validation split stays untouched
+    until the final, reported measurement. Which files are held out depends only on their names
+    (a hash of ``<class>/<file>``), not on the seed or on the other files, so both models of a pair
+    and a resumed run hold out exactly the same images.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    train_idx, hold_idx = [], []
+    for label in range(len(ds.classes)):
+        members = [i for i, y in enumerate(ds.labels.tolist()) if y == label]
+        members.sort(key=lambda i: hashlib.sha256(ds.files[i].encode()).hexdigest())
+        k = round(fraction * len(members))
+        hold_idx += members[:k]
+        train_idx += members[k:]
+    return torch.tensor(sorted(train_idx), dtype=torch.int64), torch.tensor(sorted(hold_idx), dtype=torch.int64)
 
 
 def load_cached_split(

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ("n001", "n002", "n003")
 # lr 0.1 (the full recipe) is too hot for batches of 8: the loss jumps around; 0.02 learns steadily.
-RECIPE = Recipe(epochs=3, batch_size=8, sizes=((0, 32),), cache_size=40, eval_size=32, bf16=False, lr=0.02)
+# No holdout and no weight average here (their own tests below), so every file trains and --val is monitored.
+RECIPE = Recipe(epochs=3, batch_size=8, sizes=((0, 32),), cache_size=40, eval_size=32, bf16=False, lr=0.02,
+                holdout=0.0, ema_decay=0.0)
 STEPS_PER_EPOCH = 48 // 8
 
 
@@ -199,3 +201,64 @@ def test_batchnorm_recalibration_reaches_the_cbam_spatial_gate():
     recalibrate_batchnorm(model, ds, size=32, mean=RECIPE.mean, std=RECIPE.std, images=4)
     assert gate_bn.num_batches_tracked.item() == 1 and gate_bn.momentum == 0.01
     assert not torch.equal(gate_bn.running_mean, torch.zeros(1))
+
+
+def test_holdout_split_is_stratified_disjoint_and_fixed_by_file_names():
+    """The same files are held out whatever the order of the others: both models of a pair, and a
+    resumed run, hold out exactly the same images."""
+    from cbam_viz.data import TensorDataset, holdout_split
+
+    files = tuple(f"c{i % 3}/img{i:03d}.png" for i in range(60))
+    labels = torch.tensor([i % 3 for i in range(60)])
+    ds = TensorDataset(torch.zeros(60, 1, 1, 1, dtype=torch.uint8), labels, ("c0", "c1", "c2"), files)
+    train_idx, hold_idx = holdout_split(ds, 0.25)
+    assert set(train_idx.tolist()).isdisjoint(hold_idx.tolist())
+    assert sorted(train_idx.tolist() + hold_idx.tolist()) == list(range(60))
+    assert torch.bincount(labels[hold_idx], minlength=3).tolist() == [5, 5, 5]
+    held = {files[i] for i in hold_idx.tolist()}
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(3))
+    shuffled = ds.subset(perm)
+    assert {shuffled.files[i] for i in holdout_split(shuffled, 0.25)[1].tolist()} == held
+    assert len(holdout_split(ds, 0.0)[1]) == 0
+    with pytest.raises(ValueError, match="holdout"):
+        holdout_split(ds, 1.0)
+
+
+def test_weight_average_follows_the_warmup_rule():
+    from cbam_viz.train import WeightEMA
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = WeightEMA(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(step=0)  # decay_0 = min(0.9, 1/10) = 0.1: mostly the new weights
+    torch.testing.assert_close(ema.state["weight"], start + 0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(step=1000)  # decay = 0.9
+    torch.testing.assert_close(ema.state["weight"], (start + 0.9) * 0.9 + (start + 2.0) * 0.1)
+    twin = ema.model_copy(model)
+    assert torch.equal(twin.weight, ema.state["weight"]) and not torch.equal(twin.weight, model.weight)
+
+
+def test_holdout_and_weight_average_resume_exactly_and_are_logged(dataset, cache, tmp_path):
+    """With a holdout and an EMA, a cut run resumes to the same weights *and* the same average; the
+    held-out files are monitored instead of --val, and each epoch says what hardware and precision ran it."""
+    recipe = replace(RECIPE, holdout=0.25, ema_decay=0.9, eval_every=1)
+    full = train("resnet18", dataset, tmp_path / "full", recipe=recipe, cache_dir=cache, val_dir=dataset,
+                 progress=False)
+    assert len(full.holdout_files) == 12 and {f.split("/")[0] for f in full.holdout_files} == set(CLASSES)
+    steps = 36 // 8
+    cut = train("resnet18", dataset, tmp_path / "cut", recipe=recipe, cache_dir=cache, progress=False,
+                max_steps=steps + 2)
+    assert len(cut.history) == 1
+    resumed = train("resnet18", dataset, tmp_path / "cut", recipe=recipe, cache_dir=cache, progress=False,
+                    resume=True)
+    assert _same_weights(resumed.model, full.model)
+    assert _same_weights(resumed.ema_model, full.ema_model)
+    assert not _same_weights(full.ema_model, full.model)
+    assert resumed.holdout_files == full.holdout_files
+    for entry in full.history:
+        assert {"holdout_top1", "holdout_top1_ema"} <= set(entry) and "val_top1" not in entry
+        assert entry["device"].startswith("cpu: ") and entry["precision"] == "fp32"
