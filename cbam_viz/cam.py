@@ -30,7 +30,6 @@ import difflib
 import functools
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from cbam_viz.attention import AttentionMaps, record_attention
+from cbam_viz.pair import model_lock
 
 __all__ = [
     "CamResult", "list_methods", "method_kind", "resolve_layer", "default_layer", "compute_cams",
@@ -126,19 +126,6 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str,
             " (any dotted name from model.named_modules())."
         )
     return layer, modules[layer]
-
-
-_locks: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.Lock:
-    """The lock that serialises every hook-using pass over ``model`` (one per model object)."""
-    with _locks_guard:
-        lock = _locks.get(model)
-        if lock is None:
-            lock = _locks[model] = threading.Lock()
-        return lock
 
 
 def _layer_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

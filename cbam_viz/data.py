@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cbam_viz.outputs import atomic_write
+
 __all__ = [
     "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENETTE_NAMES", "ImageFolderScan",
     "TensorDataset", "scan_image_folder", "load_rgb", "decode_images", "load_cached_split", "holdout_split",
@@ -168,9 +170,8 @@ def load_cached_split(
     ds = TensorDataset(images, torch.tensor(scan.labels, dtype=torch.int64), scan.classes, scan.files)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        torch.save({"images": images, "labels": ds.labels, "classes": list(ds.classes), "files": list(ds.files)}, tmp)
-        os.replace(tmp, cache_path)
+        blob = {"images": images, "labels": ds.labels, "classes": list(ds.classes), "files": list(ds.files)}
+        atomic_write(cache_path, lambda f: torch.save(blob, f))
     return ds
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from cbam_viz.outputs import atomic_write
+
 __all__ = ["Example", "list_examples", "generated_dir", "synthetic_photo"]
 
 
@@ -116,9 +118,7 @@ def list_examples(*, include_generated: bool = True) -> list[Example]:
             if not path.is_file():
                 try:
                     folder.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".{file}.{os.getpid()}.tmp")
-                    draw().save(tmp, format="PNG")
-                    os.replace(tmp, path)
+                    atomic_write(path, lambda f: draw().save(f, format="PNG"))
                 except OSError:
                     continue  # a read-only temp folder: do without the drawn examples
             out.append(Example(path, caption))

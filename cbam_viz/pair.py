@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, WeightRecord, load_record, rea
 __all__ = [
     "LoadedModel", "ModelPair", "ModelLoadError", "list_pairs", "default_pair_name", "load_pair",
     "load_model", "untrained_pair", "load_available_pairs", "select_device", "clear_cache",
-    "UNTRAINED_PAIR", "DEVICE_ENV", "WEIGHTS_DIR_ENV", "weights_dir_default",
+    "UNTRAINED_PAIR", "DEVICE_ENV", "WEIGHTS_DIR_ENV", "weights_dir_default", "model_lock",
 ]
 
 UNTRAINED_PAIR = "untrained"
@@ -41,6 +42,25 @@ WEIGHTS_DIR_ENV = "CBAM_VIZ_WEIGHTS_DIR"
 _UNTRAINED_INPUT = 224
 _UNTRAINED_SEED = 0
 _CACHE_SIZE = 6  # a few pairs' worth of models; resnet18s are ~45 MB each
+
+
+_model_locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_model_locks_guard = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The one lock of a model object, taken by every pass over it (explanation, attention, faithfulness).
+
+    Hooks live on modules, so a forward that runs while another thread's hooks are attached feeds
+    that thread's recorders. Every forward over a model therefore holds this lock; it belongs to
+    the module object, so two pairs that share a model (one manifest record in both) share its lock.
+    Re-entrant: an explanation that holds it may call helpers that take it again.
+    """
+    with _model_locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.RLock()
+        return lock
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,11 @@ class LoadedModel:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """:func:`model_lock` of this model: hold it around every forward."""
+        return model_lock(self.model)
 
 
 @dataclass(frozen=True)

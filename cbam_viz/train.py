@@ -37,6 +37,7 @@ from cbam_viz.data import (
     normalize, random_resized_crop_flip, resize_batch,
 )
 from cbam_viz.models import create_model
+from cbam_viz.outputs import atomic_write
 from cbam_viz.weights import WeightRecord, save_safetensors, update_manifest
 
 __all__ = ["Recipe", "train", "evaluate_tensors", "train_size_at", "train_step", "cpu_has_fast_bf16", "recipe_differences",
@@ -276,12 +277,6 @@ def recalibrate_batchnorm(model: nn.Module, ds: TensorDataset, *, size: int, mea
     return model
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -427,10 +422,10 @@ def train(
         with open(log_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}), flush=True)
-        _atomic_save({"arch": arch, "recipe": recipe.to_json(), "epoch": epoch, "wall_time_s": wall,
+        atomic_write(ckpt_path, lambda f: torch.save({"arch": arch, "recipe": recipe.to_json(), "epoch": epoch, "wall_time_s": wall,
                       "history": history, "classes": list(train_ds.classes), "holdout_files": list(holdout_files),
                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      **({"ema": ema.state} if ema is not None else {})}, ckpt_path)
+                      **({"ema": ema.state} if ema is not None else {})}, f))
     model.eval()
     return TrainResult(run_dir, model, history, wall, ema.model_copy(model) if ema is not None else None,
                        holdout_files)

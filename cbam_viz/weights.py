@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbam_viz.outputs import atomic_write_bytes, atomic_write_text
+
 __all__ = [
     "WeightRecord", "ChecksumError", "UnsafeCheckpointError", "sha256_file", "read_manifest",
     "update_manifest", "save_safetensors", "load_record", "load_checkpoint_into", "read_state_dict",
@@ -74,12 +76,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_manifest(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR) -> dict[str, Any]:
     """The manifest as a dict ``{"models": {name: record}, "pairs": {...}}``; empty if absent."""
     path = Path(weights_dir) / MANIFEST_NAME
@@ -107,7 +103,7 @@ def update_manifest(weights_dir: str | os.PathLike, *, record: WeightRecord | No
         data["models"][name].setdefault("metrics", {}).update(values)
     if pair is not None:
         data["pairs"][pair[0]] = pair[1]
-    _atomic_write_text(weights_dir / MANIFEST_NAME, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(weights_dir / MANIFEST_NAME, json.dumps(data, indent=2) + "\n")
     return data
 
 
@@ -123,7 +119,7 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *,
     Raises:
         ValueError: a value does not fit ``dtype`` (it would become inf).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,12 +132,10 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *,
                 raise ValueError(f"{k} has values outside the {dtype} range; save with dtype=None")
             v = cast
         state[k] = v.contiguous()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     meta = {"format": "pt"}
     if dtype is not None:
         meta["storage_dtype"] = str(dtype).removeprefix("torch.")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(state, metadata=meta))
     return sha256_file(path)
 
 
