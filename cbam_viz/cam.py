@@ -13,21 +13,23 @@ module does the pass itself:
 3. ``torch.autograd.grad(scores.sum(), activation)``: gradients down to the target layer only,
    no parameter ``.grad`` touched;
 4. the library's own ``get_cam_image`` / ``get_cam_weights`` for the chosen method, called on a
-   method object that never saw the model, then the library's ``scale_cam_image`` post-processing.
+   method object that never saw the model (:mod:`cbam_viz.cam_library`, the one adapter to the
+   library), then the library's ``scale_cam_image`` post-processing.
 
 Perturbation methods (Score-CAM, Ablation-CAM) and FullGrad / Shapley-CAM need passes of their
-own; they run the library's classes directly, inside :func:`preserved_state`, which restores
+own; they run the library's classes (:func:`cbam_viz.cam_library.run_library_cam`) inside
+:func:`preserved_state`, which restores
 train/eval flags, ``requires_grad`` and ``.grad``, puts back a layer Ablation-CAM swapped out, and
 releases the library's hooks.
 
-All of it runs under a per-model lock: hooks live on modules, so two threads explaining with one
-model must take turns, and then get exactly what they would have got sequentially.
+All of it runs under the model's one lock (:func:`cbam_viz.pair.model_lock`): hooks live on
+modules, so two threads explaining with one model must take turns, and then get exactly what they
+would have got sequentially.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from cbam_viz.attention import AttentionMaps, record_attention
+from cbam_viz.cam_library import math_object, run_library_cam
 from cbam_viz.pair import model_lock
 
 __all__ = [
@@ -65,14 +68,6 @@ _METHODS: dict[str, tuple[str, str]] = {
     "fullgrad": ("FullGrad", "library"),
     "shapleycam": ("ShapleyCAM", "library"),
 }
-# Defaults the library's constructors would have set on the method objects.
-_METHOD_ATTRS: dict[str, dict[str, object]] = {
-    "KPCA_CAM": {"kernel": "sigmoid", "gamma": None},
-    "FEM": {"k": 2},
-}
-_SCORECAM_BATCH = 32
-_ABLATION_BATCH = 32
-
 
 def list_methods() -> list[str]:
     """Every CAM method :func:`compute_cams` (and :func:`cbam_viz.explain.explain`) accepts."""
@@ -155,32 +150,6 @@ def preserved_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.
 
 
 # ------------------------------------------------------------------------------------ maths
-
-
-class _Detached:
-    """Stands in for ActivationsAndGradients on a method object that never hooked a model."""
-
-    def release(self) -> None:
-        pass
-
-
-@functools.lru_cache(maxsize=None)
-def _math_object(class_name: str):
-    """A pytorch-grad-cam method object without a model: only its maths methods are used.
-
-    ``BaseCAM.__init__`` would hook the model and switch it to eval, so the object is made with
-    ``__new__``; ``get_cam_image``/``get_cam_weights`` of these classes only read their inputs
-    (and the few attributes set here), so one shared object per class is thread-safe.
-    """
-    import pytorch_grad_cam
-
-    cls = getattr(pytorch_grad_cam, class_name)
-    obj = cls.__new__(cls)
-    obj.activations_and_grads = _Detached()  # BaseCAM.__del__ releases it
-    obj.reshape_transform = None
-    for key, value in _METHOD_ATTRS.get(class_name, {}).items():
-        setattr(obj, key, value)
-    return obj
 
 
 def _projection(batch: np.ndarray) -> np.ndarray:
@@ -384,7 +353,7 @@ def _compute(model, x, class_name, kind, layer_name, layer_module, targets, size
 
         if kind == "library":
             with torch.enable_grad():  # the library backpropagates even if the caller is in no_grad
-                raw = _library_cam(model, x, class_name, layer_module, resolved)
+                raw = run_library_cam(model, x, class_name, layer_module, resolved)
         else:
             acts = activation.detach().float().cpu().numpy()
             grad_np = grads.detach().float().cpu().numpy() if grads is not None else None
@@ -394,7 +363,7 @@ def _compute(model, x, class_name, kind, layer_name, layer_module, targets, size
                 raw = _NATIVE[class_name](acts, grad_np)
             else:
                 # BaseCAM.compute_cam_per_layer's call, minus the pass it would have run itself.
-                raw = _math_object(class_name).get_cam_image(x, layer_module, None, acts, grad_np, False)
+                raw = math_object(class_name).get_cam_image(x, layer_module, None, acts, grad_np, False)
         cams = [normalize_cam(raw[i], sizes[i]) for i in range(b)]
         t2 = time.perf_counter()
         timings["cam"] = t2 - t1
@@ -408,40 +377,3 @@ def _compute(model, x, class_name, kind, layer_name, layer_module, targets, size
     timings["total"] = time.perf_counter() - t0
     return CamResult(logits=logits, targets=resolved, cams=cams, attention=attention,
                      layer=layer_name, timings=timings)
-
-
-# ---------------------------------------------------------------------- library-run methods
-
-
-class _QuietTqdm:
-    """pytorch-grad-cam wraps its perturbation loops in tqdm bars; a server log needs none."""
-
-    @staticmethod
-    def tqdm(iterable, *args, **kwargs):
-        return iterable
-
-
-def _library_cam(model, x, class_name, layer_module, targets) -> np.ndarray:
-    """Run a pytorch-grad-cam class itself; returns its ``(B, S, S)`` CAMs in [0, 1]."""
-    import pytorch_grad_cam
-    from pytorch_grad_cam import ablation_cam, score_cam
-    from pytorch_grad_cam.ablation_layer import AblationLayer
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    score_cam.tqdm = ablation_cam.tqdm = _QuietTqdm  # the modules' only use of tqdm
-    cls = getattr(pytorch_grad_cam, class_name)
-    if class_name == "FullGrad":
-        cam = cls(model, [])  # FullGrad uses every bias layer, not a target layer
-    elif class_name == "AblationCAM":
-        # A fresh AblationLayer: the library's default argument is one object shared by all calls.
-        cam = cls(model, [layer_module], ablation_layer=AblationLayer(), batch_size=_ABLATION_BATCH)
-    else:
-        cam = cls(model, [layer_module])
-        if class_name == "ScoreCAM":
-            cam.batch_size = _SCORECAM_BATCH
-    try:
-        # FullGrad / Shapley-CAM make the input require grad: give them their own copy.
-        return cam(input_tensor=x.detach().clone(), targets=[ClassifierOutputTarget(t) for t in targets])
-    finally:
-        cam.activations_and_grads.release()
-        cam.outputs = None

@@ -1,13 +1,17 @@
-"""Training-curves figure for the model card: loss, train accuracy and val top-1 per epoch.
+"""Training-curves figure for the model card: loss, train accuracy and monitored top-1 per epoch.
 
 Reads the ``log.jsonl`` files the trainer appends to (one JSON object per epoch) and draws every
 run on shared axes, so a baseline and its CBAM twin trained with one recipe compare at a glance.
+The third panel shows what the run monitored: the held-out part of the training folder (raw and
+weight-averaged), or ``--val`` for runs without a holdout. ``python -m cbam_viz plot-curves``.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+from cbam_viz.outputs import atomic_write
 
 __all__ = ["read_log", "plot_training_curves"]
 
@@ -40,10 +44,14 @@ def plot_training_curves(runs: dict[str, str | os.PathLike], out: str | os.PathL
         ep = [e["epoch"] for e in log]
         axes[0].plot(ep, [e["train_loss"] for e in log], marker="o", ms=3, label=label)
         axes[1].plot(ep, [100 * e["train_acc"] for e in log], marker="o", ms=3, label=label)
-        val = [(e["epoch"], 100 * e["val_top1"]) for e in log if "val_top1" in e]
-        if val:
-            axes[2].plot(*zip(*val), marker="s", ms=4, label=label)
-    titles = ("train loss (label-smoothed)", "train accuracy % (augmented)", f"val top-1 % ({eval_size} px)" if eval_size else "val top-1 %")
+        monitored = "holdout" if any("holdout_top1" in e for e in log) else "val"
+        for key, style, suffix in ((f"{monitored}_top1", "-", ""), (f"{monitored}_top1_ema", "--", " EMA")):
+            points = [(e["epoch"], 100 * e[key]) for e in log if key in e]
+            if points:
+                axes[2].plot(*zip(*points), style, marker="s", ms=4, label=label + suffix)
+    names = {"holdout": "held-out train top-1 %", "val": "val top-1 %"}
+    third = names[monitored] + (f" ({eval_size} px)" if eval_size else "")
+    titles = ("train loss (label-smoothed)", "train accuracy % (augmented)", third)
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -51,6 +59,6 @@ def plot_training_curves(runs: dict[str, str | os.PathLike], out: str | os.PathL
         ax.legend()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return out

@@ -89,9 +89,16 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolderScan:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB (grayscale and palette images are converted)."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """Open an image file as RGB exactly as the app does (:func:`cbam_viz.preprocess.open_image`:
+    EXIF orientation applied, transparency on white, the size limit), so training, evaluation and
+    the explanation-quality measurements see what a user of the app sees.
+
+    Raises:
+        cbam_viz.preprocess.ImageError: not an image, damaged, or too large.
+    """
+    from cbam_viz.preprocess import open_image
+
+    return open_image(path)
 
 
 def _decode_one(path: Path, size: int) -> torch.Tensor:

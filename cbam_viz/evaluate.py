@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cbam_viz.data import scan_image_folder
-from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, WeightRecord, load_record, read_manifest
+from cbam_viz.weights import WeightRecord, load_record, read_manifest, resolve_weights_dir
 
 __all__ = ["EvalResult", "ClassMismatchError", "resolve_models", "evaluate_record", "evaluate_models",
            "format_report"]
@@ -58,7 +58,7 @@ class EvalResult:
                 "val_confusion": self.confusion, "val_n": self.n, "eval_command": command}
 
 
-def resolve_models(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR, *, model: str | None = None,
+def resolve_models(weights_dir: str | os.PathLike | None = None, *, model: str | None = None,
                    pair: str | None = None) -> list[WeightRecord]:
     """The records named by ``model`` or by the two members of ``pair``.
 
@@ -68,7 +68,8 @@ def resolve_models(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR, *, mode
     """
     if (model is None) == (pair is None):
         raise ValueError("give exactly one of model= or pair=")
-    manifest_path = Path(weights_dir) / "manifest.json"
+    weights_dir = resolve_weights_dir(weights_dir)
+    manifest_path = weights_dir / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"no manifest at {manifest_path}; train and export first "
                                 f"(python -m cbam_viz train --export {weights_dir})")
@@ -107,7 +108,7 @@ def evaluate_record(
     record: WeightRecord,
     data_dir: str | os.PathLike,
     *,
-    weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR,
+    weights_dir: str | os.PathLike | None = None,
     batch_size: int = 32,
     workers: int = 2,
     progress: bool = True,

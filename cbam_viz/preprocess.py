@@ -28,9 +28,10 @@ __all__ = ["ImageError", "MAX_PIXELS", "open_image", "to_rgb", "is_display_rgb",
 #: before decoding, so a crafted file cannot make the server allocate gigabytes.
 MAX_PIXELS = 40_000_000
 
-# PIL warns above MAX_IMAGE_PIXELS and raises DecompressionBombError above twice that; we check
-# the header size ourselves first, so PIL's guard is only the backstop.
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# The limit is applied here, where images are opened (the header's size is checked before any
+# pixel is decoded), not by lowering PIL's process-wide ``Image.MAX_IMAGE_PIXELS``: importing the
+# project must not change how the rest of a process opens images. PIL's own guard (a warning
+# above its limit, DecompressionBombError above twice that) stays the backstop.
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _BACKGROUND = (255, 255, 255)

@@ -195,8 +195,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 @torch.no_grad()
 def evaluate_tensors(model: nn.Module, ds: TensorDataset, *, size: int, mean, std, batch_size: int = 100,
-                     bf16: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Top-1/top-5 accuracy and the confusion matrix of ``model`` on an in-memory split."""
+                     bf16: bool = False, hflip: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Top-1/top-5 accuracy and the confusion matrix of ``model`` on an in-memory split.
+
+    ``hflip``: average the softmax of each image and its mirror image (test-time augmentation).
+    """
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -210,6 +213,9 @@ def evaluate_tensors(model: nn.Module, ds: TensorDataset, *, size: int, mean, st
             x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x).float()
+                if hflip:  # log of the mean probability: argmax and top-k as for averaged softmax
+                    probs = logits.softmax(1) + model(x.flip(3)).float().softmax(1)
+                    logits = (probs / 2).log()
             y = ds.labels[i:i + batch_size]
             pred = logits.argmax(1)
             confusion += torch.bincount(y * n_cls + pred, minlength=n_cls * n_cls).view(n_cls, n_cls)
@@ -432,22 +438,39 @@ def train(
 
 
 def export(result: TrainResult, *, arch: str, recipe: Recipe, classes: list[str], weights_dir: str | os.PathLike,
-           name: str, class_names: dict[str, str] | None = None) -> WeightRecord:
-    """Write the trained model as ``<weights_dir>/<name>.safetensors`` and record it in the manifest."""
+           name: str, class_names: dict[str, str] | None = None, weights: str = "raw", input_size: int | None = None,
+           selection: dict[str, Any] | None = None) -> WeightRecord:
+    """Write the trained model as ``<weights_dir>/<name>.safetensors`` and record it in the manifest.
+
+    Args:
+        weights: ``"raw"`` (the last SGD iterate) or ``"ema"`` (the run's weight average).
+        input_size: the size the app runs the model at (default: the recipe's ``eval_size``);
+            normally the one :func:`cbam_viz.holdout.choose_for_pair` chose on the held-out files.
+        selection: that choice and the held-out scores behind it, recorded under ``training``.
+    """
     names = {**IMAGENETTE_NAMES, **(class_names or {})}
-    model = result.model.to(memory_format=torch.contiguous_format)
+    source = result.ema_model if weights == "ema" else result.model
+    if source is None:
+        raise ValueError(f"this run kept no {weights!r} weights (recipe ema_decay = {recipe.ema_decay})")
+    model = source.to(memory_format=torch.contiguous_format)
     file = f"{name}.safetensors"
     digest = save_safetensors(model, Path(weights_dir) / file)
     hist = result.history
+    hardware = sorted({h["device"] for h in hist if "device" in h})
+    precision = sorted({h["precision"] for h in hist if "precision" in h})
+    training = {"wall_time_s": round(result.wall_time_s, 1),
+                "img_per_s_last_epoch": round(hist[-1]["img_per_s"], 1) if hist else None,
+                "epochs": len(hist), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "hardware": hardware, "precision": precision, "weights": weights,
+                "holdout_images": len(result.holdout_files)}
+    if selection is not None:
+        training["selection"] = selection
     record = WeightRecord(
         name=name, file=file, arch=arch, sha256=digest,
         num_params=sum(p.numel() for p in model.parameters()),
         classes=[{"id": c, "name": names.get(c, c)} for c in classes],
-        mean=list(recipe.mean), std=list(recipe.std), input_size=recipe.eval_size,
-        recipe=recipe.to_json(),
-        training={"wall_time_s": round(result.wall_time_s, 1),
-                  "img_per_s_last_epoch": round(hist[-1]["img_per_s"], 1) if hist else None,
-                  "epochs": len(hist), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        mean=list(recipe.mean), std=list(recipe.std), input_size=input_size or recipe.eval_size,
+        recipe=recipe.to_json(), training=training,
         metrics={k: hist[-1][k] for k in ("val_top1", "val_top5") if hist and k in hist[-1]},
     )
     update_manifest(weights_dir, record=record)

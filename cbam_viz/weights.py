@@ -24,10 +24,25 @@ __all__ = [
     "WeightRecord", "ChecksumError", "UnsafeCheckpointError", "sha256_file", "read_manifest",
     "update_manifest", "save_safetensors", "load_record", "load_checkpoint_into", "read_state_dict",
     "convert_state_dict", "detect_layout", "infer_model_kwargs", "load_any", "LAYOUTS",
-    "recast_record", "DEFAULT_WEIGHTS_DIR",
+    "recast_record", "DEFAULT_WEIGHTS_DIR", "WEIGHTS_DIR_ENV", "resolve_weights_dir",
 ]
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+#: Folder of ``manifest.json`` and the weight files when none is passed (read at each call, so the
+#: app, the CLI run from any folder, and tests can point elsewhere without code changes).
+WEIGHTS_DIR_ENV = "CBAM_VIZ_WEIGHTS_DIR"
+
+
+def resolve_weights_dir(weights_dir: str | os.PathLike | None = None) -> Path:
+    """The one default of the weights folder, honoured by every loader and command.
+
+    ``weights_dir`` if given, else ``$CBAM_VIZ_WEIGHTS_DIR``, else the repository's ``weights/``
+    (found from this file, not from the current directory).
+    """
+    if weights_dir is not None:
+        return Path(weights_dir)
+    env = os.environ.get(WEIGHTS_DIR_ENV, "").strip()
+    return Path(env) if env else DEFAULT_WEIGHTS_DIR
 MANIFEST_NAME = "manifest.json"
 
 
@@ -76,9 +91,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_manifest(weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR) -> dict[str, Any]:
+def read_manifest(weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The manifest as a dict ``{"models": {name: record}, "pairs": {...}}``; empty if absent."""
-    path = Path(weights_dir) / MANIFEST_NAME
+    path = resolve_weights_dir(weights_dir) / MANIFEST_NAME
     if not path.exists():
         return {"models": {}, "pairs": {}}
     data = json.loads(path.read_text())
@@ -139,7 +154,7 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *,
     return sha256_file(path)
 
 
-def load_record(record: WeightRecord, weights_dir: str | os.PathLike = DEFAULT_WEIGHTS_DIR) -> nn.Module:
+def load_record(record: WeightRecord, weights_dir: str | os.PathLike | None = None) -> nn.Module:
     """Build the record's architecture and load its file after checking the sha256.
 
     Raises:
@@ -150,7 +165,7 @@ def load_record(record: WeightRecord, weights_dir: str | os.PathLike = DEFAULT_W
 
     from cbam_viz.models import create_model
 
-    path = Path(weights_dir) / record.file
+    path = resolve_weights_dir(weights_dir) / record.file
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} listed in the manifest is missing")
     digest = sha256_file(path)

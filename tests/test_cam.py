@@ -79,13 +79,59 @@ def test_frozen_model_still_gets_gradients(x):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_hooks_removed_after_exception(model, x):
+def test_errors_after_the_pass_leave_no_hooks(model, x):
     with pytest.raises(ValueError, match="out of range"):
-        compute_cams(model, x, targets=[0, 99])  # raised after the forward ran with hooks
+        compute_cams(model, x, targets=[0, 99])
     assert_no_hooks(model)
     with pytest.raises(ValueError, match="4-D"):
         compute_cams(model, x, layer="fc")
     assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "eigencam", "scorecam"])
+def test_hooks_removed_after_an_exception_raised_while_they_are_attached(method):
+    """The forward itself fails (in the classifier head, after the CAM layer and every CBAM gate
+    ran with their hooks): the error propagates and no hook is left behind, for our own pass and
+    for a library-run method."""
+    model = make_model("resnet18_cbam")
+    seen = {}
+
+    def boom(module, args):
+        seen["hooks"] = sum(len(m._forward_hooks) for m in model.modules())
+        raise RuntimeError("boom inside the forward")
+
+    handle = model.fc.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            compute_cams(model, torch.randn(1, 3, 32, 32), method=method)
+    finally:
+        handle.remove()
+    assert seen["hooks"] > 0  # hooks were attached when it raised
+    assert_no_hooks(model)
+    assert model.training is False
+
+
+def test_library_methods_put_the_library_progress_bars_back(capsys):
+    """Score-CAM's tqdm bars are silenced only while it runs; the library module is restored."""
+    import tqdm
+    from pytorch_grad_cam import ablation_cam, score_cam
+
+    cams = compute_cams(make_model("resnet18_cbam"), torch.randn(1, 3, 32, 32), method="scorecam").cams
+    assert cams[0].shape == (32, 32)
+    assert score_cam.tqdm is tqdm and ablation_cam.tqdm is tqdm
+    assert "it/s" not in capsys.readouterr().err
+
+
+def test_maths_objects_come_from_the_library_constructor_on_a_placeholder():
+    """Borrowed ``get_cam_image`` objects are built normally (no ``__new__``), on a model that is
+    not the user's, and hold no hooks."""
+    from cbam_viz.cam_library import math_object
+
+    obj = math_object("GradCAMPlusPlus")
+    assert obj.uses_gradients is True and obj.reshape_transform is None  # set by BaseCAM.__init__
+    assert sum(p.numel() for p in obj.model.parameters()) == 2
+    assert_no_hooks(obj.model)
+    assert math_object("KPCA_CAM").kernel == "sigmoid"  # the constructor's own defaults
 
 
 def test_layer_by_dotted_name(model, x):

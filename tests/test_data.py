@@ -1,6 +1,7 @@
 """ImageFolder scan, the decoded-tensor cache and batched augmentation, on a generated tiny dataset."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -148,3 +149,32 @@ def test_crop_happens_and_respects_scale():
     assert (green_span < 0.6).all() and (green_span > 0.4).all()
     # the crop positions vary
     assert out[:, 0].mean((1, 2)).std() > 0.05
+
+
+def test_load_rgb_honours_exif_orientation_like_the_app(tmp_path):
+    """A phone photo stored sideways (EXIF orientation 6) is loaded upright, as the app shows it, so
+    training, evaluation and the quality report measure what a user sees."""
+    from cbam_viz.preprocess import open_image
+
+    img = Image.new("RGB", (40, 20), (200, 30, 30))
+    img.paste((30, 30, 200), (0, 0, 10, 20))  # a blue band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "sideways.jpg", exif=exif.tobytes(), quality=95)
+    loaded = load_rgb(tmp_path / "sideways.jpg")
+    assert loaded.size == (20, 40)
+    assert loaded.tobytes() == open_image(tmp_path / "sideways.jpg").tobytes()
+    top = np.asarray(loaded)[:5].mean((0, 1))
+    assert top[2] > top[0]  # the stored left band is now the top
+
+
+def test_importing_the_decoder_leaves_pil_limits_alone():
+    """The image-size limit applies where the project opens images, not to the whole process
+    (checked in a fresh interpreter: reloading the module here would fork its exception class)."""
+    import subprocess
+    import sys
+
+    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import cbam_viz.preprocess; "
+            "print(before, Image.MAX_IMAGE_PIXELS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1], out

@@ -159,3 +159,20 @@ def test_format_report_lists_every_class(setup):
     for name in NAMES.values():
         assert name in text
     assert "confusion" in text
+
+
+def test_cli_outside_the_repository_honours_the_weights_env(setup, tmp_path, monkeypatch, capsys):
+    """Run from another folder with no --weights, ``evaluate`` reads $CBAM_VIZ_WEIGHTS_DIR (the one
+    default every loader uses), not a ``weights/`` relative to the current directory."""
+    from cbam_viz.weights import WEIGHTS_DIR_ENV, resolve_weights_dir
+
+    weights, data = setup
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(weights))
+    assert resolve_weights_dir() == weights
+    assert main(["evaluate", "--pair", "tiny", "--data", str(data), "--no-progress"]) == 0
+    assert "resnet18_cbam_tiny" in capsys.readouterr().out
+    monkeypatch.delenv(WEIGHTS_DIR_ENV)
+    assert resolve_weights_dir().name == "weights" and resolve_weights_dir().is_absolute()

@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,11 +25,16 @@ def explanation():
                        baseline=_model_explanation("resnet18", False), cbam=_model_explanation("resnet18_cbam", True))
 
 
-def test_colormaps():
-    for name, lut in render.COLORMAPS.items():
-        assert lut.shape == (256, 3) and lut.dtype == np.uint8, name
-    assert tuple(render.COLORMAPS["jet"][0]) == (0, 0, 128) and tuple(render.COLORMAPS["jet"][-1]) == (128, 0, 0)
-    assert tuple(render.COLORMAPS["viridis"][0]) == (68, 1, 84)
+def test_colormaps_are_matplotlibs_tables():
+    from matplotlib import colormaps
+
+    for name in render.COLORMAPS:
+        lut = render.colormap_lut(name)
+        assert lut.shape == (256, 3) and lut.dtype == np.uint8 and not lut.flags.writeable, name
+        expected = np.rint(colormaps[name](np.arange(256))[:, :3] * 255).astype(np.uint8)
+        assert np.array_equal(lut, expected), name
+    assert render.colormap_lut("jet") is render.colormap_lut("jet")  # built once
+    assert tuple(render.colormap_lut("jet")[0]) == (0, 0, 128)
 
 
 def test_overlay_size_and_blend():
@@ -41,7 +44,7 @@ def test_overlay_size_and_blend():
     assert out.size == (90, 50) and out.mode == "RGB"
     assert np.array_equal(np.asarray(render.overlay(img, mask, alpha=0.0)), np.asarray(img))
     full = np.asarray(render.overlay(img, np.zeros((50, 90)), alpha=1.0))
-    assert (full == render.COLORMAPS["jet"][0]).all()
+    assert (full == render.colormap_lut("jet")[0]).all()
     small = render.overlay(img.convert("L"), np.ones((7, 7)), alpha=0.5, colormap="viridis")
     assert small.size == (90, 50) and small.mode == "RGB"
 
@@ -98,18 +101,16 @@ def test_composite(explanation):
         render.composite(img, explanation, alpha=2)
 
 
-def test_render_is_fast(explanation):
+def test_every_picture_of_a_224_px_request(explanation):
+    """What one request draws, at the app's size (its speed is measured by benchmarks/bench_explain.py)."""
     img = make_image(224, 224)
     cam = RNG.random((224, 224)).astype(np.float32)
     explanation = Explanation(image_size=(224, 224), method="gradcam", layer="layer4.1",
                               baseline=_model_explanation("b", False, (224, 224)),
                               cbam=_model_explanation("c", True, (224, 224)))
-    render.composite(img, explanation)  # warm the font cache
-    t = time.process_time()
-    render.overlay(img, cam)
-    render.overlay(img, cam)
-    render.attention_gallery(img, explanation.cbam)
+    assert render.overlay(img, cam).size == (224, 224)
+    gallery = render.attention_gallery(img, explanation.cbam)
+    assert len(gallery) == len(explanation.cbam.spatial_attention)
     for block, v in explanation.cbam.channel_attention.items():
-        render.channel_attention_image(v, title=block)
-    render.composite(img, explanation)
-    assert time.process_time() - t < 0.5  # tens of ms normally; generous for loaded CI machines
+        assert render.channel_attention_image(v, title=block).mode == "RGB"
+    assert render.composite(img, explanation).width > 3 * 224

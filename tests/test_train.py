@@ -262,3 +262,50 @@ def test_holdout_and_weight_average_resume_exactly_and_are_logged(dataset, cache
     for entry in full.history:
         assert {"holdout_top1", "holdout_top1_ema"} <= set(entry) and "val_top1" not in entry
         assert entry["device"].startswith("cpu: ") and entry["precision"] == "fp32"
+
+
+def _scores(table):
+    return {"n": 10, "scores": {kind: {str(size): {"top1": v, "top1_hflip": v + 0.01} for size, v in row.items()}
+                                for kind, row in table.items()}}
+
+
+def test_the_pair_gets_one_choice_the_best_mean_of_both_models():
+    """One (weights, size) for both models: the best *mean*, even where one model alone prefers another."""
+    from cbam_viz.holdout import choose_for_pair
+
+    choice = choose_for_pair({
+        "a": _scores({"raw": {160: 0.80, 192: 0.84}, "ema": {160: 0.81, 192: 0.90}}),
+        "b": _scores({"raw": {160: 0.90, 192: 0.85}, "ema": {160: 0.88, 192: 0.86}}),
+    })
+    assert (choice["weights"], choice["input_size"]) == ("ema", 192)
+    assert choice["holdout_top1"] == {"a": 0.90, "b": 0.86}
+    assert choice["mean_holdout_top1"] == pytest.approx(0.88)
+    tie = choose_for_pair({"a": _scores({"raw": {160: 0.5, 192: 0.5}, "ema": {160: 0.5}})})
+    assert (tie["weights"], tie["input_size"]) == ("raw", 160)  # ties: raw, then the smaller size
+
+
+def test_cli_exports_a_finished_pair_with_the_held_out_choice(dataset, cache, tmp_path, capsys):
+    """``train --export`` waits for every model; then both ship with one held-out choice, the
+    pair becomes the default, and each record says which hardware, precision and weights it has."""
+    from cbam_viz import cli
+
+    args = ["train", "--data", str(dataset), "--runs", str(tmp_path / "runs"), "--cache-dir", str(cache),
+            "--epochs", "2", "--batch-size", "8", "--lr", "0.02", "--sizes", "0:32", "--cache-size", "40",
+            "--eval-size", "32", "--holdout", "0.25", "--ema-decay", "0.9", "--bf16", "off", "--threads", "1",
+            "--export", str(tmp_path / "weights"), "--name", "tiny", "--select-sizes", "32,40"]
+    assert cli.main([*args, "--max-steps", "3"]) == 0  # cut short: nothing is exported
+    assert "not exported" in capsys.readouterr().out and not (tmp_path / "weights").exists()
+    assert cli.main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out choice" in out
+    manifest = read_manifest(tmp_path / "weights")
+    assert manifest["pairs"]["resnet18-tiny"] == {"baseline": "resnet18_tiny", "cbam": "resnet18_cbam_tiny",
+                                                  "default": True}
+    records = [WeightRecord(**manifest["models"][n]) for n in ("resnet18_tiny", "resnet18_cbam_tiny")]
+    sel = [r.training["selection"] for r in records]
+    assert sel[0]["weights"] == sel[1]["weights"] and records[0].input_size == records[1].input_size
+    assert records[0].input_size in (32, 40)
+    for r in records:
+        assert r.training["hardware"][0].startswith("cpu: ") and r.training["precision"] == ["fp32"]
+        assert r.training["holdout_images"] == 12 and set(r.training["selection"]["scores"]["scores"]) == {"raw", "ema"}
+        load_record(r, tmp_path / "weights")
