@@ -23,7 +23,7 @@ from cbam_viz.data import scan_image_folder
 from cbam_viz.weights import WeightRecord, load_record, read_manifest, resolve_weights_dir
 
 __all__ = ["EvalResult", "ClassMismatchError", "resolve_models", "evaluate_record", "evaluate_models",
-           "format_report"]
+           "format_report", "paired_difference", "format_paired"]
 
 
 class ClassMismatchError(ValueError):
@@ -45,12 +45,14 @@ class EvalResult:
     class_ids: tuple[str, ...]
     class_names: tuple[str, ...]
     seconds: float
+    correct: tuple[bool, ...] = ()      # per image, in the folder's sorted file order (paired tests)
+    hflip: bool = False                  # softmax averaged with the mirror image (test-time augmentation)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "arch": self.arch, "data_dir": self.data_dir, "top1": self.top1,
                 "top5": self.top5, "per_class": self.per_class, "confusion": self.confusion, "n": self.n,
                 "classes": [{"id": i, "name": c} for i, c in zip(self.class_ids, self.class_names)],
-                "seconds": round(self.seconds, 2)}
+                "hflip": self.hflip, "seconds": round(self.seconds, 2)}
 
     def manifest_metrics(self, command: str) -> dict[str, Any]:
         """The keys merged into the record's ``metrics`` by ``evaluate --update-manifest``."""
@@ -111,6 +113,7 @@ def evaluate_record(
     weights_dir: str | os.PathLike | None = None,
     batch_size: int = 32,
     workers: int = 2,
+    hflip: bool = False,
     progress: bool = True,
 ) -> EvalResult:
     """Top-1/top-5, per-class accuracy and confusion of one record on an ImageFolder split.
@@ -121,6 +124,8 @@ def evaluate_record(
         weights_dir: where the record's file lives.
         batch_size: images per forward.
         workers: threads decoding images (PIL releases the GIL while decoding).
+        hflip: average the softmax of each image and its mirror image (reported beside the plain
+            figure; the app does not do it).
         progress: show a tqdm bar.
 
     Raises:
@@ -140,6 +145,7 @@ def evaluate_record(
     k = min(5, n_cls)
     confusion = torch.zeros((n_cls, n_cls), dtype=torch.int64)
     top5_hits = 0
+    hits: list[bool] = []
     paths = [scan.root / f for f in scan.files]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             tqdm(total=len(paths), desc=f"eval {record.name}", unit="img", disable=not progress) as bar:
@@ -147,8 +153,12 @@ def evaluate_record(
             images = list(pool.map(open_image, paths[start:start + batch_size]))
             x = to_model_batch(images, record.input_size, record.mean, record.std)
             logits = model(x).float()
+            if hflip:  # log of the averaged probabilities ranks classes as the average does
+                logits = ((logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2).log()
             y = labels[start:start + batch_size]
-            confusion += torch.bincount(y * n_cls + logits.argmax(1), minlength=n_cls * n_cls).view(n_cls, n_cls)
+            pred = logits.argmax(1)
+            hits += (pred == y).tolist()
+            confusion += torch.bincount(y * n_cls + pred, minlength=n_cls * n_cls).view(n_cls, n_cls)
             top5_hits += int((logits.topk(k, 1).indices == y[:, None]).any(1).sum())
             bar.update(len(images))
     n = len(paths)
@@ -159,13 +169,46 @@ def evaluate_record(
         name=record.name, arch=record.arch, data_dir=str(Path(data_dir)),
         top1=float(confusion.diag().sum()) / n, top5=top5_hits / n, per_class=per_class,
         confusion=confusion.tolist(), n=n, class_ids=tuple(c["id"] for c in record.classes),
-        class_names=tuple(record.class_names), seconds=time.perf_counter() - t0,
+        class_names=tuple(record.class_names), seconds=time.perf_counter() - t0, correct=tuple(hits), hflip=hflip,
     )
 
 
 def evaluate_models(records: list[WeightRecord], data_dir: str | os.PathLike, **kwargs) -> list[EvalResult]:
     """:func:`evaluate_record` for each record (e.g. both members of a pair)."""
     return [evaluate_record(r, data_dir, **kwargs) for r in records]
+
+
+def paired_difference(baseline: EvalResult, cbam: EvalResult, *, n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """CBAM minus baseline top-1 on the same images: a paired bootstrap 95 % interval and McNemar's exact test.
+
+    The two models saw the same images, so their errors are correlated; an unpaired comparison of
+    two accuracies would overstate the uncertainty. McNemar counts the images only one model gets
+    right (``b``: CBAM only, ``c``: baseline only) and gives the two-sided exact binomial p-value.
+    """
+    import math
+
+    import numpy as np
+
+    from cbam_viz.quality.stats import paired_bootstrap
+
+    if len(baseline.correct) != len(cbam.correct) or not baseline.correct:
+        raise ValueError("both results need per-image outcomes on the same images")
+    a = np.asarray(cbam.correct, dtype=np.float64)
+    b = np.asarray(baseline.correct, dtype=np.float64)
+    iv = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
+    only_cbam, only_base = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    k, m = min(only_cbam, only_base), only_cbam + only_base
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+    return {"cbam_minus_baseline": iv.value, "ci95": [iv.low, iv.high], "n": iv.n, "n_boot": n_boot,
+            "only_cbam_right": only_cbam, "only_baseline_right": only_base, "mcnemar_p": p,
+            "hflip": cbam.hflip}
+
+
+def format_paired(diff: dict[str, Any]) -> str:
+    lo, hi = diff["ci95"]
+    return (f"CBAM - baseline top-1: {100 * diff['cbam_minus_baseline']:+.2f} points, 95 % paired bootstrap "
+            f"interval [{100 * lo:+.2f}, {100 * hi:+.2f}] over {diff['n']} images; McNemar: CBAM alone right on "
+            f"{diff['only_cbam_right']}, baseline alone on {diff['only_baseline_right']}, exact p = {diff['mcnemar_p']:.3g}")
 
 
 def _pct(v: float | None) -> str:

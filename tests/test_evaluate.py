@@ -176,3 +176,37 @@ def test_cli_outside_the_repository_honours_the_weights_env(setup, tmp_path, mon
     assert "resnet18_cbam_tiny" in capsys.readouterr().out
     monkeypatch.delenv(WEIGHTS_DIR_ENV)
     assert resolve_weights_dir().name == "weights" and resolve_weights_dir().is_absolute()
+
+
+def test_paired_difference_counts_the_discordant_images():
+    """McNemar's exact test and a paired bootstrap on per-image outcomes (known answer)."""
+    from cbam_viz.evaluate import EvalResult, paired_difference
+
+    def result(correct):
+        return EvalResult(name="m", arch="a", data_dir="d", top1=sum(correct) / len(correct), top5=1.0,
+                          per_class={}, confusion=[], n=len(correct), class_ids=(), class_names=(), seconds=0.0,
+                          correct=tuple(correct))
+
+    base = result([True] * 80 + [False] * 20)
+    cbam = result([True] * 78 + [False] * 2 + [True] * 10 + [False] * 10)  # CBAM alone: 10, baseline alone: 2
+    d = paired_difference(base, cbam, n_boot=2000)
+    assert d["cbam_minus_baseline"] == pytest.approx(0.08)
+    assert d["only_cbam_right"] == 10 and d["only_baseline_right"] == 2
+    assert d["mcnemar_p"] == pytest.approx(2 * sum(__import__("math").comb(12, i) for i in range(3)) / 2 ** 12)
+    assert d["ci95"][0] < 0.08 < d["ci95"][1] and d["ci95"][0] > 0  # 10 vs 2 discordant: clearly positive
+    same = paired_difference(base, base, n_boot=100)
+    assert same["cbam_minus_baseline"] == 0 and same["mcnemar_p"] == 1.0
+
+
+def test_cli_pair_reports_the_paired_difference_and_the_flip_average(setup, tmp_path, capsys):
+    weights, data = setup
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--weights", str(weights), "--pair", "tiny", "--data", str(data), "--out", str(out),
+                 "--no-progress", "--hflip", "--update-manifest"]) == 0
+    assert "CBAM - baseline top-1" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"resnet18_tiny", "resnet18_cbam_tiny"} and doc["resnet18_tiny"]["hflip"] is True
+    metrics = read_manifest(weights)["models"]["resnet18_tiny"]["metrics"]
+    assert metrics["val_top1"] == 0.5  # the plain figure is kept; the flip average sits beside it
+    assert "val_hflip_top1" in metrics and "--hflip" in metrics["hflip_eval_command"]
+    assert metrics["val_hflip_paired_difference"]["n"] == 12

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbam_viz.models import SIMPLIFIED, create_model
-from cbam_viz.weights import (
-    ChecksumError, UnsafeCheckpointError, WeightRecord, convert_state_dict, detect_layout,
-    infer_model_kwargs, load_any, load_checkpoint_into, load_record, read_manifest,
-    read_state_dict, save_safetensors, sha256_file, update_manifest,
+from cbam_viz.checkpoints import (
+    UnsafeCheckpointError, convert_state_dict, detect_layout, infer_model_kwargs, load_any, load_checkpoint_into,
+    read_state_dict,
 )
+from cbam_viz.weights import ChecksumError, WeightRecord, load_record, read_manifest, save_safetensors, sha256_file, update_manifest
 
 NUM_CLASSES = 7
 

@@ -33,7 +33,7 @@ def create_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Modul
 
     Args:
         name: a name from :func:`list_models`.
-        weights: path of a checkpoint in any layout :func:`cbam_viz.weights.load_checkpoint_into` reads.
+        weights: path of a checkpoint in any layout :func:`cbam_viz.checkpoints.load_checkpoint_into` reads.
         **kwargs: builder options, e.g. ``num_classes=10`` or ``cbam_config=SIMPLIFIED``.
 
     Raises:
@@ -43,7 +43,7 @@ def create_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Modul
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     model = _MODELS[name](**kwargs)
     if weights is not None:
-        from cbam_viz.weights import load_checkpoint_into
+        from cbam_viz.checkpoints import load_checkpoint_into
 
         load_checkpoint_into(model, weights)
     return model
