@@ -1,35 +1,22 @@
 """evaluate-cams end to end on generated images with a tiny untrained pair, through the CLI."""
 import json
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import cbam_viz.pair
-from cbam_viz.boxes import BoxFileError
 from cbam_viz.cli import main
-from cbam_viz.evaluate_cams import (
-    METRICS, evaluate_cams, load_report, markdown_report, most_different_images, render_comparison, render_record,
+from cbam_viz.quality import (
+    METRICS, REPORT_VERSION, BoxFileError, evaluate_cams, load_report, load_report_cams, markdown_report,
+    most_different_images, render_record, summarize, write_report,
 )
+from cbam_viz.quality.view import DEFAULT_REPORT_DIR
+from cbam_viz.render import render_comparison
 from tests.conftest import make_image
 
-
-@pytest.fixture
-def boxed_folder(tmp_path):
-    """3 classes x 2 images of varied sizes, a box CSV with one image holding two boxes."""
-    data = tmp_path / "val"
-    rows = ["wnid,file,xmin,ymin,xmax,ymax"]
-    for c in range(3):
-        (data / f"c{c}").mkdir(parents=True)
-        for i in range(2):
-            w, h = (48, 40) if i == 0 else (40, 56)
-            make_image(w, h, seed=10 * c + i).save(data / f"c{c}" / f"im{i}.png")
-            rows.append(f"c{c},im{i}.png,4,6,{w - 10},{h - 4}")
-    rows.append("c1,im1.png,0,0,12.5,10")
-    make_image(40, 40, seed=99).save(data / "c2" / "nobox.png")  # no box: not evaluated
-    csv = tmp_path / "boxes.csv"
-    csv.write_text("\n".join(rows) + "\n")
-    return data, csv
+pytestmark = pytest.mark.usefixtures("no_cbam_env")
 
 
 def test_cli_end_to_end(boxed_folder, micro_pair, monkeypatch, tmp_path, capsys):
@@ -155,8 +142,8 @@ def test_load_report_errors(tmp_path):
 
 def test_main_tab_confidence_drop(micro_pair):
     from cbam_viz.explain import explain
-    from cbam_viz.localization import pair_confidence_drop
-    from cbam_viz.evaluate_cams import confidence_drop_figure
+    from cbam_viz.faithfulness import pair_confidence_drop
+    from cbam_viz.render import confidence_drop_figure
 
     img = make_image(48, 40, seed=3)
     exp = explain(img, micro_pair, method="gradcam")[0]
@@ -167,3 +154,46 @@ def test_main_tab_confidence_drop(micro_pair):
         assert d.prob_before == pytest.approx(getattr(exp, role).top1.prob, abs=1e-4)  # target None: the top-1
     fig = confidence_drop_figure(drops, micro_pair)
     assert fig.width > 2 * micro_pair.cbam.input_size
+
+
+def _fake_cams(value: int):
+    return {f"gradcam/{role}": np.full((3, 112, 112), value, np.uint8) for role in ("baseline", "cbam")}
+
+
+def test_write_report_failure_leaves_the_previous_report_intact(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full, killed) leaves the old files whole and no partial file."""
+    out = tmp_path / "report"
+    write_report({**_fake_report(), "version": REPORT_VERSION}, _fake_cams(7), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["cams.npz", "report.json", "report.md", "summary.png"]
+
+    def disk_full(file, **arrays):  # writes the start of the zip, then fails
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "wb") as f:
+                f.write(b"PK\x03\x04 half a zip")
+        else:
+            file.write(b"PK\x03\x04 half a zip")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", disk_full)
+    newer = {**_fake_report(), "version": REPORT_VERSION, "data": "/elsewhere"}
+    with pytest.raises(OSError, match="No space"):
+        write_report(newer, _fake_cams(9), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    report = load_report(out)
+    assert report["data"] == "/nowhere" and (load_report_cams(report)["gradcam/cbam"] == 7).all()
+
+
+def test_shipped_report_still_loads_and_reproduces_its_intervals():
+    """docs/explanation_quality (what the app's tab shows) keeps loading: same format, same statistics."""
+    report = load_report(DEFAULT_REPORT_DIR)
+    cams = load_report_cams(report)
+    for method, rec in report["per_image"].items():
+        for role in ("baseline", "cbam"):
+            assert cams[f"{method}/{role}"].shape == (len(rec["index"]), 112, 112)
+            assert len(rec[role]["energy"]) == len(rec["index"])
+    assert "| gradcam | Pointing game" in markdown_report(report)
+    method = next(iter(report["per_image"]))
+    s = report["settings"]
+    assert summarize(report["per_image"][method], iou_threshold=s["iou_threshold"], n_boot=s["n_boot"],
+                     seed=s["seed"]) == report["results"][method]

@@ -1,13 +1,12 @@
-"""Localization and faithfulness metrics on hand-made CAMs with known answers."""
+"""Localization metrics (cbam_viz.quality.metrics) on hand-made CAMs with known answers."""
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torchvision.ops import box_iou as tv_box_iou
 
-from cbam_viz.boxes import Box
-from cbam_viz.localization import (
-    DEFAULT_THRESHOLDS, blur_fill_image, box_hits_over_thresholds, box_iou, cam_to_box, confidence_drop, energy_in_boxes,
-    max_box_acc, perturbation_scores, pointing_game, remove_by_cam, removal_mask,
+from cbam_viz.quality.boxes import Box
+from cbam_viz.quality.metrics import (
+    DEFAULT_THRESHOLDS, box_hits_over_thresholds, box_iou, cam_to_box, energy_in_boxes, max_box_acc, pointing_game,
 )
 
 BOX = Box(10, 20, 30, 40)  # 20 x 20 px in a 64 x 64 image: area share 400 / 4096
@@ -87,58 +86,34 @@ def test_box_hits_and_max_box_acc():
     assert acc == 0.5 and ious[best] >= 0.5
 
 
-def test_removal_mask_exact_share_even_with_ties():
-    cam = np.zeros((10, 10), np.float32)
-    cam[:2] = 1.0  # 20 % high, 80 % tied at zero
-    keep = removal_mask(cam, 0.2)
-    assert keep.sum() == 80 and (keep[:2] == 0).all()
-    keep = removal_mask(cam, 0.2, most_relevant=False)
-    assert keep.sum() == 80 and (keep[:2] == 1).all()
-    with pytest.raises(ValueError):
-        removal_mask(cam, 1.0)
+def test_box_iou_is_torchvisions_with_exclusive_max():
+    """``xmax``/``ymax`` are exclusive pixel edges: a box's area is (xmax - xmin) * (ymax - ymin)."""
+    whole = Box(0, 0, 224, 224)  # covers a whole 224 x 224 image
+    cases = [
+        (whole, Box(0, 0, 112, 224), 0.5),                       # the left half
+        (Box(0, 0, 10, 10), Box(10, 0, 20, 10), 0.0),            # touching edges share no pixel
+        (Box(0, 0, 10, 10), Box(9, 9, 20, 20), 1 / (100 + 121 - 1)),  # one shared pixel
+        (Box(2, 2, 6, 6), Box(0, 0, 8, 8), 16 / 64),              # contained
+        (Box(0.5, 0, 2.5, 1), Box(1.5, 0, 3.5, 1), 1 / 3),       # fractional edges
+        (Box(0, 0, 4, 4), Box(10, 10, 12, 12), 0.0),             # disjoint
+    ]
+    for a, b, expected in cases:
+        ref = float(tv_box_iou(torch.tensor([a.as_list()], dtype=torch.float64),
+                               torch.tensor([b.as_list()], dtype=torch.float64))[0, 0])
+        assert box_iou(a, b) == pytest.approx(expected) == pytest.approx(ref)
+        assert box_iou(b, a) == box_iou(a, b)
 
 
-class _RedDetector(nn.Module):
-    """Class 1's logit is the mean of channel 0 inside a fixed square; class 0 is constant."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        s = x[:, 0, 8:16, 8:16].mean(dim=(1, 2)) * 1.5
-        return torch.stack([torch.zeros_like(s), s], dim=1) + self.w
-
-
-def test_faithfulness_prefers_the_cam_on_the_evidence():
-    model = _RedDetector().eval()
-    image = torch.zeros(3, 32, 32)
-    image[0, 8:16, 8:16] = 2.0  # the evidence, on a mean (0) background
-    right = blob(8, 8, 16, 16, shape=(32, 32)) + 0.01
-    wrong = blob(20, 20, 28, 28, shape=(32, 32)) + 0.01
-    for imputer in ("mean", "blur"):
-        assert remove_by_cam(image, right, 0.1, imputer=imputer)[0, 8:16, 8:16].mean() < 1.5
-        good = confidence_drop(model, image, right, 1, fraction=0.2, imputer=imputer)
-        bad = confidence_drop(model, image, wrong, 1, fraction=0.2, imputer=imputer)
-        assert good.prob_before == pytest.approx(bad.prob_before)
-        assert abs(bad.drop) < 0.05 and good.drop > bad.drop + 0.05 and good.relative_drop > bad.relative_drop
-    assert confidence_drop(model, image, right, 1, imputer="mean").drop > 0.3
-    # A known probability before skips that forward and changes nothing else.
-    full = confidence_drop(model, image, right, 1, imputer="blur")
-    known = confidence_drop(model, image, right, 1, imputer="blur", prob_before=full.prob_before)
-    assert (known.prob_before, known.prob_after) == pytest.approx((full.prob_before, full.prob_after), abs=1e-6)
-    s_right = perturbation_scores(model, image, right, 1, fractions=(0.1, 0.5), imputer="mean")
-    s_wrong = perturbation_scores(model, image, wrong, 1, fractions=(0.1, 0.5), imputer="mean")
-    road = lambda s: float(np.mean((s["lerf"] - s["morf"]) / 2))  # noqa: E731
-    assert road(s_right) > 0.1 and road(s_right) > road(s_wrong)
-    # A known original probability and a precomputed blur give the same numbers as computing them.
-    a = perturbation_scores(model, image, right, 1, fractions=(0.3,))
-    b = perturbation_scores(model, image, right, 1, fractions=(0.3,), p_original=a["p"], fill=blur_fill_image(image))
-    assert a["p"] == b["p"] and np.allclose(a["morf"], b["morf"], atol=1e-6) and np.allclose(a["lerf"], b["lerf"], atol=1e-6)
-    # A CAM at another size is resized to the input.
-    assert confidence_drop(model, image, blob(4, 4, 8, 8, shape=(16, 16)), 1, imputer="mean").drop > 0.3
-
-
-def test_road_imputer_runs():
-    out = remove_by_cam(torch.rand(3, 16, 16), np.random.default_rng(0).random((16, 16)), 0.2, imputer="road")
-    assert out.shape == (3, 16, 16) and torch.isfinite(out).all()
+def test_box_hits_take_the_best_box_at_each_threshold():
+    """Several true boxes: each threshold's CAM box scores its best IoU with any of them."""
+    # A bright small blob on the first box, a dim larger one on the second.
+    cam = blob(10, 20, 30, 40) * 0.6 + blob(36, 36, 64, 64) * 0.4 + 0.05
+    boxes = [BOX, Box(36, 36, 64, 64), Box(0, 0, 4, 4)]
+    ious = box_hits_over_thresholds(cam, boxes)
+    norm = (cam - cam.min()) / (cam.max() - cam.min())
+    for i, t in enumerate(DEFAULT_THRESHOLDS):
+        pred = cam_to_box(norm, float(t))
+        expected = 0.0 if pred is None else max(box_iou(pred, b) for b in boxes)
+        assert ious[i] == pytest.approx(expected, abs=1e-6)
+    assert ious.dtype == np.float32
+    assert ious[10] == pytest.approx(1.0) and ious[90] == pytest.approx(1.0)  # the large blob, then the bright one

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbam_viz import quality_view
-from cbam_viz.evaluate_cams import METRICS, evaluate_cams, load_report, write_report
-from tests.test_evaluate_cams import boxed_folder  # noqa: F401  (fixture)
+from cbam_viz.quality import METRICS, evaluate_cams, load_report, write_report
+from cbam_viz.quality import view as quality_view
+
+pytestmark = pytest.mark.usefixtures("no_cbam_env")
 
 
 @pytest.fixture
-def report_dir(boxed_folder, micro_pair, tmp_path):  # noqa: F811
+def report_dir(boxed_folder, micro_pair, tmp_path):
     data, csv = boxed_folder
     report, cams = evaluate_cams(data, csv, pair=micro_pair, methods=["gradcam"], n_boot=50, progress=False)
     write_report(report, cams, tmp_path / "report")

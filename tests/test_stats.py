@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cbam_viz.stats import Interval, bootstrap, max_box_acc_stat, paired_bootstrap
+from cbam_viz.quality.stats import Interval, bootstrap, max_box_acc_stat, paired_bootstrap
 
 
 def test_interval_contains_mean_and_shrinks_with_n():

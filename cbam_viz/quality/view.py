@@ -3,7 +3,7 @@
 The measured table comes from ``python -m cbam_viz evaluate-cams`` (``report.json`` plus the
 CAMs it stored in ``cams.npz``, both under ``docs/explanation_quality``). Averages hide what a
 difference looks like, so the tab lets a person pick a metric and see the photos behind it: the
-true boxes, both CAMs and each CAM's own box.
+true boxes, both CAMs and each CAM's own box (drawn by :func:`cbam_viz.render.render_comparison`).
 
 The photos are dataset images and never ship with the project. They are looked up where the
 report found them, then under ``$CBAM_VIZ_DATA`` (an ImageFolder split such as
@@ -14,19 +14,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image
 
-from cbam_viz.evaluate_cams import METRICS, load_report, most_different_images, per_image_text, render_record
+from cbam_viz.data import load_rgb
+from cbam_viz.quality.metrics import METRICS, per_image_text
+from cbam_viz.quality.report import load_report, most_different_images, record_cams
+from cbam_viz.render import PLACEHOLDER_GREY, photo_placeholder, render_comparison
 
-__all__ = ["DEFAULT_REPORT_DIR", "DIRECTIONS", "load_app_report", "metric_choices", "method_choices",
-           "find_photo", "differing_images"]
+__all__ = [
+    "DEFAULT_REPORT_DIR", "DIRECTIONS", "PLACEHOLDER_GREY", "REPORT_ENV", "DATA_ENV", "differing_images",
+    "find_photo", "load_app_report", "method_choices", "metric_choices", "record_image", "render_record",
+]
 
-DEFAULT_REPORT_DIR = Path(__file__).resolve().parent.parent / "docs" / "explanation_quality"
-#: Radio label -> ``direction`` of :func:`cbam_viz.evaluate_cams.most_different_images`.
+DEFAULT_REPORT_DIR = Path(__file__).resolve().parents[2] / "docs" / "explanation_quality"
+#: The report the tab shows instead of the shipped one.
+REPORT_ENV = "CBAM_VIZ_QUALITY_REPORT"
+#: Where the evaluated photos are on this machine, if not where the report found them.
+DATA_ENV = "CBAM_VIZ_DATA"
+#: Radio label -> ``direction`` of :func:`cbam_viz.quality.report.most_different_images`.
 DIRECTIONS = {"largest difference either way": "both", "CBAM better": "cbam", "baseline better": "baseline"}
-PLACEHOLDER_GREY = (150, 150, 150)
 
 
 def load_app_report(path: str | os.PathLike | None = None) -> tuple[dict | None, str]:
@@ -34,7 +42,7 @@ def load_app_report(path: str | os.PathLike | None = None) -> tuple[dict | None,
 
     Never raises: a missing or unreadable report gives ``(None, reason)`` and the tab says so.
     """
-    path = Path(path or os.environ.get("CBAM_VIZ_QUALITY_REPORT") or DEFAULT_REPORT_DIR)
+    path = Path(path or os.environ.get(REPORT_ENV) or DEFAULT_REPORT_DIR)
     try:
         report = load_report(path)
     except (OSError, ValueError) as err:
@@ -51,22 +59,44 @@ def metric_choices() -> list[tuple[str, str]]:
 
 
 def method_choices(report: dict) -> list[str]:
+    """The report's CAM methods, in its order."""
     return list(report["per_image"])
 
 
 def find_photo(record: dict, data_dir: str | os.PathLike | None = None) -> Path | None:
     """Where the record's photo is on this machine, if anywhere (see the module docstring)."""
     candidates = [Path(record["path"])]
-    for root in (data_dir, os.environ.get("CBAM_VIZ_DATA")):
+    for root in (data_dir, os.environ.get(DATA_ENV)):
         if root:
             candidates.append(Path(root) / record["file"])
     return next((p for p in candidates if p.is_file()), None)
 
 
-def _placeholder(size: tuple[int, int]) -> Image.Image:
-    image = Image.new("RGB", tuple(int(v) for v in size), PLACEHOLDER_GREY)
-    ImageDraw.Draw(image).text((4, 4), "photo not shipped", fill=(235, 235, 235))
-    return image
+def record_image(record: dict) -> Image.Image:
+    """The RGB image of a :func:`~cbam_viz.quality.report.most_different_images` record."""
+    return load_rgb(record["path"])
+
+
+def render_record(report: dict, record: dict, *, alpha: float = 0.5, image: Image.Image | None = None) -> Image.Image:
+    """:func:`cbam_viz.render.render_comparison` for a :func:`~cbam_viz.quality.report.most_different_images`
+    record, from the stored CAMs.
+
+    ``image``: the photo to draw on; default: read it from ``record["path"]``.
+
+    Raises:
+        FileNotFoundError: the report has no stored CAMs (``cams.npz``).
+    """
+    cams = record_cams(report)
+    key = f"{record['method']}/"
+    if key + "baseline" not in cams:
+        raise FileNotFoundError(f"no stored CAMs (cams.npz) next to the report in {report.get('_dir')}")
+    titles = ("image + true boxes",
+              f"baseline {per_image_text(record['metric'], record['baseline'])}",
+              f"CBAM {per_image_text(record['metric'], record['cbam'])}")
+    cam_b = cams[key + "baseline"][record["row"]].astype(np.float32) / 255.0
+    cam_c = cams[key + "cbam"][record["row"]].astype(np.float32) / 255.0
+    return render_comparison(record_image(record) if image is None else image, cam_b, cam_c, record["boxes"],
+                             cam_boxes=(record["baseline_box"], record["cbam_box"]), titles=titles, alpha=alpha)
 
 
 def differing_images(
@@ -97,10 +127,9 @@ def differing_images(
         size = tuple(int(v) for v in r["size"])
         if photo_path is None:
             missing += 1
-            photo: Any = _placeholder(size)
+            photo = photo_placeholder(size)
         else:
-            with Image.open(photo_path) as im:
-                photo = im.convert("RGB")
+            photo = load_rgb(photo_path)
             if photo.size != size:
                 # Boxes and CAMs are in the evaluated image's pixels (e.g. a 320 px copy of the set).
                 resized += 1
