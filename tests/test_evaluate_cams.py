@@ -50,6 +50,12 @@ def test_cli_end_to_end(boxed_folder, micro_pair, monkeypatch, tmp_path, capsys)
     assert len(per["cbam"]["energy"]) == 6 and len(per["cbam"]["ious"][0]) == 100
     assert report["timings"]["methods"]["layercam"]["images"] == 2  # Score-CAM's way to fit the budget
     assert "verdict" in (out / "report.md").read_text()
+    gates = report["spatial_gates"]  # every CBAM block's spatial gate, scored like the CAMs
+    assert gates["blocks"] == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert set(gates["results"]) == {*gates["blocks"], "centre Gaussian"} and set(gates["vs_centre"]) == set(gates["blocks"])
+    for iv in gates["results"]["layer4.1"].values():
+        assert iv["n"] == 6 and iv["low"] <= iv["value"] <= iv["high"]
+    assert "spatial gate itself localize" in (out / "report.md").read_text()
 
     recs = most_different_images(report, "energy", 3, method="gradcam")
     assert len(recs) == 3
@@ -197,3 +203,27 @@ def test_shipped_report_still_loads_and_reproduces_its_intervals():
     s = report["settings"]
     assert summarize(report["per_image"][method], iou_threshold=s["iou_threshold"], n_boot=s["n_boot"],
                      seed=s["seed"]) == report["results"][method]
+
+
+def test_a_gate_that_lights_up_the_box_beats_the_centre_and_a_flat_one_does_not():
+    """Known answers: a gate map bright exactly on the (off-centre) box scores 100 % pointing and
+    beats the centre Gaussian; a constant gate scores chance; the centre bump wins on a centred box."""
+    from cbam_viz.quality.boxes import Box
+    from cbam_viz.quality.gates import CENTRE, centre_gaussian, spatial_gate_scores
+
+    size = (64, 64)
+    corner = [Box(0, 0, 24, 24)]
+    hit = np.zeros((8, 8), np.float32)
+    hit[:3, :3] = 1.0  # the top-left 3x3 of the 8x8 feature map: inside the box
+    flat = np.full((8, 8), 0.5, np.float32)
+    gates = [{"layer1.0": hit, "layer4.1": flat}] * 5
+    res = spatial_gate_scores(gates, [size] * 5, [corner] * 5, n_boot=200)
+    assert res["results"]["layer1.0"]["pointing"]["value"] == 1.0
+    assert res["results"][CENTRE]["pointing"]["value"] == 0.0  # its peak is in the middle
+    assert res["vs_centre"]["layer1.0"]["energy"]["low"] > 0
+    share = 24 * 24 / 64 ** 2
+    assert res["results"]["layer4.1"]["pointing"]["value"] == pytest.approx(share, abs=1e-3)  # flat: chance
+    centred = spatial_gate_scores(gates, [size] * 5, [[Box(20, 20, 44, 44)]] * 5, n_boot=200)
+    assert centred["results"][CENTRE]["pointing"]["value"] == 1.0
+    bump = centre_gaussian(size)
+    assert bump.shape == (64, 64) and bump.argmax() in (32 * 64 + 32, 31 * 64 + 31, 31 * 64 + 32, 32 * 64 + 31)

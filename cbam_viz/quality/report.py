@@ -30,7 +30,7 @@ from cbam_viz.quality.metrics import DEFAULT_THRESHOLDS, METRICS, PERCENT_METRIC
 
 __all__ = [
     "CAM_STORE_SIZE", "REPORT_VERSION", "load_report", "load_report_cams", "markdown_report",
-    "most_different_images", "record_cams", "summary_figure", "write_report",
+    "most_different_images", "record_cams", "spatial_gate_markdown", "summary_figure", "write_report",
 ]
 
 REPORT_VERSION = 1
@@ -78,12 +78,13 @@ def _fmt(iv: dict, pct: bool) -> str:
     return f"{iv['value'] * s:.{d}f} [{iv['low'] * s:.{d}f}, {iv['high'] * s:.{d}f}]"
 
 
-def _verdict(diff: dict, higher_is_better: bool) -> str:
+def _verdict(diff: dict, higher_is_better: bool, *, names: tuple[str, str] = ("CBAM", "baseline")) -> str:
+    """Which side of a paired difference the interval supports (``names``: first minus second)."""
     if diff["value"] is None:
         return "n/a"
     if diff["low"] > 0 or diff["high"] < 0:
         better = (diff["low"] > 0) == higher_is_better
-        return "**CBAM better**" if better else "**baseline better**"
+        return f"**{names[0] if better else names[1]} better**"
     return "no clear difference"
 
 
@@ -114,6 +115,7 @@ def markdown_report(report: dict) -> str:
             pct = key in PERCENT_METRICS
             lines.append(f"| {method} | {info['label']} {arrow} | {r['diff']['n']} | {_fmt(r['baseline'], pct)} | "
                          f"{_fmt(r['cbam'], pct)} | {_fmt(r['diff'], pct)} | {_verdict(r['diff'], info['higher_is_better'])} |")
+    lines += spatial_gate_markdown(report)
     t = report["timings"]
     per_method = ", ".join(f"{m} {v['wall_s']:.0f} s / {v['images']} img" for m, v in t["methods"].items())
     lines += ["", "Metrics: " + "; ".join(f"*{i['label']}*: {i['help']}" for i in report["metrics"].values()) + ".",
@@ -121,6 +123,29 @@ def markdown_report(report: dict) -> str:
               f"({per_method}); "
               f"device {s['device']}, {s['torch_threads']} threads.", ""]
     return "\n".join(lines)
+
+
+def spatial_gate_markdown(report: dict) -> list[str]:
+    """The spatial-gate section of the report's Markdown (empty for reports without it)."""
+    g = report.get("spatial_gates")
+    if not g:
+        return []
+    from cbam_viz.quality.gates import CENTRE, LOCALIZATION_METRICS
+
+    labels = [report["metrics"][m]["label"] for m in LOCALIZATION_METRICS]
+    lines = ["", "### Does the spatial gate itself localize the object?", "",
+             "Each CBAM block's spatial-attention map, upsampled and min-max scaled like a CAM, scored with "
+             f"the same box metrics, beside a reference map that knows nothing of the image ({g['reference']}). "
+             "Values in %, 95 % bootstrap intervals; **block − centre** paired over the same images.", "",
+             "| map | " + " | ".join(labels) + " | " + " | ".join(f"{lab}: − centre" for lab in labels) + " |",
+             "|---|" + "---|" * (2 * len(labels))]
+    for name in [*g["blocks"], CENTRE]:
+        cells = [_fmt(g["results"][name][m], True) for m in LOCALIZATION_METRICS]
+        diffs = ([f"{_fmt(g['vs_centre'][name][m], True)} "
+                  f"{_verdict(g['vs_centre'][name][m], True, names=('gate', 'centre'))}"
+                  for m in LOCALIZATION_METRICS] if name in g["vs_centre"] else ["—"] * len(labels))
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
+    return lines
 
 
 def summary_figure(report: dict):

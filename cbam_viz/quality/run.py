@@ -10,7 +10,9 @@ numbers describe exactly what the app shows), and each CAM is scored:
   :mod:`cbam_viz.quality.metrics`;
 * faithfulness without boxes (:mod:`cbam_viz.faithfulness`): the true-class probability after
   removing the CAM's top (MoRF) or bottom (LeRF) 20 % and 50 % of pixels, blur-imputed, and
-  ROAD's combined score ``(LeRF - MoRF) / 2``.
+  ROAD's combined score ``(LeRF - MoRF) / 2``;
+* and, beside the CAMs, every CBAM block's spatial-gate map with the same box metrics, against a
+  centre-Gaussian reference map (:mod:`cbam_viz.quality.gates`).
 
 Each statistic gets a 95 % bootstrap interval, and ``CBAM - baseline`` a *paired* bootstrap
 interval over images (:mod:`cbam_viz.quality.stats`): an interval that excludes 0 is a difference
@@ -49,6 +51,7 @@ from cbam_viz.explain import ModelExplanation, explain
 from cbam_viz.faithfulness import blur_fill_image, perturbation_scores, resize_cam
 from cbam_viz.preprocess import to_model_batch
 from cbam_viz.quality.boxes import Box, BoxFileError, check_boxes_fit, read_boxes
+from cbam_viz.quality.gates import spatial_gate_scores
 from cbam_viz.quality.metrics import (
     DEFAULT_THRESHOLDS, METRICS, ROLES, box_hits_over_thresholds, energy_in_boxes, max_box_acc, pointing_game,
 )
@@ -175,6 +178,23 @@ def _run_method(
                 store[role][start + j] = _quantize(me.cam)
         bar.update(len(chunk))
     return values, store
+
+
+def _spatial_gate_maps(imgs: _BoxedImages, model, *, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Every CBAM block's spatial attention for each image: one plain forward of the CBAM model.
+
+    The gates do not depend on the CAM method or the target class, so they are recorded once.
+    """
+    from cbam_viz.attention import record_attention
+    from cbam_viz.pair import model_lock
+
+    out: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(imgs.images), batch_size):
+        x = to_model_batch(imgs.images[start:start + batch_size], model.input_size, model.mean, model.std)
+        with model_lock(model.model), torch.no_grad(), record_attention(model.model) as maps:
+            model.model(x.to(model.device))
+        out += [{block: g["spatial"][j].float().cpu().numpy() for block, g in maps.items()} for j in range(len(x))]
+    return out
 
 
 def _per_image_record(index: np.ndarray, values: Mapping[str, list[dict]], iou_threshold: float) -> dict:
@@ -308,6 +328,12 @@ def evaluate_cams(
     bar.close()
 
     results = {m: summarize(per_image[m], iou_threshold=iou_threshold, n_boot=n_boot, seed=seed) for m in methods}
+    t0 = time.perf_counter()
+    gates = _spatial_gate_maps(imgs, pair.cbam, batch_size=batch_size)
+    spatial = (spatial_gate_scores(gates, [im.size for im in imgs.images], [imgs.boxes[k] for k in imgs.keys],
+                                   iou_threshold=iou_threshold, n_boot=n_boot, seed=seed)
+               if gates and gates[0] else None)
+    gates_wall_s = round(time.perf_counter() - t0, 2)
     thresholds = DEFAULT_THRESHOLDS
     report = {
         "version": REPORT_VERSION,
@@ -330,8 +356,11 @@ def evaluate_cams(
                    for k, folder, t, im in zip(imgs.keys, imgs.folders, imgs.targets, imgs.images)],
         "results": results,
         "per_image": per_image,
-        "timings": {"methods": timings, "total_wall_s": round(time.perf_counter() - t_start, 2),
+        "timings": {"methods": timings, "spatial_gates_wall_s": gates_wall_s,
+                    "total_wall_s": round(time.perf_counter() - t_start, 2),
                     "total_cpu_s": round(time.process_time() - cpu_start, 2)},
         "missing_images": imgs.missing,
     }
+    if spatial is not None:
+        report["spatial_gates"] = spatial
     return report, cams
