@@ -6,6 +6,7 @@ is that ``benchmarks/`` keeps working as the code it measures changes.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import re
 import subprocess
 import sys
@@ -93,10 +94,13 @@ def test_recipe_estimate_adds_each_epoch_at_its_size():
 
     from cbam_viz.train import Recipe
 
-    recipe = Recipe(epochs=3, batch_size=10, sizes=((0, 32), (2, 64)), eval_size=64, eval_every=100)
+    recipe = Recipe(epochs=3, batch_size=10, sizes=((0, 32), (2, 64)), eval_size=64, eval_every=100, holdout=0.0)
     minutes = estimate_minutes(recipe, {32: 10.0, 64: 5.0}, train_images=105, val_images=30)
     # 10 steps x 10 images: 10 s, 10 s, then 20 s; one final eval of 30 images at 3 x 5 img/s: 2 s
     assert minutes == pytest.approx((10 + 10 + 20 + 2) / 60)
+    held = estimate_minutes(replace(recipe, holdout=0.2), {32: 10.0, 64: 5.0}, train_images=105, val_images=30)
+    # 84 images train: 8 steps x 10 images: 8 s, 8 s, 16 s, plus the same evaluation
+    assert held == pytest.approx((8 + 8 + 16 + 2) / 60)
 
 
 @pytest.mark.timeout(600)
