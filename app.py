@@ -1,6 +1,8 @@
 """cbam-viz web app: what CBAM changes inside a ResNet, side by side with its baseline twin.
 
-Layout and event wiring only; everything it calls lives in :mod:`cbam_viz.service`.
+Layout and event wiring only: each event function makes one call into :mod:`cbam_viz.app_views`
+(which calls :mod:`cbam_viz.service`) and hands the result to Gradio. Importing this module reads
+no file: the pair names, examples and the Explanation-quality report load with the page.
 Run ``python app.py`` (127.0.0.1:7860; ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` override).
 
 Environment:
@@ -19,27 +21,22 @@ the "Use via API" link at the bottom of the page.
 """
 from __future__ import annotations
 
-import functools
 import os
 import threading
-from pathlib import Path
 
 import gradio as gr
 
-from cbam_viz import quality_view, service
-from cbam_viz.examples import list_examples
+from cbam_viz import app_views as views
+from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, list_methods
+from cbam_viz.messages import format_error
+from cbam_viz.quality.view import DIRECTIONS, metric_choices
+from cbam_viz.service import warm_up
 
-ROOT = Path(__file__).resolve().parent
 CONCURRENCY = int(os.environ.get("CBAM_VIZ_CONCURRENCY", "2"))
 QUEUE_SIZE = int(os.environ.get("CBAM_VIZ_QUEUE_SIZE", "32"))
 MAX_FILE_SIZE = os.environ.get("CBAM_VIZ_MAX_FILE_SIZE", "20mb")
 MAX_IMAGES = int(os.environ.get("CBAM_VIZ_MAX_IMAGES", "16"))
-QUALITY_DOC = ROOT / "docs" / "explanation_quality.md"
-
-QUALITY_REPORT, QUALITY_NOTE = quality_view.load_app_report()
-PAIRS = service.pair_names()
-METHODS = service.list_methods()
-EXAMPLES = list_examples()
+METHODS = list_methods()  # the registry's names: code, not files
 
 INTRO = """\
 # cbam-viz: what does CBAM change inside a ResNet?
@@ -53,198 +50,77 @@ trained the same way, side by side: their predictions, their Grad-CAM heatmaps, 
 CBAM gate did to the features.
 """
 
-QUALITY_PLACEHOLDER = "Explanation quality: not measured yet."
-QUALITY_FIGURE = ROOT / "docs" / "explanation_quality" / "summary.png"
-
-
-def _quality_markdown() -> str:
-    """docs/explanation_quality.md without its image lines (the tab shows the figure itself)."""
-    try:
-        text = QUALITY_DOC.read_text(encoding="utf-8")
-    except OSError:
-        return QUALITY_PLACEHOLDER
-    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("!["))
-
-
-def _pair_markdown(info: service.PairInfo) -> str:
-    lines = [f"**Loaded pair:** `{info.name}` ({info.baseline_name} vs {info.cbam_name}, on {info.device}). "
-             f"{service.classes_sentence(info.classes)}."]
-    lines += [f"\n> **Warning:** {w}" for w in info.warnings]
-    return "\n".join(lines)
-
-
-def _timings_markdown(timings: dict[str, float], per_model: dict[str, dict[str, float]]) -> str:
-    rows = ["| step | seconds |", "|---|---:|"]
-    rows += [f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in timings.items()]
-    for role, t in per_model.items():
-        rows += [f"| {role}: {k.replace('_', ' ')} | {v:.3f} |" for k, v in t.items()]
-    return "\n".join(rows)
-
-
-def _status_markdown(warnings, failures) -> str:
-    lines = [f"> **Note:** {w}" for w in warnings]
-    lines += [f"> **Skipped {name}:** {reason}" for name, reason in failures]
-    return "\n\n".join(lines)
-
 
 # ------------------------------------------------------------------------------ event functions
 
-def on_load(pair_name: str):
-    """Fill the pair-dependent parts of the page (classes, layers, warnings, model card)."""
-    return on_pair_change(pair_name)
+def _run(fn, *args, **kwargs):
+    """Call the library; any failure reaches the person as one sentence (the one error mapping)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001  the server keeps serving; format_error logs the unexpected
+        raise gr.Error(format_error(err), print_exception=False) from None
+
+
+def _update(choices: views.Choices | None):
+    return gr.update() if choices is None else gr.update(choices=choices.choices, value=choices.value,
+                                                         visible=choices.visible)
+
+
+def _pair_outputs(view: views.PairView) -> tuple:
+    if view.error:
+        gr.Warning(view.error)
+    return view.markdown, _update(view.targets), _update(view.layers), view.card
+
+
+def on_load():
+    """Fill the page once it is open: pairs, examples, the quality tab, the chosen pair's parts."""
+    page = _run(views.page_view)
+    return (_update(page.pairs), gr.Dataset(samples=[[path] for path, _ in page.examples],
+                                            sample_labels=[caption for _, caption in page.examples],
+                                            visible=bool(page.examples)),
+            page.quality_markdown, gr.update(value=page.quality_figure, visible=page.quality_figure is not None),
+            _update(page.quality_methods), page.quality_note, *_pair_outputs(page.pair))
 
 
 def on_pair_change(pair_name: str):
-    try:
-        pair = service.get_pair(pair_name)
-    except service.UserFacingError as err:
-        gr.Warning(str(err))
-        return (f"> **Error:** {err}", gr.update(), gr.update(), f"> **Error:** {err}")
-    info = service.describe_pair(pair)
-    return (
-        _pair_markdown(info),
-        gr.update(choices=info.targets, value=service.AUTO_TARGET),
-        gr.update(choices=info.layer_choices, value=service.AUTO_LAYER),
-        service.model_card_markdown(pair),
-    )
-
-
-def _view(item: dict):
-    """The components showing one image's result, from its stored (serialisable) dict."""
-    return (
-        item["labels"]["baseline"], item["overlays"]["baseline"],
-        item["labels"]["cbam"], item["overlays"]["cbam"],
-        item["faithfulness"], item["faithfulness_md"],
-        item["spatial"], item["channel"], item["timings_md"], item["files"],
-    )
-
-
-def _channel_overview(gallery: list[tuple[str, str]]) -> str | None:
-    """The one picture stacking every block's channel attention (the per-block strips repeat it)."""
-    for path, caption in gallery:
-        if caption == service.CHANNEL_OVERVIEW_CAPTION:
-            return path
-    return gallery[0][0] if gallery else None
-
-
-def _uploads(*values) -> tuple[list[str], list[str | None]]:
-    """Paths and original names of raw upload payloads (events run with ``preprocess=False``).
-
-    We decode uploads ourselves (:func:`cbam_viz.service.open_image`) so a broken file gets our
-    one-sentence message instead of Gradio's preprocessing error. Gradio still checks that every
-    path lies in its upload folder before the function runs.
-    """
-    paths, names = [], []
-    for value in values:
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, dict) and item.get("path"):
-                paths.append(item["path"])
-                names.append(item.get("orig_name"))
-            elif isinstance(item, str) and item:
-                paths.append(item)
-                names.append(None)
-    return paths, names
+    """Fill the pair-dependent parts of the page (classes, layers, warnings, model card)."""
+    return _pair_outputs(views.pair_view(pair_name))
 
 
 def explain_ui(image, files, pair_name, method, target, layer, alpha):
     """The Explain button: one or several images -> the side-by-side view of the first one."""
-    sources, names = _uploads(image, files)
-    try:
-        batch = service.explain_files(sources, names=names, pair_name=pair_name, method=method, target=target,
-                                      layer=layer, alpha=alpha, max_images=MAX_IMAGES)
-    except service.UserFacingError as err:
-        raise gr.Error(str(err), print_exception=False) from None
-    except Exception as err:  # noqa: BLE001  the server keeps serving; the person gets one sentence
-        raise gr.Error(service.format_error(err)) from None
-    items = []
-    for r in batch.results:
-        a = r.analysis
-        files_out = [str(r.files[k]) for k in ("png", "json", "npz")]
-        if batch.archive is not None:
-            files_out.append(str(batch.archive))
-        per_model = {role: getattr(a.explanation, role).timings for role in ("baseline", "cbam")}
-        items.append({
-            "name": a.name,
-            "labels": {"baseline": a.labels("baseline"), "cbam": a.labels("cbam")},
-            "overlays": {k: str(v) for k, v in r.overlays.items()},
-            "spatial": r.spatial_gallery, "channel": _channel_overview(r.channel_gallery),
-            "faithfulness": str(r.faithfulness) if r.faithfulness else None,
-            "faithfulness_md": service.faithfulness_markdown(a.summary.get("faithfulness")),
-            "timings_md": _timings_markdown(a.timings, per_model), "files": files_out,
-            "warnings": list(a.warnings),
-        })
-    names = [f"{i + 1}. {it['name']}" for i, it in enumerate(items)]
-    first = items[0]
-    status = _status_markdown(first["warnings"], batch.failures)
-    picker = gr.update(choices=names, value=names[0], visible=len(items) > 1)
-    return (items, picker, status, *_view(first))
+    view = _run(views.explain_view, image, files, pair_name=pair_name, method=method, target=target, layer=layer,
+                alpha=alpha, max_images=MAX_IMAGES)
+    return (view.items, _update(view.picker), view.status, *view.shown)
 
 
 def show_item(choice: str, items: list[dict]):
     """The image picker: show another image of the last batch."""
-    if not items or not choice:
-        raise gr.Error("Explain an image first.", print_exception=False)
-    index = int(choice.split(".", 1)[0]) - 1
-    item = items[max(0, min(index, len(items) - 1))]
-    return (_status_markdown(item["warnings"], []), *_view(item))
+    return _run(views.show_item, choice, items)
 
 
-def explain_api(image, method, target, layer, alpha, pair_name):
+def explain_api(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, alpha=0.5, pair_name=None):
     """``/explain``: one image -> (summary JSON, baseline CAM, CBAM CAM, composite, attention, files).
 
     The summary JSON holds both models' top-5 predictions, the CAM targets, the warnings, the
     timings and metadata (the same document as the JSON download).
     """
-    sources, names = _uploads(image)
-    if not sources:
-        raise gr.Error("Please send an image file.", print_exception=False)
-    try:
-        batch = service.explain_files(sources[:1], names=names[:1], pair_name=pair_name, method=method,
-                                      target=target, layer=layer, alpha=alpha, max_images=1)
-    except service.UserFacingError as err:
-        raise gr.Error(str(err), print_exception=False) from None
-    except Exception as err:  # noqa: BLE001
-        raise gr.Error(service.format_error(err)) from None
-    r = batch.results[0]
-    attention = r.spatial_gallery + r.channel_gallery
-    files = [str(r.files[k]) for k in ("json", "npz")]
-    return (r.analysis.summary, str(r.overlays["baseline"]), str(r.overlays["cbam"]), str(r.files["png"]),
-            attention, files)
+    return _run(views.api_explain, image, method, target, layer, alpha, pair_name)
 
 
-@functools.lru_cache(maxsize=8)
-def _differing_images(metric: str, method: str, direction: str, k: int):
-    # The report never changes while the app runs: the same choice gives the same pictures.
-    return quality_view.differing_images(QUALITY_REPORT, metric, method, direction, k)
+def info_api(pair_name=None):
+    """``/info``: the pair's classes, layer choices, CAM methods and warnings."""
+    return _run(views.api_info, pair_name)
 
 
 def show_differences(metric: str, method: str, direction: str, k: float):
     """The Explanation-quality tab: the images where the two CAMs score most differently."""
-    if QUALITY_REPORT is None:
-        return [], QUALITY_NOTE
-    try:
-        pictures, note = _differing_images(metric, method, quality_view.DIRECTIONS.get(direction, "both"),
-                                           int(k))
-    except (ValueError, KeyError, OSError) as err:
-        raise gr.Error(service.format_error(err), print_exception=False) from None
-    except Exception as err:  # noqa: BLE001  the server keeps serving; the person gets one sentence
-        raise gr.Error(service.format_error(err)) from None
-    return pictures, note
+    return _run(views.quality_differences, metric, method, direction, k)
 
 
-def info_api(pair_name):
-    """``/info``: the pair's classes, layer choices, CAM methods and warnings."""
-    try:
-        pair = service.get_pair(pair_name)
-    except service.UserFacingError as err:
-        raise gr.Error(str(err), print_exception=False) from None
-    info = service.describe_pair(pair)
-    return {
-        "pair": info.name, "pairs": PAIRS, "baseline": info.baseline_name, "cbam": info.cbam_name,
-        "trained": info.baseline_trained and info.cbam_trained, "classes": list(info.classes),
-        "targets": info.targets, "layers": info.layer_choices, "methods": METHODS,
-        "warnings": list(info.warnings),
-    }
+def load_example(index: int):
+    """A click on an example: put its picture into the photo input."""
+    return _run(views.example_image, index)
 
 
 # ------------------------------------------------------------------------------------- layout
@@ -260,16 +136,16 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
                 image = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"], height=320)
                 files = gr.File(file_count="multiple", file_types=["image"], type="filepath",
                                 label=f"Or several photos at once (up to {MAX_IMAGES})")
-                if EXAMPLES:
-                    gr.Examples(examples=[[str(e.path)] for e in EXAMPLES], inputs=[image],
-                                example_labels=[e.caption for e in EXAMPLES], label="Examples")
+                # Filled on page load (the examples are written to the temp folder on first use).
+                examples = gr.Dataset(components=[image], samples=[], type="index", label="Examples",
+                                      visible=False)
             with gr.Column(scale=2):
-                pair = gr.Dropdown(PAIRS, value=PAIRS[0], label="Model pair")
+                pair = gr.Dropdown([], value=None, label="Model pair")  # the manifest's pairs, on page load
                 method = gr.Dropdown(METHODS, value="gradcam" if "gradcam" in METHODS else METHODS[0],
                                      label="CAM method")
-                target = gr.Dropdown([service.AUTO_TARGET], value=service.AUTO_TARGET, allow_custom_value=True,
+                target = gr.Dropdown([AUTO_TARGET], value=AUTO_TARGET, allow_custom_value=True,
                                      label="Target class", info="auto = the class each model predicts")
-                layer = gr.Dropdown([service.AUTO_LAYER], value=service.AUTO_LAYER, allow_custom_value=True,
+                layer = gr.Dropdown([AUTO_LAYER], value=AUTO_LAYER, allow_custom_value=True,
                                     label="Target layer", info="the block the CAM looks at")
                 alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                 run = gr.Button("Explain", variant="primary")
@@ -299,21 +175,18 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
                                 interactive=False)
 
     with gr.Tab("Explanation quality") as quality_tab:
-        gr.Markdown(_quality_markdown())
-        if QUALITY_FIGURE.is_file():
-            gr.Image(str(QUALITY_FIGURE), label="Paired differences, CBAM - baseline (green: CBAM better, "
-                     "red: baseline better, grey: no clear difference)", interactive=False, format="png")
+        quality_md = gr.Markdown("*Loading the measured results...*")
+        quality_fig = gr.Image(label="Paired differences, CBAM - baseline (green: CBAM better, red: baseline "
+                               "better, grey: no clear difference)", interactive=False, format="png", visible=False)
         gr.Markdown("### Where the two models differ most\n"
                     "Pick a metric to see the boxed photos behind the averages: green boxes are the "
                     "true objects, white boxes each CAM's own box at its best threshold.")
         with gr.Row():
-            q_metric = gr.Dropdown(quality_view.metric_choices(), value="energy", label="Metric")
-            q_methods = quality_view.method_choices(QUALITY_REPORT) if QUALITY_REPORT else ["gradcam"]
-            q_method = gr.Dropdown(q_methods, value=q_methods[0], label="CAM method")
-            q_direction = gr.Radio(list(quality_view.DIRECTIONS), value=next(iter(quality_view.DIRECTIONS)),
-                                   label="Show")
+            q_metric = gr.Dropdown(metric_choices(), value="energy", label="Metric")
+            q_method = gr.Dropdown(["gradcam"], value="gradcam", label="CAM method")  # the report's, on load
+            q_direction = gr.Radio(list(DIRECTIONS), value=next(iter(DIRECTIONS)), label="Show")
             q_k = gr.Slider(1, 16, value=6, step=1, label="Images")
-        q_note = gr.Markdown(QUALITY_NOTE)
+        q_note = gr.Markdown()
         q_gallery = gr.Gallery(label="Boxed photo | baseline CAM | CBAM CAM", columns=2, height="auto",
                                object_fit="contain", format="png")
 
@@ -335,7 +208,10 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
 
     view = [base_label, base_cam, cbam_label, cbam_cam, faithful_img, faithful_md, spatial, channel, timings,
             downloads]
-    demo.load(on_load, inputs=[pair], outputs=[pair_md, target, layer, about_md], api_visibility="private")
+    demo.load(on_load, outputs=[pair, examples, quality_md, quality_fig, q_method, q_note, pair_md, target, layer,
+                                about_md], api_visibility="private")
+    examples.click(load_example, inputs=[examples], outputs=[image], api_visibility="private",
+                   show_progress="hidden")
     pair.change(on_pair_change, inputs=[pair], outputs=[pair_md, target, layer, about_md],
                 api_visibility="private")
     run.click(explain_ui, inputs=[image, files, pair, method, target, layer, alpha],
@@ -356,7 +232,7 @@ demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 if __name__ == "__main__":
     if os.environ.get("CBAM_VIZ_WARMUP", "1") != "0":
         # Load the models and pay the first explanation's import cost while the server starts.
-        threading.Thread(target=service.warm_up, args=(PAIRS[0],), name="cbam-viz-warm-up", daemon=True).start()
+        threading.Thread(target=warm_up, name="cbam-viz-warm-up", daemon=True).start()
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),

@@ -158,8 +158,8 @@ class Variants:
     def full(self):
         from cbam_viz.explain import explain
 
-        from cbam_viz.evaluate_cams import confidence_drop_figure
-        from cbam_viz.localization import pair_confidence_drop
+        from cbam_viz.faithfulness import pair_confidence_drop
+        from cbam_viz.render import confidence_drop_figure
         from cbam_viz.service import FAITHFULNESS_FRACTION
 
         explanations = explain(self.images, self.pair)

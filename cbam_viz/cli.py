@@ -16,7 +16,7 @@ __all__ = ["main", "build_parser"]
 def _cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from cbam_viz.train import Recipe, export, train
+    from cbam_viz.train import Recipe, train
 
     recipe = Recipe()
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "eval_size", "eval_every", "cache_size",
@@ -45,49 +45,92 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"bf16 auto: {'on' if overrides['bf16'] else 'off'} (this CPU "
               f"{'has' if overrides['bf16'] else 'lacks'} AVX-512 BF16 / AMX)")
     recipe = replace(recipe, **overrides)
+    results = {}
     for arch in args.arch:
         run_dir = Path(args.runs) / arch
-        result = train(arch, args.data, run_dir, recipe=recipe, resume=args.resume, cache_dir=args.cache_dir,
-                       val_dir=args.val, threads=args.threads, max_steps=args.max_steps)
-        if args.export and len(result.history) == recipe.epochs:
-            from cbam_viz.data import scan_image_folder
-
-            classes = list(scan_image_folder(args.data).classes)
-            rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=args.export,
-                         name=f"{arch}_{args.name}")
-            print(f"exported {rec.file} ({rec.sha256[:12]}) to {args.export}")
+        results[arch] = train(arch, args.data, run_dir, recipe=recipe, resume=args.resume, cache_dir=args.cache_dir,
+                              val_dir=args.val, threads=args.threads, max_steps=args.max_steps)
+    unfinished = [a for a, r in results.items() if len(r.history) < recipe.epochs]
+    if args.export and unfinished:
+        print(f"not exported: {', '.join(unfinished)} not finished (only a finished pair replaces shipped files)")
+    elif args.export:
+        _export_pair(args, recipe, results)
     return 0
+
+
+def _export_pair(args: argparse.Namespace, recipe, results: dict) -> None:
+    """Choose weights and input size for all runs at once on the held-out files, then export them."""
+    from cbam_viz.data import scan_image_folder
+    from cbam_viz.holdout import choose_for_pair, holdout_scores
+    from cbam_viz.train import export
+    from cbam_viz.weights import update_manifest
+
+    classes = list(scan_image_folder(args.data).classes)
+    selection = None
+    if recipe.holdout > 0:
+        scores = {}
+        for arch, result in results.items():
+            models = {"raw": result.model, **({"ema": result.ema_model} if result.ema_model is not None else {})}
+            scores[arch] = holdout_scores(models, args.data, result.holdout_files, mean=recipe.mean, std=recipe.std,
+                                          **({"sizes": args.select_sizes} if args.select_sizes else {}))
+        choice = choose_for_pair(scores)
+        print(f"held-out choice: {choice['weights']} weights at {choice['input_size']} px "
+              f"(mean held-out top-1 {choice['mean_holdout_top1']:.4f})")
+    for arch, result in results.items():
+        if recipe.holdout > 0:
+            selection = {**choice, "scores": scores[arch]}
+        rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=args.export,
+                     name=f"{arch}_{args.name}", weights=selection["weights"] if selection else "raw",
+                     input_size=selection["input_size"] if selection else None, selection=selection)
+        print(f"exported {rec.file} ({rec.sha256[:12]}, {rec.input_size} px) to {args.export}")
+    cbam = [a for a in results if "cbam" in a]
+    base = [a for a in results if "cbam" not in a]
+    if len(cbam) == 1 and len(base) == 1:
+        pair = f"{base[0]}-{args.name}"
+        update_manifest(args.export, pair=(pair, {"baseline": f"{base[0]}_{args.name}",
+                                                  "cbam": f"{cbam[0]}_{args.name}", "default": True}))
+        print(f"pair {pair!r} set as the default in {Path(args.export) / 'manifest.json'}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import shlex
 
-    from cbam_viz.evaluate import evaluate_models, format_report, resolve_models
-    from cbam_viz.weights import update_manifest
+    from cbam_viz.evaluate import evaluate_models, format_paired, format_report, paired_difference, resolve_models
+    from cbam_viz.outputs import atomic_write_text
+    from cbam_viz.weights import ChecksumError, resolve_weights_dir, update_manifest
 
-    from cbam_viz.weights import ChecksumError
-
+    weights = resolve_weights_dir(args.weights)
     try:
-        records = resolve_models(args.weights, model=args.model, pair=args.pair)
-        results = evaluate_models(records, args.data, weights_dir=args.weights, batch_size=args.batch_size,
-                                  progress=not args.no_progress)
+        records = resolve_models(weights, model=args.model, pair=args.pair)
+        results = evaluate_models(records, args.data, weights_dir=weights, batch_size=args.batch_size,
+                                  hflip=args.hflip, progress=not args.no_progress)
     except (KeyError, FileNotFoundError, ValueError, ChecksumError) as err:
         # Known failures (unknown name, missing/corrupt file, wrong class folders): one line, no traceback.
         print(f"evaluate: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
     print(format_report(results))
+    if args.pair:  # the two records of a pair, baseline first
+        diff = paired_difference(*results)
+        print("\n" + format_paired(diff))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({r.name: r.to_json() for r in results}, indent=2) + "\n")
+        atomic_write_text(out, json.dumps({r.name: r.to_json() for r in results}, indent=2) + "\n")
         print(f"wrote {out}")
     if args.update_manifest:
         which = ["--pair", args.pair] if args.pair else ["--model", args.model]
-        command = shlex.join(["python", "-m", "cbam_viz", "evaluate", "--weights", str(args.weights),
-                              *which, "--data", str(args.data)])
+        given = ["--weights", str(args.weights)] if args.weights else []
+        command = shlex.join(["python", "-m", "cbam_viz", "evaluate", *given, *which, "--data", str(args.data),
+                              *(["--hflip"] if args.hflip else [])])
         for r in results:
-            update_manifest(args.weights, metrics=(r.name, r.manifest_metrics(command)))
-        print(f"updated {Path(args.weights) / 'manifest.json'}: {', '.join(r.name for r in results)}")
+            metrics = r.manifest_metrics(command)
+            if args.hflip:  # reported beside the plain figures, never instead of them
+                metrics = {("val_hflip_" + k[4:] if k.startswith("val_") else "hflip_" + k): v
+                           for k, v in metrics.items()}
+            if args.pair:
+                metrics["val_hflip_paired_difference" if args.hflip else "val_paired_difference"] = diff
+            update_manifest(weights, metrics=(r.name, metrics))
+        print(f"updated {weights / 'manifest.json'}: {', '.join(r.name for r in results)}")
     return 0
 
 
@@ -95,7 +138,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     """Explain images or folders of images; write ``<name>.png`` + ``<name>.json`` (+ ``.npz``) each."""
     from tqdm import tqdm
 
-    from cbam_viz import service
+    from cbam_viz import outputs, service
+    from cbam_viz.controls import check_controls
+    from cbam_viz.messages import UserFacingError
 
     paths, missing = service.collect_images(args.inputs)
     failures: list[tuple[str, str]] = [(p, "no such file or folder") for p in missing]
@@ -103,10 +148,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print("explain: error: no image files found in the given folders", file=sys.stderr)
         return 2
     try:
-        out = service.prepare_output_dir(args.out)
+        out = outputs.prepare_output_dir(args.out)
         pair = service.get_pair(args.pair)
-        service.check_controls(pair, method=args.method, target=args.target, layer=args.layer, alpha=args.alpha)
-    except service.UserFacingError as err:
+        controls = check_controls(pair, method=args.method, target=args.target, layer=args.layer, alpha=args.alpha)
+    except UserFacingError as err:
         print(f"explain: error: {err}", file=sys.stderr)
         return 2
     for warning in service.describe_pair(pair).warnings:
@@ -116,12 +161,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     written = 0
     for path in tqdm(paths, desc="explain", unit="image", disable=args.no_progress or None):
         try:
-            analysis = service.analyse(path, pair=pair, method=args.method, target=args.target,
-                                       layer=args.layer, alpha=args.alpha)
-        except service.UserFacingError as err:
+            analysis = service.analyse(path, pair=pair, method=controls.method, target=controls.target,
+                                       layer=controls.layer, alpha=controls.alpha)
+        except UserFacingError as err:
             failures.append((str(path), str(err)))
             continue
-        stem = service.unique_stem(service.safe_stem(path.name), used)
+        stem = outputs.unique_stem(outputs.safe_stem(path.name), used)
         try:
             service.save(analysis, out, stem=stem, formats=formats)
         except OSError as err:  # disk full, folder removed or made read-only mid-run: stop here
@@ -144,8 +189,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_evaluate_cams(args: argparse.Namespace) -> int:
     import torch
 
-    from cbam_viz.evaluate_cams import evaluate_cams, write_report
     from cbam_viz.pair import load_pair
+    from cbam_viz.quality import evaluate_cams, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,6 +217,111 @@ def _cmd_evaluate_cams(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot_curves(args: argparse.Namespace) -> int:
+    from cbam_viz.curves import plot_training_curves
+
+    runs = {}
+    for item in args.run:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_file():
+            print(f"plot-curves: error: --run wants LABEL=LOG.jsonl with an existing file, got {item!r}",
+                  file=sys.stderr)
+            return 2
+        runs[label] = path
+    print(f"wrote {plot_training_curves(runs, args.out, eval_size=args.eval_size)}")
+    return 0
+
+
+# ---- issue 15: gate ablation, channel profiles per class, sanity check (model randomisation)
+
+
+def _run_research(command: str, args: argparse.Namespace, run) -> int:
+    """Shared by the issue-15 commands: threads, output folder checked first, the pair, known errors as one line.
+
+    ``run(pair)`` does the work and returns the written paths; the Markdown one is printed.
+    """
+    import torch
+
+    from cbam_viz.evaluate import ClassMismatchError
+    from cbam_viz.messages import UserFacingError
+    from cbam_viz.outputs import prepare_output_dir
+    from cbam_viz.pair import ModelLoadError, load_pair
+    from cbam_viz.preprocess import ImageError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        prepare_output_dir(args.out)
+        pair = load_pair(args.pair, weights_dir=args.weights)
+        if not pair.trained:
+            print(f"{command}: warning: pair {pair.name!r} is untrained; its numbers describe random networks",
+                  file=sys.stderr)
+        paths = run(pair)
+    except (KeyError, FileNotFoundError, ClassMismatchError, ImageError, UserFacingError, ModelLoadError) as err:
+        print(f"{command}: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _cmd_ablate_gates(args: argparse.Namespace) -> int:
+    from cbam_viz.gate_ablation import ablate_dataset, write_report
+
+    def run(pair):
+        report, means = ablate_dataset(pair.cbam, args.data, constant=args.constant, max_images=args.max_images,
+                                       batch_size=args.batch_size, progress=not args.no_progress)
+        return write_report(report, args.out, means=means)
+
+    return _run_research("ablate-gates", args, run)
+
+
+def _cmd_channel_profiles(args: argparse.Namespace) -> int:
+    from cbam_viz.channel_profiles import profile_dataset, write_profiles
+
+    def run(pair):
+        profiles = profile_dataset(pair.cbam, args.data, max_images=args.max_images, batch_size=args.batch_size,
+                                   progress=not args.no_progress)
+        return write_profiles(profiles, args.out)
+
+    return _run_research("channel-profiles", args, run)
+
+
+def _cmd_sanity_check(args: argparse.Namespace) -> int:
+    from cbam_viz.cam import list_methods
+    from cbam_viz.sanity import sanity_dataset, write_report
+
+    unknown = [m for m in args.methods if m.lower() not in list_methods()]
+    if unknown:
+        print(f"sanity-check: error: unknown CAM method(s) {', '.join(unknown)}; choose from {', '.join(list_methods())}",
+              file=sys.stderr)
+        return 2
+
+    def run(pair):
+        report = sanity_dataset(pair, args.data, methods=[m.lower() for m in args.methods], layer=args.layer,
+                                max_images=args.max_images, batch_size=args.batch_size, seed=args.seed,
+                                progress=not args.no_progress)
+        return write_report(report, args.out)
+
+    return _run_research("sanity-check", args, run)
+
+
+def _add_research_args(sp: argparse.ArgumentParser, *, out_default: str | None, batch_size: int) -> None:
+    """The options the three issue-15 commands share."""
+    sp.add_argument("--data", required=True, help="ImageFolder split whose folder names are the class ids")
+    if out_default is None:
+        sp.add_argument("--out", required=True, help="output folder (created if needed)")
+    else:
+        sp.add_argument("--out", default=out_default, help=f"output folder (default: {out_default})")
+    sp.add_argument("--pair", help="pair name from the weights manifest (default: its default pair)")
+    sp.add_argument("--weights", help="folder holding manifest.json (default: $CBAM_VIZ_WEIGHTS_DIR, else the "
+                                      "repository's weights/)")
+    sp.add_argument("--max-images", type=int, help="use only this many images, spread evenly over the classes")
+    sp.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward (default {batch_size})")
+    sp.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cbam_viz", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--runs", default="runs", help="folder for checkpoints and logs (one sub-folder per arch)")
     t.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "cbam_viz"), help="decoded-split cache")
     t.add_argument("--resume", action="store_true", help="continue from the last finished epoch")
-    t.add_argument("--export", help="weights folder to write the safetensors file and manifest entry to")
+    t.add_argument("--export", help="weights folder to write the safetensors files, manifest entries and the pair "
+                                   "to, once every --arch has finished (weights and input size chosen on the "
+                                   "held-out files)")
     t.add_argument("--name", default="imagenette", help="suffix of the exported record name")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -195,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout", type=float, help="share of each training class held out to choose the evaluation "
                                                  "size and EMA-or-raw weights on (default 0.08; 0 = none)")
     t.add_argument("--ema-decay", type=float, help="decay of the weight average (default 0.999; 0 = off)")
+    t.add_argument("--select-sizes", type=lambda v: [int(x) for x in v.split(",")],
+                   help="input sizes tried on the held-out files before --export, e.g. 160,192,224 "
+                        "(default: cbam_viz.holdout.CANDIDATE_SIZES)")
     t.add_argument("--sizes", help="progressive resizing as EPOCH:SIZE,..., e.g. 0:96,10:128,21:144")
     t.add_argument("--crop-scale", help="random-resized-crop area range as MIN,MAX, e.g. 0.35,1")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
@@ -207,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion of shipped weights")
-    e.add_argument("--weights", default="weights", help="folder holding manifest.json and the safetensors files")
+    e.add_argument("--weights", help="folder holding manifest.json and the safetensors files (default: "
+                                      "$CBAM_VIZ_WEIGHTS_DIR, else the repository's weights/)")
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="record name in the manifest")
     which.add_argument("--pair", help="pair name in the manifest (evaluates both models)")
@@ -216,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--update-manifest", action="store_true",
                    help="merge val_top1/val_top5/val_per_class/val_confusion/val_n into the records' metrics")
     e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--hflip", action="store_true", help="average each image's softmax with its mirror image's "
+                   "(test-time augmentation; the app does not do it); --update-manifest stores it as val_hflip_*")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_evaluate)
 
@@ -232,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     x.add_argument("-v", "--verbose", action="store_true", help="print both models' top-1 per image")
     x.set_defaults(func=_cmd_explain)
+
+    c = sub.add_parser("plot-curves", help="training-curves figure (loss, train accuracy, monitored top-1) "
+                       "from the trainer's log.jsonl files")
+    c.add_argument("--run", action="append", required=True, metavar="LABEL=LOG",
+                   help="a run's label and its log.jsonl, e.g. resnet18=runs/resnet18/log.jsonl (repeatable)")
+    c.add_argument("--out", default="docs/training_curves.png", help="PNG to write")
+    c.add_argument("--eval-size", type=int, help="monitoring image size, for the third panel's title")
+    c.set_defaults(func=_cmd_plot_curves)
 
     q = sub.add_parser("evaluate-cams", help="score both models' CAMs on boxed images (pointing game, energy, "
                        "MaxBoxAcc, ROAD-style faithfulness) with paired bootstrap intervals")
@@ -257,6 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_evaluate_cams)
+
+    a = sub.add_parser("ablate-gates", help="accuracy of the CBAM model with each gate replaced by a constant "
+                       "(1 or its dataset mean), with paired bootstrap intervals of the drop")
+    _add_research_args(a, out_default="reports/gate_ablation", batch_size=32)
+    a.add_argument("--constant", choices=["one", "mean"], default="one",
+                   help="replacement: one (gate off) or mean (the gate's mean over --data; also writes gate_means.npz)")
+    a.set_defaults(func=_cmd_ablate_gates)
+
+    cp = sub.add_parser("channel-profiles", help="mean channel-gate vector of every CBAM block per class, "
+                        "with class-similarity numbers per block (SE-Net Fig. 6)")
+    _add_research_args(cp, out_default=None, batch_size=32)
+    cp.set_defaults(func=_cmd_channel_profiles)
+
+    sc = sub.add_parser("sanity-check", help="CAMs of each model vs its cascading randomisation "
+                        "(Adebayo et al. 2018): SSIM and rank correlation per step and method")
+    _add_research_args(sc, out_default="reports/sanity", batch_size=16)
+    sc.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "layercam"], help="CAM methods")
+    sc.add_argument("--layer", help="CAM layer, dotted module name (default: last block of layer4)")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
+    sc.set_defaults(func=_cmd_sanity_check)
     return p
 
 

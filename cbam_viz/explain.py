@@ -7,7 +7,6 @@ and returns frozen :class:`Explanation` objects holding plain numpy arrays, read
 """
 from __future__ import annotations
 
-import difflib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,14 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cbam_viz.cam import compute_cams, list_methods, method_kind, resolve_layer
+from cbam_viz.cam import compute_cams, list_methods
+from cbam_viz.controls import check_layer, check_method, check_target
 from cbam_viz.pair import LoadedModel, ModelPair
 from cbam_viz.preprocess import is_display_rgb, to_model_batch, to_rgb
 
-__all__ = [
-    "Prediction", "ModelExplanation", "Explanation", "explain", "explain_model", "list_methods",
-    "resolve_target",
-]
+__all__ = ["Prediction", "ModelExplanation", "Explanation", "explain", "explain_model", "list_methods"]
 
 Target = int | str | None
 
@@ -60,37 +57,6 @@ class Explanation:
     cbam: ModelExplanation
 
 
-def resolve_target(target: Target, classes: Sequence[str], class_ids: Sequence[str] = ()) -> int | None:
-    """None -> None (the predicted class); an index or a class name (or WordNet id) -> its index.
-
-    Raises:
-        ValueError: index out of range, or a name that is not one of ``classes`` (the message
-            lists close matches, or the classes).
-    """
-    if target is None:
-        return None
-    n = len(classes)
-    if isinstance(target, (bool, np.bool_)):
-        raise ValueError(f"target must be a class index or name, got {target!r}")
-    if isinstance(target, (int, np.integer)):
-        if not 0 <= int(target) < n:
-            raise ValueError(f"target class index {int(target)} is out of range: this model has {n} classes (0..{n - 1})")
-        return int(target)
-    if isinstance(target, str):
-        name = target.strip()
-        for pool in (classes, class_ids):
-            if name in pool:
-                return list(pool).index(name)
-        lowered = [c.lower() for c in classes]
-        if name.lower() in lowered:
-            return lowered.index(name.lower())
-        close = difflib.get_close_matches(name, list(classes), n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else \
-            f"the classes are: {', '.join(classes[:20])}{', ...' if n > 20 else ''}"
-        raise ValueError(f"unknown class {target!r}; {hint}")
-    raise ValueError(f"target must be None, a class index or name, got {type(target).__name__}")
-
-
 def _readonly(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=np.float32)
     a.setflags(write=False)
@@ -111,12 +77,14 @@ def explain_model(
     Arguments as in :func:`explain`; returns one :class:`ModelExplanation` per image.
     """
     t0 = time.perf_counter()
+    method = check_method(method)
     rgb = _as_rgb_list(images)
+    layer_name = check_layer(layer, loaded.model)
     targets = _per_image_targets(target, len(rgb), loaded)
     _check_topk(topk)
     batch = to_model_batch(rgb, loaded.input_size, loaded.mean, loaded.std)
     t_pre = time.perf_counter() - t0
-    return _explain_batch(rgb, batch, loaded, method=method, targets=targets, layer=layer, topk=int(topk),
+    return _explain_batch(rgb, batch, loaded, method=method, targets=targets, layer=layer_name, topk=int(topk),
                           preprocess_s=t_pre)
 
 
@@ -131,12 +99,16 @@ def explain(
 ) -> list[Explanation]:
     """Explain each image with both models of ``pair``, one batched pass per model.
 
+    Each model's pass holds that model's lock (:func:`cbam_viz.pair.model_lock`): its hooks must
+    see only its own forward, even when another pair shares the model.
+
     Args:
         images: a PIL image or a list of them, any mode and size (see :func:`cbam_viz.preprocess.to_rgb`).
         pair: from :func:`cbam_viz.pair.load_pair`.
         method: one of :func:`list_methods`.
-        target: None for each model's own predicted class, a class index, a class name, or one
-            of those per image (a list as long as ``images``).
+        target: None for each model's own predicted class, a class index, a class name or id
+            (see :func:`cbam_viz.controls.check_target`), or one of those per image (a list as
+            long as ``images``).
         layer: dotted module name of the CAM layer (the same in both models); default the last
             block of ``layer4`` (``"layer4.1"`` for resnet18).
         topk: how many predictions to return per model (at most the number of classes).
@@ -145,15 +117,14 @@ def explain(
         One :class:`Explanation` per image, in order; CAMs at each image's own size.
 
     Raises:
-        ValueError: unknown method, layer or class, a target out of range, an invalid image
-            (:class:`cbam_viz.preprocess.ImageError`).
+        ValueError: unknown method, layer or class, a target out of range (the checks of
+            :mod:`cbam_viz.controls`, raised as :class:`~cbam_viz.messages.UserFacingError`), an
+            invalid image (:class:`cbam_viz.preprocess.ImageError`).
     """
     t0 = time.perf_counter()
-    if method not in list_methods():
-        method_kind(method)  # raises the clear error
+    method = check_method(method)
     rgb = _as_rgb_list(images)
-    layer_name = resolve_layer(pair.cbam.model, layer)[0]
-    resolve_layer(pair.baseline.model, layer_name)  # same name must exist in both, fail before any pass
+    layer_name = check_layer(layer, pair.cbam.model, pair.baseline.model)  # in both, before any pass
     targets = {role: _per_image_targets(target, len(rgb), m) for role, m in
                (("baseline", pair.baseline), ("cbam", pair.cbam))}
     _check_topk(topk)
@@ -198,13 +169,14 @@ def _per_image_targets(target, n: int, m: LoadedModel) -> list[int | None]:
     if isinstance(target, (list, tuple)):
         if len(target) != n:
             raise ValueError(f"{len(target)} targets given for {n} images")
-        return [resolve_target(t, m.classes, m.class_ids) for t in target]
-    return [resolve_target(target, m.classes, m.class_ids)] * n
+        return [check_target(t, m.classes, m.class_ids) for t in target]
+    return [check_target(target, m.classes, m.class_ids)] * n
 
 
 def _explain_batch(rgb, batch, m: LoadedModel, *, method, targets, layer, topk, preprocess_s) -> list[ModelExplanation]:
-    result = compute_cams(m.model, batch, method=method, layer=layer, targets=targets,
-                          sizes=[im.size for im in rgb])
+    with m.lock:  # the model's one lock, around all of its work (compute_cams re-enters it)
+        result = compute_cams(m.model, batch, method=method, layer=layer, targets=targets,
+                              sizes=[im.size for im in rgb])
     probs = torch.softmax(result.logits, dim=1)
     k = min(topk, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)

@@ -1,19 +1,45 @@
-"""Every file the project writes goes through :func:`atomic_write`.
+"""Every file the project writes goes through :func:`atomic_write`; and the app's request folders.
 
 A reader (a browser fetching a download, the app reading the manifest, a resumed training run)
 must never see half a file: each write goes to a hidden temporary file in the same folder, is
 flushed to disk, then renamed over the target with ``os.replace`` (atomic on POSIX and Windows).
 If anything fails on the way, the temporary file is removed and the old target is left as it was.
+
+On top of it: the download formats (:func:`write_png`, :func:`write_json`, :func:`write_npz`
+with the arrays of :func:`npz_arrays`, :func:`write_zip`), file names made from uploads
+(:func:`safe_stem`, :func:`unique_stem`), an output folder checked before any work
+(:func:`prepare_output_dir`), and one fresh private folder per app request under the system temp
+folder (:func:`new_request_dir`), old ones removed (:func:`cleanup_outputs`).
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
+import shutil
+import tempfile
+import time
 import uuid
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+import numpy as np
+
+from cbam_viz.messages import UserFacingError
+
+__all__ = [
+    "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_png", "write_json", "write_npz", "write_zip",
+    "npz_arrays", "safe_stem", "unique_stem", "prepare_output_dir", "OUTPUT_ROOT", "OUTPUT_MAX_AGE_S",
+    "new_request_dir", "cleanup_outputs",
+]
+
+#: Where per-request folders go. Under the system temp folder, which Gradio may serve from.
+OUTPUT_ROOT = Path(tempfile.gettempdir()) / "cbam_viz"
+#: Request folders older than this (seconds) are removed when a new request starts.
+OUTPUT_MAX_AGE_S = 3600.0
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
@@ -49,3 +75,130 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ------------------------------------------------------------------------------ download formats
+
+def write_png(image, path: str | os.PathLike) -> Path:
+    """A PIL image as a PNG file."""
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def write_json(doc: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """A JSON document, indented, with a final newline."""
+    data = json.dumps(doc, indent=2).encode() + b"\n"
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
+    """Named arrays as a compressed ``.npz`` (keys may hold ``/``)."""
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def write_zip(files: Iterable[Path], path: str | os.PathLike) -> Path:
+    """A zip of ``files``, each stored under its own file name."""
+    files = list(files)
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for file in files:
+                z.write(file, arcname=Path(file).name)
+    return atomic_write(path, write)
+
+
+def npz_arrays(explanation, image=None) -> dict[str, np.ndarray]:
+    """The raw maps by key: ``baseline/cam``, ``cbam/cam``, ``cbam/channel/<block>``, ``cbam/spatial/<block>``.
+
+    Args:
+        explanation: a :class:`cbam_viz.explain.Explanation`.
+        image: the RGB picture it explains, stored as ``image`` (uint8 ``(H, W, 3)``) if given.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    if image is not None:
+        arrays["image"] = np.asarray(image, dtype=np.uint8)
+    for role in ("baseline", "cbam"):
+        m = getattr(explanation, role)
+        arrays[f"{role}/cam"] = np.asarray(m.cam, dtype=np.float32)
+        for block, v in m.channel_attention.items():
+            arrays[f"{role}/channel/{block}"] = np.asarray(v, dtype=np.float32)
+        for block, v in m.spatial_attention.items():
+            arrays[f"{role}/spatial/{block}"] = np.asarray(v, dtype=np.float32)
+    return arrays
+
+
+# ------------------------------------------------------------------------------------ file names
+
+def safe_stem(name: str) -> str:
+    """A file-name stem safe on every OS, from an upload's name."""
+    stem = Path(name).stem if name else "image"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+    return stem[:80]
+
+
+def unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``... if already in ``used`` (which it is added to)."""
+    candidate, k = stem, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{stem}_{k}"
+    used.add(candidate)
+    return candidate
+
+
+# --------------------------------------------------------------------------------------- folders
+
+_REASONS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
+            errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder and prove it is writable (and not full) before any work.
+
+    Raises:
+        UserFacingError: it is a file, cannot be created, is read-only or the disk is full.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserFacingError(f"The output path {path} is a file, not a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".cbam_viz_write_test.{uuid.uuid4().hex[:8]}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)  # a small real write: a full disk fails here, not after an hour
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as err:
+        reason = _REASONS.get(err.errno, err.strerror or str(err))
+        raise UserFacingError(f"Cannot write to the output folder {path}: {reason}.") from None
+    return path
+
+
+def new_request_dir(root: str | os.PathLike | None = None) -> Path:
+    """A fresh, private folder for one request's files (old ones are cleaned up first)."""
+    root = Path(root) if root is not None else OUTPUT_ROOT
+    root.mkdir(parents=True, exist_ok=True)
+    cleanup_outputs(root)
+    return Path(tempfile.mkdtemp(prefix="req-", dir=root))
+
+
+def cleanup_outputs(root: str | os.PathLike | None = None, *, max_age_s: float = OUTPUT_MAX_AGE_S) -> int:
+    """Remove request folders older than ``max_age_s``; return how many were removed."""
+    root = Path(root) if root is not None else OUTPUT_ROOT
+    now = time.time()
+    removed = 0
+    try:
+        entries = list(root.glob("req-*"))
+    except OSError:
+        return 0
+    for d in entries:
+        try:
+            if d.is_dir() and now - d.stat().st_mtime > max_age_s:
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        except OSError:
+            continue
+    return removed

@@ -9,14 +9,19 @@ With no manifest (a fresh checkout, before training) :func:`load_pair` returns a
 say plainly that its predictions mean nothing.
 
 Models are built once and kept in a small LRU cache keyed by (name, weights dir, device, sha256),
-never per request.
+never per request: the process's only model cache (the app and the CLI hold none of their own), so
+two pairs that name the same record share one :class:`LoadedModel`, and with it one
+:func:`model_lock`.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +35,11 @@ from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, WeightRecord, load_record, rea
 __all__ = [
     "LoadedModel", "ModelPair", "ModelLoadError", "list_pairs", "default_pair_name", "load_pair",
     "load_model", "untrained_pair", "load_available_pairs", "select_device", "clear_cache",
-    "UNTRAINED_PAIR", "DEVICE_ENV", "WEIGHTS_DIR_ENV", "weights_dir_default", "model_lock",
+    "UNTRAINED_PAIR", "DEVICE_ENV", "WEIGHTS_DIR_ENV", "weights_dir_default", "model_lock", "models_locked",
+    "pair_names",
 ]
+
+log = logging.getLogger(__name__)
 
 UNTRAINED_PAIR = "untrained"
 DEVICE_ENV = "CBAM_VIZ_DEVICE"
@@ -61,6 +69,20 @@ def model_lock(model: nn.Module) -> threading.RLock:
         if lock is None:
             lock = _model_locks[model] = threading.RLock()
         return lock
+
+
+@contextlib.contextmanager
+def models_locked(*models: nn.Module) -> Iterator[None]:
+    """Hold :func:`model_lock` of every model (each once) for the ``with`` block.
+
+    The locks are taken in one global order (by object id), so two threads locking the same
+    models, whatever order they name them in, cannot deadlock.
+    """
+    unique = {id(m): m for m in models}
+    with contextlib.ExitStack() as stack:
+        for key in sorted(unique):
+            stack.enter_context(model_lock(unique[key]))
+        yield
 
 
 @dataclass(frozen=True)
@@ -297,6 +319,21 @@ def list_pairs(weights_dir: str | os.PathLike | None = None) -> list[str]:
     pairs = _pairs(weights_dir)
     default = default_pair_name(weights_dir)
     return ([default] if default else []) + [p for p in pairs if p != default]
+
+
+def pair_names(weights_dir: str | os.PathLike | None = None) -> list[str]:
+    """What a person can pick: the manifest's pairs (default first), then :data:`UNTRAINED_PAIR`.
+
+    The untrained pair is always offered: it runs without any weights file, and comparing it with
+    a trained pair shows what training taught the attention gates. Never raises: a broken
+    manifest is logged and leaves the untrained pair only, so the app still starts.
+    """
+    try:
+        names = list_pairs(weights_dir)
+    except Exception as err:  # noqa: BLE001  a broken manifest must not stop the app from starting
+        log.warning("cannot list pairs: %s", err)
+        names = []
+    return [n for n in names if n != UNTRAINED_PAIR] + [UNTRAINED_PAIR]
 
 
 def default_pair_name(weights_dir: str | os.PathLike | None = None) -> str | None:

@@ -76,3 +76,105 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def boxed_folder(tmp_path):
+    """An ImageFolder split ``val/c0..c2`` (2 images each, varied sizes) and its box CSV.
+
+    Every image has one box; ``c1/im1.png`` has a second, fractional one; ``c2/nobox.png`` has
+    none, so it is not evaluated. Returns ``(data folder, csv path)``.
+    """
+    data = tmp_path / "val"
+    rows = ["wnid,file,xmin,ymin,xmax,ymax"]
+    for c in range(3):
+        (data / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            w, h = (48, 40) if i == 0 else (40, 56)
+            make_image(w, h, seed=10 * c + i).save(data / f"c{c}" / f"im{i}.png")
+            rows.append(f"c{c},im{i}.png,4,6,{w - 10},{h - 4}")
+    rows.append("c1,im1.png,0,0,12.5,10")
+    make_image(40, 40, seed=99).save(data / "c2" / "nobox.png")  # no box: not evaluated
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return data, csv
+
+
+@pytest.fixture
+def no_cbam_env(monkeypatch):
+    """No ``CBAM_VIZ_*`` variable of the caller's shell (data, report, weights, device) leaks into a test."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("CBAM_VIZ_")]:
+        monkeypatch.delenv(name)
+
+
+# ----------------------------------------------------------------- service / app / CLI fixtures
+
+SERVICE_CLASSES = ("tench", "church", "golf ball")
+
+
+def make_service_pair(name: str = "tiny", *, trained: bool = False) -> ModelPair:
+    """A tiny 64 px pair on three Imagenette names (class ids ``n0``..``n2``), seeded models."""
+    def loaded(arch: str, seed: int) -> LoadedModel:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = create_model(arch, num_classes=len(SERVICE_CLASSES)).eval()
+        return LoadedModel(
+            name=f"{arch}-tiny", arch=arch, model=model, classes=SERVICE_CLASSES,
+            class_ids=tuple(f"n{i}" for i in range(len(SERVICE_CLASSES))), mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225), input_size=64, trained=trained, record=None, device=torch.device("cpu"),
+        )
+
+    return ModelPair(name=name, baseline=loaded("resnet18", 0), cbam=loaded("resnet18_cbam", 1))
+
+
+@pytest.fixture(scope="session")
+def service_pair() -> ModelPair:
+    """The untrained tiny pair of :func:`make_service_pair` (one per test session)."""
+    return make_service_pair("tiny", trained=False)
+
+
+@pytest.fixture
+def use_service_pair(monkeypatch, service_pair) -> ModelPair:
+    """``cbam_viz.service.get_pair`` returns :func:`service_pair` (no weights, no manifest involved)."""
+    from cbam_viz import service
+
+    monkeypatch.setattr(service, "get_pair", lambda name=None: service_pair)
+    return service_pair
+
+
+@pytest.fixture(scope="module")
+def no_cbam_env_module():
+    """:func:`no_cbam_env` for a whole module, for module-scoped fixtures (e.g. a live server)."""
+    import os
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if n.startswith("CBAM_VIZ_")]:
+            mp.delenv(name)
+        yield
+
+
+def run_on_threads(fn, jobs, threads: int = 8) -> list:
+    """``fn(job)`` for every job on ``threads`` threads that start together; results in job order.
+
+    Each worker waits once for all the others (so the first ``threads`` calls really overlap),
+    then runs freely. No time limit: with at least ``threads`` jobs every worker gets one, so the
+    wait always ends.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = list(jobs)
+    assert len(jobs) >= threads, "fewer jobs than threads: some worker would wait forever"
+    barrier = threading.Barrier(threads)
+    started = threading.local()
+
+    def call(job):
+        if not getattr(started, "done", False):
+            started.done = True
+            barrier.wait()
+        return fn(job)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(call, jobs))

@@ -1,11 +1,11 @@
 """Output files are whole or absent: atomic writes, a CLI killed with SIGKILL, unwritable folders.
 
-The service writes every file to a hidden temporary name in the same folder and renames it into
-place (``os.replace``), so a reader (or a crash) never sees half a PNG/JSON/npz under its final
-name. Unwritable output folders fail up front with one sentence. Tests run as root, where
-``chmod`` does not stop writes, so "read-only" is simulated with folders that cannot exist or be
-written even by root: a path below a regular file (ENOTDIR) and a folder under ``/sys`` (EPERM or
-EROFS, depending on the container).
+Every file is written (:func:`cbam_viz.outputs.atomic_write`) to a hidden temporary name in the
+same folder and renamed into place (``os.replace``), so a reader (or a crash) never sees half a
+PNG/JSON/npz under its final name. Unwritable output folders fail up front with one sentence.
+Tests run as root, where ``chmod`` does not stop writes, so "read-only" is simulated with folders
+that cannot exist or be written even by root: a path below a regular file (ENOTDIR) and a folder
+under ``/sys`` (EPERM or EROFS, depending on the container).
 """
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbam_viz import service
+from cbam_viz import outputs, service
 from cbam_viz.cli import main
 from tests.bad_inputs import good_image, write_test_weights
 from tests.e2e_helpers import REPO_ROOT
+
+pytestmark = pytest.mark.usefixtures("no_cbam_env")  # the CLI's default pair must not come from the shell
 
 FINAL_NAME = re.compile(r"^img_\d{3}\.(png|json|npz)$")
 
@@ -54,12 +56,12 @@ def test_atomic_write_leaves_old_file_or_nothing(tmp_path):
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        service._atomic_write(target, crash_halfway)
+        outputs.atomic_write(target, crash_halfway)
     assert list(tmp_path.iterdir()) == []  # neither a partial file nor a temp file
 
-    service._atomic_write(target, lambda f: f.write(b'{"version": 1}'))
+    outputs.atomic_write(target, lambda f: f.write(b'{"version": 1}'))
     with pytest.raises(RuntimeError):
-        service._atomic_write(target, crash_halfway)
+        outputs.atomic_write(target, crash_halfway)
     assert json.loads(target.read_text()) == {"version": 1}  # the old complete file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 

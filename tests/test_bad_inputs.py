@@ -18,10 +18,13 @@ from PIL import Image, ImageFile
 
 from cbam_viz import service
 from cbam_viz.explain import explain
+from cbam_viz.messages import UserFacingError
 from cbam_viz.preprocess import ImageError, open_image
 from tests.bad_inputs import TEST_PAIR, corpus, good_image, write_corpus, write_test_weights
 from tests.conftest import assert_no_hooks
 from tests.e2e_helpers import REPO_ROOT, running_app
+
+pytestmark = pytest.mark.usefixtures("no_cbam_env")
 
 CASES = corpus()
 GOOD = [c for c in CASES if c.ok is not None]
@@ -116,7 +119,7 @@ def test_bomb_is_refused_before_decoding(corpus_dir, monkeypatch):
 
 def test_service_names_the_upload_not_the_server_path(corpus_dir, tiny_pair):
     for case in BAD:
-        with pytest.raises(service.UserFacingError) as err:
+        with pytest.raises(UserFacingError) as err:
             service.analyse(corpus_dir / case.filename, pair=tiny_pair, name=f"upload-{case.kind}")
         assert_one_sentence(str(err.value), case.error, forbidden=(str(corpus_dir),))
 

@@ -7,20 +7,11 @@ import json
 import pytest
 from PIL import Image
 
-from cbam_viz import service
+from cbam_viz import outputs, service
 from cbam_viz.cli import main
 from tests.e2e_helpers import make_broken_image, make_image
-from tests.test_service import _pair
 
-
-@pytest.fixture(scope="module")
-def tiny_pair():
-    return _pair("tiny", trained=False)
-
-
-@pytest.fixture(autouse=True)
-def use_pair(monkeypatch, tiny_pair):
-    monkeypatch.setattr(service, "get_pair", lambda name=None: tiny_pair)
+pytestmark = pytest.mark.usefixtures("no_cbam_env", "use_service_pair")
 
 
 @pytest.fixture()
@@ -62,6 +53,15 @@ def test_all_good_exits_zero_with_npz(tmp_path, capsys):
     assert doc["models"]["cbam"]["target"]["label"] == "church"
 
 
+def test_target_by_wordnet_id(tmp_path):
+    """``--target`` takes a class id (a WordNet id such as n03028079 for Imagenette's church) too."""
+    image = make_image(tmp_path / "ok.jpg", size=(72, 72))
+    out = tmp_path / "out"
+    assert main(["explain", str(image), "--out", str(out), "--target", "n1", "--no-progress"]) == 0
+    doc = json.loads((out / "ok.json").read_text())
+    assert doc["models"]["baseline"]["target"] == doc["models"]["cbam"]["target"] == {"index": 1, "label": "church"}
+
+
 @pytest.mark.parametrize("option, phrase", [
     (["--layer", "layer9.0"], "Unknown layer"),
     (["--method", "nope"], "Unknown CAM method"),
@@ -94,7 +94,7 @@ def test_full_disk_is_detected_up_front(inputs, tmp_path, capsys, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(service.os, "fsync", full)
+    monkeypatch.setattr(outputs.os, "fsync", full)
     assert main(["explain", str(inputs), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "the disk is full" in capsys.readouterr().err
 

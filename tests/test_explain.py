@@ -1,12 +1,10 @@
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from cbam_viz.explain import Explanation, explain, explain_model, list_methods, resolve_target
-from conftest import TINY_CLASSES, assert_no_hooks, make_image
+from cbam_viz.controls import check_target
+from cbam_viz.explain import Explanation, explain, explain_model, list_methods
+from conftest import TINY_CLASSES, assert_no_hooks, make_image, run_on_threads
 
 
 def _check_model_explanation(m, size, cbam: bool):
@@ -71,9 +69,10 @@ def test_target_errors(tiny_pair, image, target, match):
         explain(image, tiny_pair, target=target)
 
 
-def test_resolve_target_by_id():
-    assert resolve_target("c1", TINY_CLASSES, ("c0", "c1", "c2")) == 1
-    assert resolve_target(None, TINY_CLASSES) is None
+def test_resolve_target_by_id(tiny_pair, image):
+    assert check_target("c1", TINY_CLASSES, ("c0", "c1", "c2")) == 1
+    assert check_target(None, TINY_CLASSES) is None
+    assert explain(image, tiny_pair, target="c1")[0].cbam.target == 1
 
 
 def test_layer_and_other_argument_errors(tiny_pair, image):
@@ -81,7 +80,7 @@ def test_layer_and_other_argument_errors(tiny_pair, image):
     assert e.layer == "layer3.1" and e.cbam.cam.shape == (60, 80)
     with pytest.raises(ValueError, match="layer4.1"):
         explain(image, tiny_pair, layer="layer9")
-    with pytest.raises(ValueError, match="unknown CAM method"):
+    with pytest.raises(ValueError, match="(?i)unknown CAM method"):
         explain(image, tiny_pair, method="magic")
     with pytest.raises(ValueError, match="topk"):
         explain(image, tiny_pair, topk=0)
@@ -110,17 +109,7 @@ def test_batched_equals_per_image(tiny_pair):
 def test_threads_give_sequential_results(tiny_pair):
     images = [make_image(48 + i, 40 + 2 * i, seed=i) for i in range(16)]
     sequential = [explain(img, tiny_pair)[0] for img in images]
-    start = threading.Barrier(8)
-
-    def run(img):
-        try:
-            start.wait(timeout=5)
-        except threading.BrokenBarrierError:
-            pass
-        return explain(img, tiny_pair)[0]
-
-    with ThreadPoolExecutor(8) as pool:
-        threaded = list(pool.map(run, images))
+    threaded = run_on_threads(lambda img: explain(img, tiny_pair)[0], images, threads=8)
     for s, t in zip(sequential, threaded):
         for role in ("baseline", "cbam"):
             np.testing.assert_allclose(getattr(t, role).cam, getattr(s, role).cam, atol=1e-6)
@@ -144,3 +133,24 @@ def test_explain_model_single(tiny_pair, image):
     (m,) = explain_model(image, tiny_pair.cbam, target="cat", topk=3)
     assert m.target == 0 and len(m.predictions) == 3
     assert m.model_name == "tiny resnet18_cbam"
+
+
+def test_each_model_pass_holds_its_model_lock(tiny_pair, image):
+    """Every forward over a model runs while its thread holds that model's one lock."""
+    from cbam_viz.pair import model_lock
+
+    unlocked = []
+
+    def spy(module, args):
+        if not model_lock(module)._is_owned():  # the RLock's own "held by this thread?" check
+            unlocked.append(module)
+
+    handles = [m.model.register_forward_pre_hook(spy) for m in (tiny_pair.baseline, tiny_pair.cbam)]
+    try:
+        explain(image, tiny_pair)
+        explain_model(image, tiny_pair.baseline)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not unlocked
+    assert_no_hooks(tiny_pair.cbam.model)

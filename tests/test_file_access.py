@@ -74,8 +74,11 @@ def secrets(tmp_path_factory):
     secret_png.unlink(missing_ok=True)
 
 
+pytestmark = pytest.mark.usefixtures("no_cbam_env")  # the server's limits are the defaults, not the shell's
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(no_cbam_env_module, tmp_path_factory):
     weights = write_test_weights(tmp_path_factory.mktemp("weights"))
     with running_app(env={"CBAM_VIZ_WEIGHTS_DIR": str(weights), "CBAM_VIZ_WARMUP": "0"},
                      log_name="file-access-server.log") as running:

@@ -2,10 +2,13 @@ import pytest
 import torch
 
 from cbam_viz.pair import (
-    ModelLoadError, clear_cache, default_pair_name, list_pairs, load_available_pairs, load_pair, select_device,
+    UNTRAINED_PAIR, ModelLoadError, clear_cache, default_pair_name, list_pairs, load_available_pairs, load_pair,
+    model_lock, models_locked, pair_names, select_device,
 )
 from cbam_viz.weights import ChecksumError, WeightRecord, save_safetensors, update_manifest
 from conftest import make_model
+
+pytestmark = pytest.mark.usefixtures("no_cbam_env")  # CBAM_VIZ_DEVICE / _WEIGHTS_DIR of the shell stay out
 
 CLASSES = [{"id": "a", "name": "apple"}, {"id": "b", "name": "banana"}, {"id": "c", "name": "cherry"}]
 
@@ -94,3 +97,18 @@ def test_select_device(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             select_device("cuda")
+
+
+def test_pair_names_offer_the_manifest_then_untrained(weights_dir, tmp_path):
+    assert pair_names(weights_dir) == ["good", "bad", UNTRAINED_PAIR]
+    assert pair_names(tmp_path) == [UNTRAINED_PAIR]  # no manifest
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert pair_names(tmp_path) == [UNTRAINED_PAIR]  # a broken manifest never stops the app
+
+
+def test_models_locked_holds_each_lock_once_and_releases():
+    a, b = make_model("resnet18"), make_model("resnet18", seed=1)
+    with models_locked(b, a, b):
+        assert model_lock(a)._is_owned() and model_lock(b)._is_owned()
+    assert not model_lock(a)._is_owned() and not model_lock(b)._is_owned()
+    assert model_lock(a) is model_lock(a) and model_lock(a) is not model_lock(b)

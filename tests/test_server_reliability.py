@@ -28,6 +28,8 @@ from tests.e2e_helpers import running_app
 
 CBAM_FILE = "resnet18_cbam_cbam_test.safetensors"
 
+pytestmark = pytest.mark.usefixtures("no_cbam_env")  # servers and loaders see only the variables set here
+
 
 @pytest.fixture(scope="module")
 def flipped(tmp_path_factory) -> Path:

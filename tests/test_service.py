@@ -6,42 +6,26 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from cbam_viz import service
-from cbam_viz.models import create_model
-from cbam_viz.pair import LoadedModel, ModelPair
+from cbam_viz import app_views, outputs, service
+from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, block_names
+from cbam_viz.messages import UserFacingError, format_error
+from cbam_viz.pair import pair_names
+from tests.conftest import SERVICE_CLASSES as CLASSES, make_service_pair
 from tests.e2e_helpers import make_broken_image, make_image
 
-CLASSES = ("tench", "church", "golf ball")
-
-
-def _loaded(arch: str, *, trained: bool, seed: int) -> LoadedModel:
-    torch.manual_seed(seed)
-    model = create_model(arch, num_classes=len(CLASSES)).eval()
-    return LoadedModel(
-        name=f"{arch}-tiny", arch=arch, model=model, classes=CLASSES, class_ids=tuple(f"n{i}" for i in range(3)),
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=64, trained=trained, record=None,
-        device=torch.device("cpu"),
-    )
-
-
-def _pair(name: str, *, trained: bool) -> ModelPair:
-    return ModelPair(name=name, baseline=_loaded("resnet18", trained=trained, seed=0),
-                     cbam=_loaded("resnet18_cbam", trained=trained, seed=1))
-
-
-@pytest.fixture(scope="module")
-def tiny_pair() -> ModelPair:
-    return _pair("tiny", trained=False)
+pytestmark = pytest.mark.usefixtures("no_cbam_env")
 
 
 @pytest.fixture()
-def use_pair(monkeypatch, tiny_pair):
-    """Make ``service.get_pair`` return the tiny pair (no weights, no manifest involved)."""
-    monkeypatch.setattr(service, "get_pair", lambda name=None: tiny_pair)
-    return tiny_pair
+def tiny_pair(service_pair):
+    return service_pair
+
+
+@pytest.fixture()
+def use_pair(use_service_pair):
+    return use_service_pair
 
 
 @pytest.fixture()
@@ -53,7 +37,7 @@ def test_analyse_returns_everything(tiny_pair, image):
     a = service.analyse(image, pair=tiny_pair, method="gradcam", alpha=0.4)
     assert set(a.overlays) == {"baseline", "cbam"}
     assert all(im.size == (96, 72) for im in a.overlays.values())
-    blocks = service.block_names(tiny_pair.cbam.model)
+    blocks = block_names(tiny_pair.cbam.model)
     assert len(a.spatial_gallery) >= len(blocks)  # every CBAM block's spatial attention
     assert all(any(c.startswith(f"{b} channel") for _, c in a.channel_gallery) for b in blocks)
     assert set(a.labels("baseline")) <= set(CLASSES)
@@ -79,7 +63,7 @@ def test_save_writes_valid_png_json_npz(tiny_pair, image, tmp_path):
     with np.load(paths["npz"]) as z:
         keys = set(z.files)
         assert {"image", "baseline/cam", "cbam/cam"} <= keys
-        blocks = service.block_names(tiny_pair.cbam.model)
+        blocks = block_names(tiny_pair.cbam.model)
         assert {f"cbam/channel/{b}" for b in blocks} <= keys
         assert {f"cbam/spatial/{b}" for b in blocks} <= keys
         assert not any(k.startswith("baseline/channel") for k in keys)  # the baseline has no gates
@@ -91,9 +75,9 @@ def test_untrained_pair_is_said_plainly(tiny_pair):
     info = service.describe_pair(tiny_pair)
     assert not info.baseline_trained and not info.cbam_trained
     assert any("untrained" in w and "random" in w for w in info.warnings)
-    assert "Untrained" in service.model_card_markdown(tiny_pair)
-    assert info.targets[0] == service.AUTO_TARGET and info.layer_choices[0] == service.AUTO_LAYER
-    assert service.describe_pair(_pair("t", trained=True)).warnings == ()
+    assert "Untrained" in app_views.model_card_markdown(tiny_pair)
+    assert info.targets[0] == AUTO_TARGET and info.layer_choices[0] == AUTO_LAYER
+    assert service.describe_pair(make_service_pair("t", trained=True)).warnings == ()
 
 
 def test_unsure_prediction_names_the_known_classes(tiny_pair, image):
@@ -114,7 +98,7 @@ def test_unsure_prediction_names_the_known_classes(tiny_pair, image):
     ({"alpha": 1.5}, "between 0 and 1"),
 ])
 def test_wrong_controls_are_one_sentence(tiny_pair, image, kwargs, phrase):
-    with pytest.raises(service.UserFacingError) as info:
+    with pytest.raises(UserFacingError) as info:
         service.analyse(image, pair=tiny_pair, **kwargs)
     assert phrase in str(info.value) and "\n" not in str(info.value)
 
@@ -127,12 +111,12 @@ def test_target_by_name_or_index_string(tiny_pair, image):
 
 def test_bad_image_is_a_clear_sentence_without_server_path(tiny_pair, tmp_path):
     broken = make_broken_image(tmp_path / "holiday.png")
-    with pytest.raises(service.UserFacingError) as info:
+    with pytest.raises(UserFacingError) as info:
         service.analyse(broken, pair=tiny_pair)
     message = str(info.value)
     assert "holiday.png" in message and "not an image" in message
     assert str(tmp_path) not in message and message.endswith(".")
-    with pytest.raises(service.UserFacingError, match="does not exist"):
+    with pytest.raises(UserFacingError, match="does not exist"):
         service.analyse(tmp_path / "missing.jpg", pair=tiny_pair)
 
 
@@ -160,11 +144,11 @@ def test_explain_files_batch_in_private_folder(use_pair, tmp_path):
 
 
 def test_explain_files_all_failing_or_empty(use_pair, tmp_path):
-    with pytest.raises(service.UserFacingError, match="upload an image"):
+    with pytest.raises(UserFacingError, match="upload an image"):
         service.explain_files([])
-    with pytest.raises(service.UserFacingError, match="not an image"):
+    with pytest.raises(UserFacingError, match="not an image"):
         service.explain_files([make_broken_image(tmp_path / "x.png")], out_root=tmp_path)
-    with pytest.raises(service.UserFacingError, match="at most 2 images"):
+    with pytest.raises(UserFacingError, match="at most 2 images"):
         service.explain_files(["a", "b", "c"], max_images=2)
 
 
@@ -172,7 +156,7 @@ def test_old_request_folders_are_cleaned(tmp_path):
     old = tmp_path / "req-old"
     old.mkdir()
     os.utime(old, (0, 0))
-    fresh = service.new_request_dir(tmp_path)
+    fresh = outputs.new_request_dir(tmp_path)
     assert not old.exists() and fresh.is_dir()
 
 
@@ -183,20 +167,20 @@ def test_collect_images_and_output_dir(tmp_path):
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     found, missing = service.collect_images([tmp_path / "in", a, tmp_path / "nope.png"])
     assert [p.name for p in found] == ["a.png", "b.jpg"] and missing == [str(tmp_path / "nope.png")]
-    assert service.prepare_output_dir(tmp_path / "new" / "dir").is_dir()
-    with pytest.raises(service.UserFacingError, match="is a file"):
-        service.prepare_output_dir(a)
+    assert outputs.prepare_output_dir(tmp_path / "new" / "dir").is_dir()
+    with pytest.raises(UserFacingError, match="is a file"):
+        outputs.prepare_output_dir(a)
 
 
 def test_format_error_hides_tracebacks():
-    assert service.format_error(ValueError("unknown class 'x'")) == "unknown class 'x'."
-    message = service.format_error(RuntimeError("CUDA error: device-side assert\nline 2"))
+    assert format_error(ValueError("unknown class 'x'")) == "unknown class 'x'."
+    message = format_error(RuntimeError("CUDA error: device-side assert\nline 2"))
     assert "RuntimeError" in message and "\n" not in message and "server log" in message
-    assert "memory" in service.format_error(MemoryError())
+    assert "memory" in format_error(MemoryError())
 
 
 def test_pair_names_always_offer_the_untrained_pair():
-    assert service.pair_names()[-1] == "untrained"
+    assert pair_names()[-1] == "untrained"
 
 
 def test_faithfulness_is_measured_for_both_models(tiny_pair, image):
@@ -204,7 +188,7 @@ def test_faithfulness_is_measured_for_both_models(tiny_pair, image):
     a = service.analyse(image, pair=tiny_pair, target=1)
     doc = a.summary["faithfulness"]
     assert doc["fraction"] == service.FAITHFULNESS_FRACTION and doc["imputer"] == "blur"
-    from cbam_viz.localization import confidence_drop
+    from cbam_viz.faithfulness import confidence_drop
     from cbam_viz.preprocess import to_model_tensor
 
     for role in ("baseline", "cbam"):
@@ -218,7 +202,7 @@ def test_faithfulness_is_measured_for_both_models(tiny_pair, image):
         assert (d["prob_before"], d["prob_after"]) == pytest.approx((ref.prob_before, ref.prob_after), abs=1e-4)
     assert a.faithfulness_image is not None and a.faithfulness_image.width > a.faithfulness_image.height
     assert a.timings["faithfulness"] >= 0
-    text = service.faithfulness_markdown(doc)
+    text = app_views.faithfulness_markdown(doc)
     assert f"{doc['baseline']['prob_before']:.2f}" in text and f"{doc['cbam']['prob_after']:.2f}" in text
 
 
@@ -227,7 +211,7 @@ def test_faithfulness_when_the_target_is_not_in_the_top_k(tiny_pair, image):
     import dataclasses
 
     from cbam_viz.explain import explain
-    from cbam_viz.localization import pair_confidence_drop
+    from cbam_viz.faithfulness import pair_confidence_drop
 
     im = service.open_image(image)
     (e,) = explain([im], tiny_pair, target=2)
@@ -244,18 +228,18 @@ def test_faithfulness_can_be_skipped(tiny_pair, image):
     a = service.analyse(image, pair=tiny_pair, faithfulness=False)
     assert a.faithfulness is None and a.faithfulness_image is None
     assert "faithfulness" not in a.summary and "faithfulness" not in a.timings
-    assert service.faithfulness_markdown(None) == ""
+    assert app_views.faithfulness_markdown(None) == ""
 
 
 def test_faithfulness_sentence_names_the_more_faithful_cam():
     doc = {"fraction": 0.2, "imputer": "blur",
            "baseline": {"prob_before": 0.9, "prob_after": 0.8, "drop": 0.1, "relative_drop": 0.11},
            "cbam": {"prob_before": 0.9, "prob_after": 0.3, "drop": 0.6, "relative_drop": 0.67}}
-    assert "CBAM's CAM points more" in service.faithfulness_markdown(doc)
+    assert "CBAM's CAM points more" in app_views.faithfulness_markdown(doc)
     doc["cbam"] = dict(doc["baseline"])
-    assert "about equally faithful" in service.faithfulness_markdown(doc)
+    assert "about equally faithful" in app_views.faithfulness_markdown(doc)
     doc["cbam"] = {"prob_before": 0.5, "prob_after": 0.7, "drop": -0.2, "relative_drop": -0.4}
-    text = service.faithfulness_markdown(doc)
+    text = app_views.faithfulness_markdown(doc)
     assert "(it rose)" in text and "-40%" not in text and "baseline's CAM points more" in text
 
 
@@ -265,3 +249,42 @@ def test_explain_files_writes_the_faithfulness_picture(use_pair, image, tmp_path
     assert path is not None and path.is_file()
     with Image.open(path) as im:
         assert im.format == "PNG"
+
+
+def test_target_by_wordnet_id(tiny_pair, image):
+    """A class id (a WordNet id for Imagenette) is a target, as ``explain`` always accepted."""
+    a = service.analyse(image, pair=tiny_pair, target="n1", faithfulness=False)
+    assert a.explanation.baseline.target_label == a.explanation.cbam.target_label == "church"
+    assert a.summary["models"]["cbam"]["target"] == {"index": 1, "label": "church"}
+
+
+def test_written_json_has_every_timing_and_analysis_is_never_changed(use_pair, image, tmp_path):
+    """``write_files`` is measured before the JSON is written, so the JSON holds it; the analysis
+    returned is a new one, and no analysis' timings can be changed afterwards."""
+    (r,) = service.explain_files([image], out_root=tmp_path).results
+    doc = json.loads(r.files["json"].read_text())
+    assert "write_files" in doc["timings"] and doc["timings"]["write_files"] >= 0
+    assert doc["timings"] == dict(r.analysis.timings) == r.analysis.summary["timings"]
+    assert {"load_pair", "open_image", "wait_for_model", "explain", "faithfulness", "render", "total"} <= set(doc["timings"])
+    with pytest.raises(TypeError):
+        r.analysis.timings["write_files"] = 0.0
+    a = service.analyse(image, pair=use_pair, faithfulness=False)
+    b = a.with_timing("write_files", 1.5)
+    assert "write_files" not in a.timings and "write_files" not in a.summary["timings"]
+    assert b.timings["write_files"] == b.summary["timings"]["write_files"] == 1.5
+
+
+def test_service_keeps_no_pair_cache_of_its_own(tmp_path, monkeypatch):
+    """Models come from cbam_viz.pair's one LRU cache: after it is cleared, the service reloads."""
+    from cbam_viz.pair import WEIGHTS_DIR_ENV, clear_cache
+    from tests.bad_inputs import TEST_PAIR, write_test_weights
+
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(write_test_weights(tmp_path / "weights")))
+    clear_cache()
+    first = service.get_pair(TEST_PAIR)
+    assert service.get_pair(TEST_PAIR).cbam is first.cbam  # cached: loaded once
+    assert service.get_pair().cbam is first.cbam  # None: the default pair, the same models
+    clear_cache()
+    again = service.get_pair(TEST_PAIR)
+    assert again.cbam is not first.cbam and again.cbam.model is not first.cbam.model
+    clear_cache()

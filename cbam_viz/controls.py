@@ -1,0 +1,161 @@
+"""One validator per control of an explanation: CAM method, target class, CAM layer, overlay opacity.
+
+The app, the ``explain`` command, :mod:`cbam_viz.service` and :func:`cbam_viz.explain.explain`
+all check their controls here, so one value is accepted or refused the same way everywhere, with
+the same sentence (a :class:`~cbam_viz.messages.UserFacingError`, which is a ``ValueError``).
+
+* method: a name from :func:`list_methods`, any case; empty means ``"gradcam"``.
+* target: None, ``"auto"`` or :data:`AUTO_TARGET` (each model's predicted class); a class index
+  (an int, or a string of digits as a text box sends it); a class name (exact, else ignoring
+  case); or a class id, e.g. the WordNet id ``n03028079`` of "church".
+* layer: None, ``"auto"`` or :data:`AUTO_LAYER` (the last block of ``layer4``), else a dotted
+  module name that every model has (``layer3.1``; see :func:`block_names` for the usual choices).
+* alpha: a number from 0 to 1.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from cbam_viz.cam import default_layer, list_methods, resolve_layer
+from cbam_viz.messages import UserFacingError
+
+__all__ = [
+    "AUTO_TARGET", "AUTO_LAYER", "DEFAULT_METHOD", "Controls", "list_methods", "block_names", "check_method",
+    "check_target", "check_layer", "check_alpha", "check_controls",
+]
+
+#: Value of the target control meaning "explain the class each model predicts".
+AUTO_TARGET = "auto (predicted class)"
+#: Value of the layer control meaning "the last residual block" (what Grad-CAM usually uses).
+AUTO_LAYER = "auto (last block)"
+DEFAULT_METHOD = "gradcam"
+_BLOCK_RE = re.compile(r"^layer\d+\.\d+$")
+_SHOWN_CLASSES = 20
+
+
+def _is_auto(value, sentinel: str) -> bool:
+    return value is None or (isinstance(value, str) and (value.strip().lower() in ("", "auto") or value == sentinel))
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Dotted names of every residual block (``layer1.0`` ... ``layer4.1``), in forward order."""
+    return [n for n, _ in model.named_modules() if _BLOCK_RE.match(n)]
+
+
+def check_method(method: str | None) -> str:
+    """The CAM method's registered name (lower case); None or ``""`` -> :data:`DEFAULT_METHOD`.
+
+    Raises:
+        UserFacingError: not a method of :func:`list_methods`.
+    """
+    methods = list_methods()
+    key = DEFAULT_METHOD if method is None or (isinstance(method, str) and not method.strip()) \
+        else str(method).strip().lower()
+    if key not in methods:
+        raise UserFacingError(f"Unknown CAM method {method!r}; choose one of: {', '.join(methods)}.")
+    return key
+
+
+def check_target(target, classes: Sequence[str], class_ids: Sequence[str] = ()) -> int | None:
+    """The class index a target names, or None for "each model's predicted class".
+
+    Args:
+        target: see the module docstring.
+        classes: the model's readable class names.
+        class_ids: the model's class ids (e.g. WordNet ids), accepted as well.
+
+    Raises:
+        UserFacingError: an index out of range, an unknown name (the sentence suggests close
+            names, or lists the classes), or a value that is neither an index nor a name.
+    """
+    if _is_auto(target, AUTO_TARGET):
+        return None
+    classes, n = list(classes), len(classes)
+    if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer, str)):
+        raise UserFacingError(f"The target must be a class index or name, not {target!r}.")
+    if isinstance(target, str):
+        name = target.strip()
+        for pool in (classes, list(class_ids)):
+            if name in pool:
+                return pool.index(name)
+        lowered = [c.lower() for c in classes]
+        if name.lower() in lowered:
+            return lowered.index(name.lower())
+        if not name.isdigit():
+            close = difflib.get_close_matches(name, classes, n=3, cutoff=0.6)
+            hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close else
+                    f"the classes are: {', '.join(classes[:_SHOWN_CLASSES])}{', ...' if n > _SHOWN_CLASSES else ''}.")
+            raise UserFacingError(f"Unknown target class {target!r}; {hint}")
+        target = int(name)
+    index = int(target)
+    if not 0 <= index < n:
+        raise UserFacingError(f"Target class index {index} is out of range: the models know {n} classes "
+                              f"(0 to {n - 1}).")
+    return index
+
+
+def check_layer(layer: str | nn.Module | None, *models: nn.Module) -> str:
+    """The CAM layer's dotted name, the same in every model; auto -> the last block of ``layer4``.
+
+    Raises:
+        UserFacingError: a name some model does not have (the sentence lists the blocks).
+    """
+    if not models:
+        raise TypeError("check_layer needs at least one model")
+    if isinstance(layer, nn.Module):
+        layer = resolve_layer(models[0], layer)[0]
+    if _is_auto(layer, AUTO_LAYER):
+        return default_layer(models[0])
+    name = str(layer).strip()
+    for model in models:
+        if name not in dict(model.named_modules()):
+            raise UserFacingError(f"Unknown layer {layer!r}; choose a block among: {', '.join(block_names(model))}.")
+    return name
+
+
+def check_alpha(alpha) -> float:
+    """The overlay opacity as a float from 0 to 1.
+
+    Raises:
+        UserFacingError: not a number, or outside [0, 1].
+    """
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise UserFacingError(f"The overlay opacity must be a number between 0 and 1, not {alpha!r}.") from None
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise UserFacingError(f"The overlay opacity must be between 0 and 1, not {alpha}.")
+    return value
+
+
+@dataclass(frozen=True)
+class Controls:
+    """Checked controls of one request."""
+
+    method: str                  # a registered CAM method name
+    target: int | str | None     # None: each model's predicted class; else resolvable by both models
+    layer: str                   # a dotted module name both models have
+    alpha: float
+
+
+def check_controls(pair, *, method=DEFAULT_METHOD, target=None, layer=None, alpha=0.5) -> Controls:
+    """Every control checked against both models of ``pair``, before any image is opened.
+
+    The target stays as given (a name is resolved by each model, whose class lists may differ);
+    auto becomes None.
+
+    Raises:
+        UserFacingError: the first wrong control, naming the value and the valid choices.
+    """
+    method = check_method(method)
+    for m in (pair.baseline, pair.cbam):
+        resolved = check_target(target, m.classes, m.class_ids)
+    target = None if resolved is None else (target.strip() if isinstance(target, str) else int(target))
+    return Controls(method=method, target=target, layer=check_layer(layer, pair.cbam.model, pair.baseline.model),
+                    alpha=check_alpha(alpha))

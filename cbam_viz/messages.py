@@ -1,0 +1,53 @@
+"""Every failure a person can cause or fix, as one plain sentence (the app, the CLI, the library).
+
+:class:`UserFacingError` is what the control validators (:mod:`cbam_viz.controls`), the service
+and the output helpers raise; ``str(err)`` is the sentence shown, never a traceback.
+:func:`format_error` turns any other exception into such a sentence, and logs the unexpected ones
+with their traceback for whoever runs the server. It subclasses :class:`ValueError`, so library
+callers of :func:`cbam_viz.explain.explain` keep catching a wrong method, target or layer as one.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+__all__ = ["UserFacingError", "classes_sentence", "first_sentence", "format_error"]
+
+log = logging.getLogger(__name__)
+
+
+class UserFacingError(ValueError):
+    """A failure a person can understand; ``str(err)`` is one plain sentence, no traceback."""
+
+
+def first_sentence(err: BaseException | str, limit: int = 300) -> str:
+    """``err``'s message on one line, at most ``limit`` characters, ending with a full stop."""
+    text = " ".join(str(err).split()) or (type(err).__name__ if isinstance(err, BaseException) else "Error")
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def classes_sentence(classes: Sequence[str]) -> str:
+    """"The models only know these N classes: a, b, c" (no full stop: callers go on or add one)."""
+    return f"The models only know these {len(classes)} classes: {', '.join(classes)}"
+
+
+def format_error(err: BaseException) -> str:
+    """One sentence for any exception raised while explaining; unexpected ones are logged."""
+    from cbam_viz.preprocess import ImageError
+
+    if isinstance(err, (UserFacingError, ImageError)):
+        return first_sentence(err)
+    if isinstance(err, MemoryError):
+        return "The server ran out of memory on this image; try a smaller image or fewer at once."
+    if isinstance(err, KeyError):
+        # str(KeyError("x")) is "'x'": the message is its first argument.
+        return first_sentence(str(err.args[0]) if err.args else type(err).__name__)
+    if isinstance(err, ValueError):
+        return first_sentence(err)
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"A file could not be read or written: {first_sentence(err)}"
+    log.error("unexpected error while explaining", exc_info=err)
+    return (f"Something went wrong while explaining this image ({type(err).__name__}); "
+            "the details are in the server log.")
