@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["PAIR_NAME", "OFFICIAL_ENV", "OFFICIAL_FILE", "OFFICIAL_SOURCE", "official_checkpoint",
-           "unavailable_reason", "imagenet_classes", "baseline_state_dict", "build_models"]
+           "unavailable_reason", "imagenet_classes", "baseline_state_dict", "build_models", "records"]
 
 PAIR_NAME = "resnet50-imagenet"
 #: Environment variable naming the official ResNet-50-CBAM checkpoint file.
@@ -31,6 +31,10 @@ OFFICIAL_ENV = "CBAM_VIZ_OFFICIAL_CBAM50"
 OFFICIAL_FILE = "RESNET50_CBAM_new_name_wrap.pth"
 OFFICIAL_SOURCE = "the 'ResNet50+CBAM' checkpoint link in the README of github.com/Jongchan/attention-module"
 INPUT_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ImageNet val top-1 as each file's authors report it (torchvision's weights table; the official README).
+REPORTED_TOP1 = {"resnet50": 0.76130, "resnet50_cbam": 0.77622}
 
 
 def official_checkpoint(weights_dir: str | os.PathLike | None = None) -> Path | None:
@@ -57,11 +61,9 @@ def _baseline_cached() -> bool:
 def unavailable_reason(weights_dir: str | os.PathLike | None = None) -> str | None:
     """None when the pair can load here; otherwise one sentence saying what to fetch and from where."""
     if official_checkpoint(weights_dir) is None:
-        env = os.environ.get(OFFICIAL_ENV, "").strip()
-        where = f"{OFFICIAL_ENV}={env} is not a file; " if env else ""
-        return (f"The {PAIR_NAME} pair needs the official ResNet-50-CBAM checkpoint: {where}download "
-                f"{OFFICIAL_FILE} from {OFFICIAL_SOURCE}, then set {OFFICIAL_ENV}=<file> or put it in the "
-                "weights folder.")
+        found = " (the file it names does not exist)" if os.environ.get(OFFICIAL_ENV, "").strip() else ""
+        return (f"The {PAIR_NAME} pair needs the official ResNet-50-CBAM checkpoint: download {OFFICIAL_FILE} "
+                f"from {OFFICIAL_SOURCE}, then set {OFFICIAL_ENV}=<file>{found} or put it in the weights folder.")
     return None
 
 
@@ -106,3 +108,25 @@ def build_models(weights_dir: str | os.PathLike | None = None) -> tuple[torch.nn
     load_state_strict(baseline, baseline_state_dict(), _torchvision_weights().url)
     cbam = load_any("resnet50_cbam", official_checkpoint(weights_dir), num_classes=1000)
     return baseline.eval(), cbam.eval()
+
+
+def records(baseline: torch.nn.Module, cbam: torch.nn.Module,
+            weights_dir: str | os.PathLike | None = None) -> tuple["WeightRecord", "WeightRecord"]:
+    """Weight records for the two foreign files, so the app's model card describes them like ours."""
+    from cbam_viz.weights import WeightRecord
+
+    classes = [{"id": str(i), "name": name} for i, name in enumerate(imagenet_classes())]
+    url = _torchvision_weights().url
+    common = dict(classes=classes, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), input_size=INPUT_SIZE)
+    base = WeightRecord(
+        name="resnet50 (torchvision IMAGENET1K_V1)", file=url, arch="resnet50",
+        sha256=os.path.basename(url).split("-")[-1].split(".")[0], num_params=sum(p.numel() for p in baseline.parameters()),
+        training={"source": "torchvision", "data": "ImageNet-1k train (1.28 M images)"},
+        metrics={"reported_imagenet_top1": REPORTED_TOP1["resnet50"]}, **common)
+    official = official_checkpoint(weights_dir)
+    cb = WeightRecord(
+        name="resnet50_cbam (official, Woo et al.)", file=str(official), arch="resnet50_cbam", sha256="",
+        num_params=sum(p.numel() for p in cbam.parameters()),
+        training={"source": "Jongchan/attention-module", "data": "ImageNet-1k train, 100 epochs"},
+        metrics={"reported_imagenet_top1": REPORTED_TOP1["resnet50_cbam"]}, **common)
+    return base, cb

@@ -30,23 +30,21 @@ import torch
 from torch import nn
 
 from cbam_viz.data import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
-from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, WeightRecord, load_record, read_manifest
+from cbam_viz.weights import WEIGHTS_DIR_ENV, WeightRecord, load_record, read_manifest, resolve_weights_dir
 
 __all__ = [
     "LoadedModel", "ModelPair", "ModelLoadError", "list_pairs", "default_pair_name", "load_pair",
     "load_model", "untrained_pair", "load_available_pairs", "select_device", "clear_cache",
-    "UNTRAINED_PAIR", "DEVICE_ENV", "WEIGHTS_DIR_ENV", "weights_dir_default", "model_lock", "models_locked",
+    "UNTRAINED_PAIR", "IMAGENET_PAIR", "imagenet_pair", "pair_unavailable_reason", "DEVICE_ENV", "WEIGHTS_DIR_ENV", "weights_dir_default", "model_lock", "models_locked",
     "pair_names",
 ]
 
 log = logging.getLogger(__name__)
 
 UNTRAINED_PAIR = "untrained"
+#: The paper's own ResNet-50 pair on ImageNet (:mod:`cbam_viz.imagenet_pair`; same name there).
+IMAGENET_PAIR = "resnet50-imagenet"
 DEVICE_ENV = "CBAM_VIZ_DEVICE"
-#: Folder of ``manifest.json`` and the weight files when no ``weights_dir`` is passed
-#: (default: the repository's ``weights/``). Read at each call, so the app, the CLI and tests
-#: can point at another folder without code changes.
-WEIGHTS_DIR_ENV = "CBAM_VIZ_WEIGHTS_DIR"
 _UNTRAINED_INPUT = 224
 _UNTRAINED_SEED = 0
 _CACHE_SIZE = 6  # a few pairs' worth of models; resnet18s are ~45 MB each
@@ -178,11 +176,9 @@ def select_device(preferred: str | torch.device | None = None) -> torch.device:
 
 
 def weights_dir_default(weights_dir: str | os.PathLike | None = None) -> Path:
-    """``weights_dir`` if given, else ``$CBAM_VIZ_WEIGHTS_DIR``, else the repository's ``weights/``."""
-    if weights_dir is not None:
-        return Path(weights_dir)
-    env = os.environ.get(WEIGHTS_DIR_ENV, "").strip()
-    return Path(env) if env else DEFAULT_WEIGHTS_DIR
+    """``weights_dir`` if given, else ``$CBAM_VIZ_WEIGHTS_DIR``, else the repository's ``weights/``
+    (:func:`cbam_viz.weights.resolve_weights_dir`, the one default)."""
+    return resolve_weights_dir(weights_dir)
 
 
 # ------------------------------------------------------------------------------------- cache
@@ -296,6 +292,46 @@ def _untrained_model(arch: str, device: torch.device) -> LoadedModel:
     return _cached((f"{arch} (untrained)", None, str(device), None), build)
 
 
+def imagenet_pair(*, weights_dir: str | os.PathLike | None = None, device=None) -> ModelPair:
+    """The paper's own pair (:mod:`cbam_viz.imagenet_pair`): torchvision's ResNet-50 vs the official
+    ResNet-50-CBAM, 1000 ImageNet classes; both models built once and cached.
+
+    Raises:
+        ModelLoadError: a file is missing (the message says what to fetch and from where) or
+            cannot be loaded.
+    """
+    from cbam_viz import imagenet_pair as inet
+
+    device = select_device(device)
+    reason = inet.unavailable_reason(weights_dir)
+    if reason:
+        raise ModelLoadError(reason, model_name="resnet50_cbam", file=None, pair=inet.PAIR_NAME)
+    official = inet.official_checkpoint(weights_dir)
+
+    def build_both() -> tuple[LoadedModel, LoadedModel]:
+        try:
+            models = inet.build_models(weights_dir)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise ModelLoadError(str(err), model_name="resnet50", file=official, pair=inet.PAIR_NAME) from err
+        recs = inet.records(*models, weights_dir)
+        return tuple(LoadedModel(
+            name=rec.name, arch=rec.arch, model=model.to(device).eval(), classes=tuple(rec.class_names),
+            class_ids=tuple(c["id"] for c in rec.classes), mean=tuple(rec.mean), std=tuple(rec.std),
+            input_size=rec.input_size, trained=True, record=rec, device=device,
+        ) for model, rec in zip(models, recs))
+
+    built: dict[str, tuple[LoadedModel, LoadedModel]] = {}
+
+    def member(i: int) -> LoadedModel:
+        if "both" not in built:  # one build reads both files; the cache keeps each model
+            built["both"] = build_both()
+        return built["both"][i]
+
+    key = (inet.PAIR_NAME, str(official.resolve()), str(device), official.stat().st_mtime_ns)
+    return ModelPair(name=inet.PAIR_NAME, baseline=_cached(("resnet50", *key), lambda: member(0)),
+                     cbam=_cached(("resnet50_cbam", *key), lambda: member(1)))
+
+
 def untrained_pair(*, device=None) -> ModelPair:
     """A seeded, untrained resnet18 / resnet18_cbam pair on Imagenette's ten classes (``trained=False``)."""
     device = select_device(device)
@@ -322,7 +358,8 @@ def list_pairs(weights_dir: str | os.PathLike | None = None) -> list[str]:
 
 
 def pair_names(weights_dir: str | os.PathLike | None = None) -> list[str]:
-    """What a person can pick: the manifest's pairs (default first), then :data:`UNTRAINED_PAIR`.
+    """What a person can pick: the manifest's pairs (default first), the paper's own ImageNet pair
+    (:data:`IMAGENET_PAIR`, loadable where its files are), then :data:`UNTRAINED_PAIR`.
 
     The untrained pair is always offered: it runs without any weights file, and comparing it with
     a trained pair shows what training taught the attention gates. Never raises: a broken
@@ -333,7 +370,19 @@ def pair_names(weights_dir: str | os.PathLike | None = None) -> list[str]:
     except Exception as err:  # noqa: BLE001  a broken manifest must not stop the app from starting
         log.warning("cannot list pairs: %s", err)
         names = []
-    return [n for n in names if n != UNTRAINED_PAIR] + [UNTRAINED_PAIR]
+    return [n for n in names if n not in (UNTRAINED_PAIR, IMAGENET_PAIR)] + [IMAGENET_PAIR, UNTRAINED_PAIR]
+
+
+def pair_unavailable_reason(name: str, weights_dir: str | os.PathLike | None = None) -> str | None:
+    """One sentence when pair ``name`` cannot load on this machine for want of a file; else None.
+
+    Only the ImageNet pair depends on files the project cannot ship (:mod:`cbam_viz.imagenet_pair`).
+    """
+    if name != IMAGENET_PAIR:
+        return None
+    from cbam_viz.imagenet_pair import unavailable_reason
+
+    return unavailable_reason(weights_dir)
 
 
 def default_pair_name(weights_dir: str | os.PathLike | None = None) -> str | None:
@@ -376,6 +425,8 @@ def load_pair(
     if name == UNTRAINED_PAIR:
         return untrained_pair(device=device)
     pairs = _pairs(weights_dir)
+    if name == IMAGENET_PAIR and name not in pairs:
+        return imagenet_pair(weights_dir=weights_dir, device=device)
     if name is None:
         name = default_pair_name(weights_dir)
         if name is None:

@@ -42,7 +42,7 @@ from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, block_names, check_contro
 from cbam_viz.explain import explain
 from cbam_viz.faithfulness import pair_confidence_drop
 from cbam_viz.messages import UserFacingError, classes_sentence, first_sentence, format_error
-from cbam_viz.pair import load_pair, models_locked, pair_names
+from cbam_viz.pair import load_pair, models_locked, pair_names, pair_unavailable_reason
 
 __all__ = [
     "PairInfo", "Analysis", "ImageResult", "BatchResult", "UNSURE_PROB", "UNSURE_MARGIN", "DISPLAY_MAX_SIDE",
@@ -77,8 +77,12 @@ def get_pair(name: str | None = None):
     Raises:
         UserFacingError: unknown pair, missing or corrupted weights file.
     """
+    name = name or pair_names()[0]
+    reason = pair_unavailable_reason(name)
+    if reason:  # a file this machine lacks: expected, said as it is, not logged as a failure
+        raise UserFacingError(reason)
     try:
-        return load_pair(name or pair_names()[0])
+        return load_pair(name)
     except KeyError as err:
         known = ", ".join(pair_names())
         raise UserFacingError(f"There is no model pair called {name!r} (known pairs: {known}).") from err
