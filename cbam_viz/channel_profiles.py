@@ -1,0 +1,324 @@
+"""Channel attention per class: which CBAM blocks gate channels differently for different classes?
+
+SE-Net (Hu et al., CVPR 2018, arXiv 1709.01507, Sec. 7.2 and Fig. 6) plots the mean
+excitation of each channel per class and finds early blocks *class-agnostic* (every class gets
+the same profile: the gate re-weights general features) and late blocks *class-specific*. CBAM's
+channel gate (Woo et al., ECCV 2018, arXiv 1807.06521) is the same kind of gate with max pooling
+added, so the same question applies. For each CBAM block this module averages the channel-gate
+vector ``Mc`` (``(C,)`` per image) over the images of each class, over an ImageFolder split, and
+summarises each block by two numbers (see :func:`block_similarity` for why these two).
+
+Files of ``python -m cbam_viz channel-profiles`` (:func:`write_profiles`): ``profiles.npz``
+(per block the ``(K, C)`` class means, plus counts), ``channel_profiles.json`` (the numbers per
+block), ``channel_profiles.md`` and ``channel_profiles.png`` (one panel per block), all atomic.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from cbam_viz.attention import record_attention
+from cbam_viz.gate_ablation import image_batches, json_float, labelled_images
+from cbam_viz.pair import LoadedModel, model_lock
+
+__all__ = [
+    "ChannelProfiles", "accumulate_profiles", "profile_dataset", "block_similarity", "chance_variance_ratio",
+    "similarity_rows",
+    "profiles_figure", "profiles_image", "report_json", "markdown_report", "write_profiles", "load_profiles",
+]
+
+#: Tiny total variance below which a block's gate counts as constant (then nothing is class-specific).
+_CONSTANT_VARIANCE = 1e-12
+
+
+@dataclass(frozen=True)
+class ChannelProfiles:
+    """Per-class mean channel gates of every CBAM block, and what is needed to decompose their variance.
+
+    Attributes:
+        class_ids, class_names: the model's classes, in its order (rows of every array).
+        counts: ``(K,)`` images per class.
+        means: block -> ``(K, C)`` mean gate value per class and channel (nan rows: no image).
+        mean_squares: block -> ``(K, C)`` mean squared gate value (for the within-class variance).
+        model_name, data: where the numbers come from (for the reports).
+    """
+
+    class_ids: tuple[str, ...]
+    class_names: tuple[str, ...]
+    counts: np.ndarray
+    means: dict[str, np.ndarray]
+    mean_squares: dict[str, np.ndarray]
+    model_name: str = ""
+    data: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-ready run details (timings, settings)
+
+    @property
+    def blocks(self) -> list[str]:
+        return list(self.means)
+
+
+def accumulate_profiles(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                        num_classes: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run ``model`` over ``(x, labels)`` batches and average each block's channel gate per class.
+
+    Every forward holds the model's lock (:func:`cbam_viz.pair.model_lock`) while
+    :func:`cbam_viz.attention.record_attention` hooks the gates.
+
+    Returns:
+        ``(counts (K,), means {block: (K, C)}, mean_squares {block: (K, C)})``, float64; a class
+        without images has a nan row.
+    """
+    counts = np.zeros(num_classes, np.int64)
+    sums: dict[str, torch.Tensor] = {}
+    squares: dict[str, torch.Tensor] = {}
+    for x, y in batches:
+        with model_lock(model), torch.no_grad(), record_attention(model) as maps:
+            model(x)
+        y = y.to(torch.int64).cpu()
+        counts += np.bincount(y.numpy(), minlength=num_classes)
+        for block, gate in maps.items():
+            g = gate["channel"].double().cpu()
+            if block not in sums:
+                sums[block] = torch.zeros((num_classes, g.shape[1]), dtype=torch.float64)
+                squares[block] = torch.zeros_like(sums[block])
+            sums[block].index_add_(0, y, g)
+            squares[block].index_add_(0, y, g * g)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = counts[:, None].astype(np.float64)
+        means = {b: s.numpy() / n for b, s in sums.items()}
+        mean_squares = {b: s.numpy() / n for b, s in squares.items()}
+    return counts, means, mean_squares
+
+
+def profile_dataset(
+    loaded: LoadedModel,
+    data_dir: str | os.PathLike,
+    *,
+    max_images: int | None = None,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = True,
+) -> ChannelProfiles:
+    """The per-class channel-gate profiles of ``loaded``'s model on an ImageFolder split.
+
+    Images are decoded and labelled as ``python -m cbam_viz evaluate`` does
+    (:func:`cbam_viz.gate_ablation.image_batches`); ``max_images`` keeps an evenly spread subset.
+
+    Raises:
+        ValueError: the model has no CBAM gate.
+        cbam_viz.evaluate.ClassMismatchError: the folder names are not the model's class ids.
+    """
+    from cbam_viz.attention import cbam_gates
+
+    if not cbam_gates(loaded.model):
+        raise ValueError(f"{loaded.name} has no CBAM gates: channel profiles need the CBAM model")
+    t0 = time.perf_counter()
+    images = labelled_images(loaded, data_dir, max_images=max_images)
+    batches = image_batches(loaded, images, batch_size=batch_size, workers=workers, progress=progress,
+                            desc=f"channel profiles {loaded.name}")
+    counts, means, mean_squares = accumulate_profiles(loaded.model, batches, num_classes=len(loaded.class_ids))
+    return ChannelProfiles(
+        class_ids=tuple(loaded.class_ids), class_names=tuple(loaded.classes), counts=counts, means=means,
+        mean_squares=mean_squares, model_name=loaded.name, data=str(data_dir),
+        extra={"trained": loaded.trained, "input_size": loaded.input_size, "max_images": max_images,
+               "seconds": round(time.perf_counter() - t0, 2), "torch_threads": torch.get_num_threads()},
+    )
+
+
+# --------------------------------------------------------------------------------- numbers
+
+
+def _profile_correlation(means: np.ndarray) -> float:
+    """Mean over class pairs of the Pearson correlation (across channels) of their mean profiles."""
+    rows = means[~np.isnan(means).any(axis=1)]
+    if len(rows) < 2:
+        return float("nan")
+    centred = rows - rows.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1)
+    if (norms < 1e-12).all():  # every profile flat: all classes get the same (flat) gate
+        return 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (centred @ centred.T) / np.outer(norms, norms)
+    upper = corr[np.triu_indices(len(rows), k=1)]
+    return float(np.nanmean(upper)) if np.isfinite(upper).any() else float("nan")
+
+
+def _class_variance_ratio(counts: np.ndarray, means: np.ndarray, mean_squares: np.ndarray) -> float:
+    """eta^2 pooled over channels: between-class sum of squares / total sum of squares of the gate values."""
+    ok = counts > 0
+    n_k, mu, sq = counts[ok].astype(np.float64), means[ok], mean_squares[ok]
+    n = n_k.sum()
+    if n == 0:
+        return float("nan")
+    grand = (n_k[:, None] * mu).sum(0) / n
+    between = float((n_k[:, None] * (mu - grand) ** 2).sum())
+    total = float((n_k[:, None] * sq).sum() - n * (grand ** 2).sum())
+    if total <= _CONSTANT_VARIANCE * n * mu.shape[1]:
+        return 0.0  # a constant gate: no variance at all, so none of it is class-specific
+    return min(1.0, max(0.0, between / total))
+
+
+def block_similarity(profiles: ChannelProfiles) -> dict[str, dict[str, float]]:
+    """Two numbers per block saying how class-agnostic its channel gate is.
+
+    * ``profile_correlation``: the mean, over pairs of classes, of the Pearson correlation
+      across channels between their mean gate profiles; SE-Net's Fig. 6 read as one number. Near
+      1: every class gets the same *shape* of re-weighting (class-agnostic); low or negative:
+      classes emphasise different channels. Pearson rather than cosine similarity because gate
+      values are all positive (sigmoids around 0.5), so the cosine of any two profiles is close to
+      1 and barely separates blocks; Pearson removes each profile's offset and scale first.
+    * ``class_variance_ratio``: the share of the variance of the per-image gate values that the
+      class explains (eta^2 = between-class / total sum of squares, pooled over channels), in
+      [0, 1]. The correlation alone misses how *large* class differences are next to the image-to-
+      image spread: two classes can have perfectly correlated mean profiles that still differ in
+      level. 0: the class tells nothing about the gate (or the gate is constant); 1: the gate is a
+      function of the class. Pooling sums before dividing keeps near-constant channels from
+      dominating, which averaging per-channel ratios would not. It is biased upwards with few
+      images per class: a class-agnostic gate scores about ``(K - 1) / (N - 1)`` by chance for N
+      images of K classes (:func:`chance_variance_ratio`; 0.002 for Imagenette's validation split,
+      1 with one image per class), so read it against that.
+
+    Expected (SE-Net): high correlation and a small ratio in early blocks, the reverse late.
+    """
+    return {block: {"profile_correlation": _profile_correlation(m),
+                    "class_variance_ratio": _class_variance_ratio(profiles.counts, m, profiles.mean_squares[block])}
+            for block, m in profiles.means.items()}
+
+
+def chance_variance_ratio(profiles: ChannelProfiles) -> float:
+    """The ``class_variance_ratio`` a class-agnostic gate gets by chance: ``(K - 1) / (N - 1)``
+    (the expected eta^2 under no class effect, K classes with images, N images)."""
+    k, n = int((profiles.counts > 0).sum()), int(profiles.counts.sum())
+    return (k - 1) / (n - 1) if n > 1 else float("nan")
+
+
+def similarity_rows(profiles: ChannelProfiles) -> list[dict[str, Any]]:
+    """Table rows for the app: ``{"block", "channels", "profile_correlation", "class_variance_ratio"}``
+    (None where undefined), in forward order."""
+    sim = block_similarity(profiles)
+    return [{"block": b, "channels": int(profiles.means[b].shape[1]),
+             "profile_correlation": json_float(s["profile_correlation"], 4),
+             "class_variance_ratio": json_float(s["class_variance_ratio"], 4)} for b, s in sim.items()]
+
+
+# ---------------------------------------------------------------------------------- figure
+
+
+def profiles_figure(profiles: ChannelProfiles):
+    """A matplotlib Figure, one heat map per block: classes (rows) x channels, mean gate value.
+
+    Channels are sorted by their mean over classes, so the class-agnostic part of a profile is a
+    smooth left-to-right ramp and class-specific channels stand out as vertical streaks. Each
+    panel has its own colour scale (gates of different blocks live in different ranges).
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state touched
+
+    blocks = profiles.blocks
+    sim = block_similarity(profiles)
+    ncols = min(4, max(1, len(blocks)))
+    nrows = max(1, math.ceil(len(blocks) / ncols))
+    k = len(profiles.class_ids)
+    fig = Figure(figsize=(3.4 * ncols, nrows * (0.18 * k + 1.4) + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(blocks):]:
+        ax.set_visible(False)
+    for ax, block in zip(axes, blocks):
+        m = profiles.means[block]
+        order = np.argsort(np.nanmean(m, axis=0), kind="stable")
+        im = ax.imshow(m[:, order], aspect="auto", interpolation="nearest", cmap="viridis")
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+        s = sim[block]
+        ax.set_title(f"{block}: r={s['profile_correlation']:.2f}, η²={s['class_variance_ratio']:.2f}", fontsize=8)
+        ax.set_yticks(range(k), [n[:14] for n in profiles.class_names], fontsize=6)
+        ax.set_xlabel(f"{m.shape[1]} channels (sorted by mean gate)", fontsize=7)
+        ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle(f"Mean channel gate per class: {profiles.model_name} "
+                 f"(r: mean class-pair correlation; η²: share of variance explained by the class)", fontsize=9)
+    return fig
+
+
+def profiles_image(profiles: ChannelProfiles, *, dpi: int = 110) -> Image.Image:
+    """:func:`profiles_figure` rendered to an RGB PIL image (for the app; no file written)."""
+    buf = io.BytesIO()
+    profiles_figure(profiles).savefig(buf, format="png", dpi=dpi)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------- files
+
+
+def report_json(profiles: ChannelProfiles) -> dict[str, Any]:
+    """The JSON document of ``channel_profiles.json``."""
+    return {"model": profiles.model_name, "data": profiles.data, "n": int(profiles.counts.sum()),
+            "counts": {c: int(n) for c, n in zip(profiles.class_ids, profiles.counts)},
+            "classes": [{"id": i, "name": n} for i, n in zip(profiles.class_ids, profiles.class_names)],
+            "blocks": {r["block"]: {k: v for k, v in r.items() if k != "block"} for r in similarity_rows(profiles)},
+            "chance_variance_ratio": json_float(chance_variance_ratio(profiles), 4),
+            **profiles.extra}
+
+
+def markdown_report(profiles: ChannelProfiles) -> str:
+    """The ``channel-profiles`` table: per block, the two class-similarity numbers."""
+    lines = [f"## Channel attention per class: {profiles.model_name}", "",
+             f"{int(profiles.counts.sum())} images of {int((profiles.counts > 0).sum())} classes from "
+             f"`{profiles.data}`. *r*: mean over class pairs of the Pearson correlation between their mean "
+             "channel-gate profiles (1 = every class gated alike). *η²*: share of the per-image gate "
+             "variance explained by the class (0 = class-agnostic, 1 = determined by the class; a class-agnostic "
+             f"gate scores {chance_variance_ratio(profiles):.3f} by chance with these counts). "
+             "SE-Net's finding, to compare with: early blocks class-agnostic, late blocks class-specific.", ""]
+    if profiles.extra.get("trained") is False:
+        lines += ["> **Untrained model**: these numbers describe a random network.", ""]
+    lines += ["| block | channels | r | η² |", "|---|---:|---:|---:|"]
+    for r in similarity_rows(profiles):
+        cells = ["n/a" if r[k] is None else f"{r[k]:.3f}" for k in ("profile_correlation", "class_variance_ratio")]
+        lines.append(f"| {r['block']} | {r['channels']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines + [""])
+
+
+def write_profiles(profiles: ChannelProfiles, out: str | os.PathLike) -> dict[str, Path]:
+    """Write ``profiles.npz``, ``channel_profiles.png``, ``.md`` and ``.json`` (last) to ``out``, atomically.
+
+    ``profiles.npz`` holds, per block, the ``(K, C)`` means under the block's name, their mean
+    squares under ``mean_square/<block>``, and ``counts``, ``class_ids``, ``class_names``.
+    """
+    from cbam_viz.outputs import atomic_write, atomic_write_text, prepare_output_dir, write_json, write_npz
+
+    out = prepare_output_dir(out)
+    paths = {"npz": out / "profiles.npz", "figure": out / "channel_profiles.png",
+             "markdown": out / "channel_profiles.md", "json": out / "channel_profiles.json"}
+    arrays = {"counts": profiles.counts, "class_ids": np.array(profiles.class_ids),
+              "class_names": np.array(profiles.class_names), **profiles.means,
+              **{f"mean_square/{b}": v for b, v in profiles.mean_squares.items()}}
+    write_npz(arrays, paths["npz"])
+    figure = profiles_figure(profiles)
+    atomic_write(paths["figure"], lambda f: figure.savefig(f, format="png", dpi=110))
+    atomic_write_text(paths["markdown"], markdown_report(profiles))
+    write_json(report_json(profiles), paths["json"])
+    return paths
+
+
+def load_profiles(path: str | os.PathLike) -> ChannelProfiles:
+    """Read the ``profiles.npz`` of :func:`write_profiles` (a file or its folder) back."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "profiles.npz"
+    with np.load(path) as data:
+        fixed = {"counts", "class_ids", "class_names"}
+        means = {k: data[k] for k in data.files if k not in fixed and not k.startswith("mean_square/")}
+        return ChannelProfiles(
+            class_ids=tuple(str(c) for c in data["class_ids"]), class_names=tuple(str(c) for c in data["class_names"]),
+            counts=data["counts"], means=means,
+            mean_squares={b: data[f"mean_square/{b}"] for b in means}, data=str(path))
