@@ -29,7 +29,8 @@ from PIL import Image
 from torch import nn
 
 from cbam_viz.attention import record_attention
-from cbam_viz.gate_ablation import image_batches, json_float, labelled_images
+from cbam_viz.evaluate import image_batches, labelled_images
+from cbam_viz.outputs import json_float
 from cbam_viz.pair import LoadedModel, model_lock
 
 __all__ = [
@@ -113,7 +114,7 @@ def profile_dataset(
     """The per-class channel-gate profiles of ``loaded``'s model on an ImageFolder split.
 
     Images are decoded and labelled as ``python -m cbam_viz evaluate`` does
-    (:func:`cbam_viz.gate_ablation.image_batches`); ``max_images`` keeps an evenly spread subset.
+    (:func:`cbam_viz.evaluate.image_batches`); ``max_images`` keeps an evenly spread subset.
 
     Raises:
         ValueError: the model has no CBAM gate.
@@ -124,8 +125,8 @@ def profile_dataset(
     if not cbam_gates(loaded.model):
         raise ValueError(f"{loaded.name} has no CBAM gates: channel profiles need the CBAM model")
     t0 = time.perf_counter()
-    images = labelled_images(loaded, data_dir, max_images=max_images)
-    batches = image_batches(loaded, images, batch_size=batch_size, workers=workers, progress=progress,
+    images = labelled_images(loaded.class_ids, data_dir, model_name=loaded.name, max_images=max_images)
+    batches = image_batches(images, loaded, batch_size=batch_size, workers=workers, progress=progress,
                             desc=f"channel profiles {loaded.name}")
     counts, means, mean_squares = accumulate_profiles(loaded.model, batches, num_classes=len(loaded.class_ids))
     return ChannelProfiles(

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cbam_viz.data import scan_image_folder
 from cbam_viz.weights import WeightRecord, load_record, read_manifest, resolve_weights_dir
 
 __all__ = ["EvalResult", "ClassMismatchError", "resolve_models", "evaluate_record", "evaluate_models",
-           "format_report", "paired_difference", "format_paired"]
+           "format_report", "paired_difference", "format_paired", "LabelledImages", "labelled_images", "image_batches"]
 
 
 class ClassMismatchError(ValueError):
@@ -88,8 +90,8 @@ def resolve_models(weights_dir: str | os.PathLike | None = None, *, model: str |
     return [WeightRecord(**data["models"][n]) for n in names]
 
 
-def _labels_in_record_order(record: WeightRecord, scan) -> list[int]:
-    ids = [c["id"] for c in record.classes]
+def _labels_in_class_order(class_ids: Sequence[str], model_name: str, scan) -> list[int]:
+    ids = list(class_ids)
     missing = sorted(set(ids) - set(scan.classes))
     extra = sorted(set(scan.classes) - set(ids))
     if missing or extra:
@@ -99,10 +101,70 @@ def _labels_in_record_order(record: WeightRecord, scan) -> list[int]:
         if extra:
             parts.append(f"folders the model does not know: {extra}")
         raise ClassMismatchError(
-            f"the class folders of {scan.root} do not match the classes of model {record.name!r} "
+            f"the class folders of {scan.root} do not match the classes of model {model_name!r} "
             f"({len(ids)} classes: {ids[:10]}): " + "; ".join(parts))
     index = {cid: i for i, cid in enumerate(ids)}
     return [index[scan.classes[label]] for label in scan.labels]
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Image files of an ImageFolder split with their true class as an index into a model's classes."""
+
+    root: Path
+    files: tuple[str, ...]   # "<class id>/<file>", sorted by class then name
+    labels: tuple[int, ...]  # index into the model's class ids
+
+
+def labelled_images(class_ids: Sequence[str], data_dir: str | os.PathLike, *, model_name: str = "the model",
+                    max_images: int | None = None) -> LabelledImages:
+    """The split's files, labelled in the model's class order (folder names are its class ids).
+
+    Every dataset command (``evaluate``, ``ablate-gates``, ``channel-profiles``, ``sanity-check``)
+    labels images here. ``max_images`` keeps that many files spread evenly over the sorted list, so
+    every class stays represented in a smoke run.
+
+    Raises:
+        FileNotFoundError: no ImageFolder layout at ``data_dir``.
+        ClassMismatchError: the folder names are not the model's class ids.
+    """
+    scan = scan_image_folder(data_dir)
+    labels = _labels_in_class_order(class_ids, model_name, scan)
+    keep = range(len(scan.files))
+    if max_images is not None and max_images < len(scan.files):
+        keep = np.unique(np.linspace(0, len(scan.files) - 1, max(1, max_images)).round().astype(int)).tolist()
+    return LabelledImages(scan.root, tuple(scan.files[i] for i in keep), tuple(labels[i] for i in keep))
+
+
+def image_batches(images: LabelledImages, preprocessing, *, device: torch.device | str | None = None,
+                  batch_size: int = 32, workers: int = 2, progress: bool = True,
+                  desc: str = "images") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, labels)`` batches decoded as the app decodes an upload.
+
+    :func:`cbam_viz.preprocess.open_image`, then :func:`cbam_viz.preprocess.to_model_batch` at
+    ``preprocessing``'s ``input_size``, ``mean`` and ``std`` (a weight record or a loaded model);
+    ``x`` on ``device`` (default: ``preprocessing.device``, else the CPU), labels on the CPU.
+    Decoding runs in ``workers`` threads (PIL releases the GIL while decoding).
+
+    Raises:
+        cbam_viz.preprocess.ImageError: an image cannot be decoded (the message names it).
+    """
+    from tqdm.auto import tqdm
+
+    from cbam_viz.preprocess import open_image, to_model_batch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = device or getattr(preprocessing, "device", None) or "cpu"
+    paths = [images.root / f for f in images.files]
+    labels = torch.tensor(images.labels, dtype=torch.int64)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            decoded = list(pool.map(open_image, paths[start:start + batch_size]))
+            x = to_model_batch(decoded, preprocessing.input_size, preprocessing.mean, preprocessing.std)
+            yield x.to(device), labels[start:start + len(decoded)]
+            bar.update(len(decoded))
 
 
 @torch.no_grad()
@@ -133,34 +195,24 @@ def evaluate_record(
         ChecksumError / FileNotFoundError: from :func:`cbam_viz.weights.load_record`.
         cbam_viz.preprocess.ImageError: an image cannot be decoded (the message names it).
     """
-    from tqdm.auto import tqdm
-
-    from cbam_viz.preprocess import open_image, to_model_batch
-
     t0 = time.perf_counter()
-    scan = scan_image_folder(data_dir)
-    labels = torch.tensor(_labels_in_record_order(record, scan), dtype=torch.int64)
+    images = labelled_images([c["id"] for c in record.classes], data_dir, model_name=record.name)
     model = load_record(record, weights_dir).float().eval()
     n_cls = record.num_classes
     k = min(5, n_cls)
     confusion = torch.zeros((n_cls, n_cls), dtype=torch.int64)
     top5_hits = 0
     hits: list[bool] = []
-    paths = [scan.root / f for f in scan.files]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            tqdm(total=len(paths), desc=f"eval {record.name}", unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            images = list(pool.map(open_image, paths[start:start + batch_size]))
-            x = to_model_batch(images, record.input_size, record.mean, record.std)
-            logits = model(x).float()
-            if hflip:  # log of the averaged probabilities ranks classes as the average does
-                logits = ((logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2).log()
-            y = labels[start:start + batch_size]
-            pred = logits.argmax(1)
-            hits += (pred == y).tolist()
-            confusion += torch.bincount(y * n_cls + pred, minlength=n_cls * n_cls).view(n_cls, n_cls)
-            top5_hits += int((logits.topk(k, 1).indices == y[:, None]).any(1).sum())
-            bar.update(len(images))
+    for x, y in image_batches(images, record, batch_size=batch_size, workers=workers, progress=progress,
+                              desc=f"eval {record.name}"):
+        logits = model(x).float()
+        if hflip:  # log of the averaged probabilities ranks classes as the average does
+            logits = ((logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2).log()
+        pred = logits.argmax(1)
+        hits += (pred == y).tolist()
+        confusion += torch.bincount(y * n_cls + pred, minlength=n_cls * n_cls).view(n_cls, n_cls)
+        top5_hits += int((logits.topk(k, 1).indices == y[:, None]).any(1).sum())
+    paths = images.files
     n = len(paths)
     support = confusion.sum(1)
     per_class = {c["id"]: (float(confusion[i, i]) / float(support[i]) if support[i] else None)
@@ -186,8 +238,6 @@ def paired_difference(baseline: EvalResult, cbam: EvalResult, *, n_boot: int = 1
     right (``b``: CBAM only, ``c``: baseline only) and gives the two-sided exact binomial p-value.
     """
     import math
-
-    import numpy as np
 
     from cbam_viz.quality.stats import paired_bootstrap
 

@@ -22,9 +22,8 @@ top-1 class, and the Pearson correlation between the intact and the ablated Grad
 class, per (block, gate). Measured per dataset (:func:`ablate_dataset`, ``python -m cbam_viz
 ablate-gates``): top-1 accuracy of every ablation and its drop from the intact model, with a
 paired bootstrap 95 % interval over the same images (:func:`cbam_viz.quality.stats.paired_bootstrap`).
-
-The folder-reading helpers at the end (:func:`labelled_images`, :func:`image_batches`) are shared
-by the other dataset commands of issue 15 (:mod:`cbam_viz.channel_profiles`, :mod:`cbam_viz.sanity`).
+Images are read and labelled as ``evaluate`` reads them (:func:`cbam_viz.evaluate.labelled_images`,
+:func:`cbam_viz.evaluate.image_batches`).
 """
 from __future__ import annotations
 
@@ -33,10 +32,8 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -45,13 +42,15 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from cbam_viz.attention import cbam_gates, record_attention
+from cbam_viz.evaluate import image_batches, labelled_images
+from cbam_viz.outputs import json_float
 from cbam_viz.pair import LoadedModel, model_lock
+from cbam_viz.quality.stats import pearson
 
 __all__ = [
     "GATE_KINDS", "ALL_BLOCKS", "CONSTANTS", "GateMeans", "cbam_blocks", "ablation_grid", "ablate_gates",
     "gate_means", "save_gate_means", "load_gate_means", "ablation_effects", "ablate_image", "ablation_chart",
-    "ablate_dataset", "markdown_report", "write_report", "LabelledImages", "labelled_images", "image_batches",
-    "json_float", "pearson",
+    "ablate_dataset", "markdown_report", "write_report",
 ]
 
 #: What an ablation replaces: one of the two gates of a block, or both.
@@ -211,21 +210,6 @@ def _device(model: nn.Module) -> torch.device:
 # --------------------------------------------------------------------------------- per image
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two maps, defined for flat maps too.
-
-    A flat map has no pattern to agree with, so the correlation of a flat map with a varying one
-    is 0 (e.g. an ablation that leaves the CAM empty has changed it completely); two equal flat
-    maps correlate 1, two different flat maps 0. Never nan, so means over images stay means.
-    """
-    a = np.asarray(a, np.float64).ravel()
-    b = np.asarray(b, np.float64).ravel()
-    da, db = a - a.mean(), b - b.mean()
-    saa, sbb = float(da @ da), float(db @ db)
-    flat_a, flat_b = saa <= 1e-12 * max(1, len(a)), sbb <= 1e-12 * max(1, len(b))
-    if flat_a or flat_b:
-        return 1.0 if flat_a and flat_b and np.allclose(a, b, atol=1e-6) else 0.0
-    return float(da @ db / np.sqrt(saa * sbb))
 
 
 def ablation_effects(
@@ -392,15 +376,15 @@ def ablate_dataset(
     t0 = time.perf_counter()
     model = loaded.model
     _check_ablation(model, ALL_BLOCKS, "both", "one", None)  # a baseline model fails here, before any work
-    images = labelled_images(loaded, data_dir, max_images=max_images)
+    images = labelled_images(loaded.class_ids, data_dir, model_name=loaded.name, max_images=max_images)
     grid = ablation_grid(model, gates=gates)
     if constant == "mean" and means is None:
-        means = gate_means(model, image_batches(loaded, images, batch_size=batch_size, workers=workers,
+        means = gate_means(model, image_batches(images, loaded, batch_size=batch_size, workers=workers,
                                                 progress=progress, desc="gate means"))
     correct = {key: [] for key in [("intact", ""), *grid]}
     prob_change = {key: [] for key in grid}
     with tqdm(total=len(images.files), desc=f"ablate {loaded.name}", unit="img", disable=not progress) as bar:
-        for x, y in image_batches(loaded, images, batch_size=batch_size, workers=workers, progress=False):
+        for x, y in image_batches(images, loaded, batch_size=batch_size, workers=workers, progress=False):
             with model_lock(model), torch.no_grad():
                 p0 = model(x).softmax(1)
                 top = p0.argmax(1, keepdim=True)
@@ -463,78 +447,3 @@ def write_report(report: Mapping[str, Any], out: str | os.PathLike, *, means: Ga
     atomic_write_text(paths["markdown"], markdown_report(report))
     write_json(report, paths["json"])
     return paths
-
-
-# ----------------------------------------------------- shared by the issue-15 dataset commands
-
-
-def json_float(v, digits: int = 6) -> float | None:
-    """A number for strict JSON: rounded, None for nan or infinity."""
-    v = float(v)
-    return round(v, digits) if math.isfinite(v) else None
-
-
-@dataclass(frozen=True)
-class LabelledImages:
-    """Image files of an ImageFolder split with their true class as an index into a model's classes."""
-
-    root: Path
-    files: tuple[str, ...]   # "<class id>/<file>", sorted by class then name
-    labels: tuple[int, ...]  # index into the model's class_ids
-
-
-def labelled_images(loaded: LoadedModel, data_dir: str | os.PathLike, *,
-                    max_images: int | None = None) -> LabelledImages:
-    """The split's files, labelled in ``loaded``'s class order, as ``python -m cbam_viz evaluate`` labels them.
-
-    ``max_images`` keeps that many files spread evenly over the sorted list, so every class stays
-    represented in a smoke run.
-
-    Raises:
-        FileNotFoundError: no ImageFolder layout at ``data_dir``.
-        cbam_viz.evaluate.ClassMismatchError: the folder names are not the model's class ids.
-    """
-    from cbam_viz.data import scan_image_folder
-    from cbam_viz.evaluate import _labels_in_record_order
-
-    scan = scan_image_folder(data_dir)
-    # The untrained fallback pair has no record; its class ids play the record's part.
-    record = loaded.record or SimpleNamespace(name=loaded.name, classes=[{"id": c} for c in loaded.class_ids])
-    labels = _labels_in_record_order(record, scan)
-    keep = range(len(scan.files))
-    if max_images is not None and max_images < len(scan.files):
-        keep = np.unique(np.linspace(0, len(scan.files) - 1, max(1, max_images)).round().astype(int)).tolist()
-    return LabelledImages(scan.root, tuple(scan.files[i] for i in keep), tuple(labels[i] for i in keep))
-
-
-def image_batches(
-    loaded: LoadedModel,
-    images: LabelledImages,
-    *,
-    batch_size: int = 32,
-    workers: int = 2,
-    progress: bool = True,
-    desc: str = "images",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, labels)`` batches decoded exactly as ``evaluate`` does: :func:`cbam_viz.preprocess.open_image`,
-    then :func:`cbam_viz.preprocess.to_model_batch` at the model's input size, mean and std; ``x``
-    on the model's device, labels on the CPU.
-
-    Raises:
-        cbam_viz.preprocess.ImageError: an image cannot be decoded (the message names it).
-    """
-    from tqdm.auto import tqdm
-
-    from cbam_viz.preprocess import open_image, to_model_batch
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    paths = [images.root / f for f in images.files]
-    labels = torch.tensor(images.labels, dtype=torch.int64)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            decoded = list(pool.map(open_image, paths[start:start + batch_size]))
-            x = to_model_batch(decoded, loaded.input_size, loaded.mean, loaded.std).to(loaded.device)
-            yield x, labels[start:start + len(decoded)]
-            bar.update(len(decoded))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import numpy as np
 from cbam_viz.messages import UserFacingError
 
 __all__ = [
+    "json_float",
     "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_png", "write_json", "write_npz", "write_zip",
     "npz_arrays", "safe_stem", "unique_stem", "prepare_output_dir", "OUTPUT_ROOT", "OUTPUT_MAX_AGE_S",
     "new_request_dir", "cleanup_outputs",
@@ -202,3 +204,9 @@ def cleanup_outputs(root: str | os.PathLike | None = None, *, max_age_s: float =
         except OSError:
             continue
     return removed
+
+
+def json_float(value, digits: int = 6) -> float | None:
+    """A number for strict JSON: rounded, None for nan or infinity (strict JSON has neither)."""
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else None

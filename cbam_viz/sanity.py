@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cbam_viz.gate_ablation import image_batches, json_float, labelled_images, pearson
+from cbam_viz.evaluate import image_batches, labelled_images
+from cbam_viz.outputs import json_float
+from cbam_viz.quality.stats import pearson
 from cbam_viz.pair import LoadedModel, ModelPair, model_lock
 
 __all__ = [
@@ -146,7 +148,7 @@ def _average_ranks(a: np.ndarray) -> np.ndarray:
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two maps (Pearson of tie-averaged ranks).
 
-    Follows :func:`cbam_viz.gate_ablation.pearson` for flat maps: 0 when only one map is flat
+    Follows :func:`cbam_viz.quality.stats.pearson` for flat maps: 0 when only one map is flat
     (no ordering of the other is reproduced), 1 when both are the same flat map.
     """
     return pearson(_average_ranks(a), _average_ranks(b))
@@ -305,9 +307,9 @@ def sanity_dataset(
     models = {}
     for role in ("baseline", "cbam"):
         loaded = getattr(pair, role)
-        images = labelled_images(loaded, data_dir, max_images=max_images)
+        images = labelled_images(loaded.class_ids, data_dir, model_name=loaded.name, max_images=max_images)
         parts = [sanity_check(loaded.model, x, methods=methods, layer=layer, seed=seed, model_name=loaded.name)
-                 for x, _ in image_batches(loaded, images, batch_size=batch_size, workers=workers,
+                 for x, _ in image_batches(images, loaded, batch_size=batch_size, workers=workers,
                                            progress=progress, desc=f"sanity {loaded.name}")]
         models[role] = {**_summary(SanityResult.concat(parts), n_boot=n_boot, seed=seed),
                         "trained": loaded.trained, "input_size": loaded.input_size}

@@ -13,7 +13,7 @@ from cbam_viz.attention import record_attention
 from cbam_viz.channel_profiles import (
     block_similarity, load_profiles, profile_dataset, profiles_image, similarity_rows,
 )
-from cbam_viz.gate_ablation import image_batches, labelled_images
+from cbam_viz.evaluate import image_batches, labelled_images
 from cbam_viz.models.cbam import CBAM, CBAMConfig
 from cbam_viz.pair import LoadedModel
 from conftest import assert_no_hooks, make_loaded
@@ -86,9 +86,9 @@ def test_class_dependent_gate_is_told_apart_from_a_constant_gate(folder):
 def test_means_and_variance_ratio_equal_a_direct_per_image_computation(folder):
     loaded = make_loaded("resnet18_cbam", input_size=32, seed=1)
     profiles = profile_dataset(loaded, folder, batch_size=5, progress=False)
-    images = labelled_images(loaded, folder)
+    images = labelled_images(loaded.class_ids, folder, model_name=loaded.name)
     gates, labels = {}, []
-    for x, y in image_batches(loaded, images, batch_size=1, progress=False):
+    for x, y in image_batches(images, loaded, batch_size=1, progress=False):
         with record_attention(loaded.model) as maps, torch.no_grad():
             loaded.model(x)
         for block, g in maps.items():

@@ -11,9 +11,10 @@ import torch
 from cbam_viz.attention import record_attention
 from cbam_viz.gate_ablation import (
     ALL_BLOCKS, ablate_gates, ablate_image, ablation_chart, ablation_effects, ablation_grid, cbam_blocks,
-    gate_means, load_gate_means, pearson,
+    gate_means, load_gate_means,
 )
 from cbam_viz.pair import model_lock
+from cbam_viz.quality.stats import pearson
 from conftest import assert_no_hooks, make_image, make_loaded, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

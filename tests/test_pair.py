@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cbam_viz.pair import (
-    UNTRAINED_PAIR, ModelLoadError, clear_cache, default_pair_name, list_pairs, load_available_pairs, load_pair,
+    IMAGENET_PAIR, UNTRAINED_PAIR, ModelLoadError, clear_cache, default_pair_name, list_pairs, load_available_pairs, load_pair,
     model_lock, models_locked, pair_names, select_device,
 )
 from cbam_viz.weights import ChecksumError, WeightRecord, save_safetensors, update_manifest
@@ -100,10 +100,12 @@ def test_select_device(monkeypatch):
 
 
 def test_pair_names_offer_the_manifest_then_untrained(weights_dir, tmp_path):
-    assert pair_names(weights_dir) == ["good", "bad", UNTRAINED_PAIR]
-    assert pair_names(tmp_path) == [UNTRAINED_PAIR]  # no manifest
+    """The manifest's pairs (default first), the paper's ImageNet pair (loadable where its files
+    are), and the untrained pair last."""
+    assert pair_names(weights_dir) == ["good", "bad", IMAGENET_PAIR, UNTRAINED_PAIR]
+    assert pair_names(tmp_path) == [IMAGENET_PAIR, UNTRAINED_PAIR]  # no manifest
     (tmp_path / "manifest.json").write_text("{not json")
-    assert pair_names(tmp_path) == [UNTRAINED_PAIR]  # a broken manifest never stops the app
+    assert pair_names(tmp_path) == [IMAGENET_PAIR, UNTRAINED_PAIR]  # a broken manifest never stops the app
 
 
 def test_models_locked_holds_each_lock_once_and_releases():

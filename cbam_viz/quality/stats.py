@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap", "paired_bootstrap", "mean_stat", "max_box_acc_stat"]
+__all__ = ["Interval", "bootstrap", "paired_bootstrap", "mean_stat", "max_box_acc_stat", "pearson"]
 
 Statistic = Callable[[np.ndarray], np.ndarray]
 
@@ -127,3 +127,19 @@ def paired_bootstrap(
     idx = _resample(n, n_boot, seed)
     boots = _chunked(stat, a, idx) - _chunked(stat, b, idx)
     return _interval(point, boots, n, level)
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two maps, defined for flat maps too.
+
+    A flat map has no pattern to agree with, so the correlation of a flat map with a varying one
+    is 0 (e.g. an ablation that leaves the CAM empty has changed it completely); two equal flat
+    maps correlate 1, two different flat maps 0. Never nan, so means over images stay means.
+    """
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    da, db = a - a.mean(), b - b.mean()
+    saa, sbb = float(da @ da), float(db @ db)
+    flat_a, flat_b = saa <= 1e-12 * max(1, len(a)), sbb <= 1e-12 * max(1, len(b))
+    if flat_a or flat_b:
+        return 1.0 if flat_a and flat_b and np.allclose(a, b, atol=1e-6) else 0.0
+    return float(da @ db / np.sqrt(saa * sbb))
