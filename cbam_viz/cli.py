@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--pair", help="model pair from weights/manifest.json (default: the manifest's default, "
                                   "or the untrained pair without weights)")
     x.add_argument("--method", default="gradcam", help="CAM method (see cbam_viz.explain.list_methods())")
-    x.add_argument("--target", help="class name or index to explain (default: each model's predicted class)")
+    x.add_argument("--target", help="class to explain: a name, an index or a class id such as the WordNet id "
+                                  "n03028079 (default: each model's predicted class)")
     x.add_argument("--layer", help="block the CAM looks at, e.g. layer3.1 (default: the last block)")
     x.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays, 0 to 1")
     x.add_argument("--npz", action="store_true", help="also write the raw maps as <name>.npz")

@@ -46,6 +46,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cbam_viz.cam import list_methods
+from cbam_viz.controls import check_method
 from cbam_viz.data import load_rgb, scan_image_folder
 from cbam_viz.explain import ModelExplanation, explain
 from cbam_viz.faithfulness import blur_fill_image, perturbation_scores, resize_cam
@@ -97,10 +98,9 @@ def _quantize(cam: np.ndarray) -> np.ndarray:
 
 
 def _check_settings(methods: Sequence[str], fractions: Sequence[float]) -> tuple[list[str], tuple[float, ...]]:
-    methods = list(dict.fromkeys(m.strip().lower() for m in methods))
-    unknown = [m for m in methods if m not in list_methods()]
-    if unknown or not methods:
-        raise ValueError(f"unknown CAM method(s) {unknown or methods}; choose from {', '.join(list_methods())}")
+    if not methods:
+        raise ValueError(f"no CAM method given; choose from {', '.join(list_methods())}")
+    methods = list(dict.fromkeys(check_method(m) for m in methods))  # the app's own validator
     fractions = tuple(float(f) for f in fractions)
     if not fractions or not all(0 < f < 1 for f in fractions):
         raise ValueError(f"fractions must lie in (0, 1), got {fractions}")
