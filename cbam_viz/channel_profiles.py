@@ -217,11 +217,13 @@ def similarity_rows(profiles: ChannelProfiles) -> list[dict[str, Any]]:
 
 
 def profiles_figure(profiles: ChannelProfiles):
-    """A matplotlib Figure, one heat map per block: classes (rows) x channels, mean gate value.
+    """A matplotlib Figure, one heat map per block: classes (rows) x channels, each class's mean
+    gate *minus the mean over classes*.
 
-    Channels are sorted by their mean over classes, so the class-agnostic part of a profile is a
-    smooth left-to-right ramp and class-specific channels stand out as vertical streaks. Each
-    panel has its own colour scale (gates of different blocks live in different ranges).
+    The raw profiles of all classes look alike (which channels a block opens is mostly the same
+    for every class, r close to 1), so the figure shows what differs: red where a class opens a
+    channel more than the others, blue where less, on a symmetric scale per block. Channels are
+    sorted by their mean over classes; the block title gives r and eta^2.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state touched
 
@@ -236,16 +238,20 @@ def profiles_figure(profiles: ChannelProfiles):
         ax.set_visible(False)
     for ax, block in zip(axes, blocks):
         m = profiles.means[block]
-        order = np.argsort(np.nanmean(m, axis=0), kind="stable")
-        im = ax.imshow(m[:, order], aspect="auto", interpolation="nearest", cmap="viridis")
+        mean = np.nanmean(m, axis=0)
+        order = np.argsort(mean, kind="stable")
+        dev = (m - mean)[:, order]
+        lim = float(np.nanmax(np.abs(dev))) or 1e-6
+        im = ax.imshow(dev, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-lim, vmax=lim)
         fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
         s = sim[block]
         ax.set_title(f"{block}: r={s['profile_correlation']:.2f}, η²={s['class_variance_ratio']:.2f}", fontsize=8)
         ax.set_yticks(range(k), [n[:14] for n in profiles.class_names], fontsize=6)
         ax.set_xlabel(f"{m.shape[1]} channels (sorted by mean gate)", fontsize=7)
         ax.tick_params(axis="x", labelsize=6)
-    fig.suptitle(f"Mean channel gate per class: {profiles.model_name} "
-                 f"(r: mean class-pair correlation; η²: share of variance explained by the class)", fontsize=9)
+    fig.suptitle(f"Mean channel gate per class minus the mean over classes: {profiles.model_name} "
+                 f"(r: mean class-pair correlation of the raw profiles; η²: share of variance explained by the class)",
+                 fontsize=9)
     return fig
 
 
@@ -293,7 +299,7 @@ def write_profiles(profiles: ChannelProfiles, out: str | os.PathLike) -> dict[st
     """Write ``profiles.npz``, ``channel_profiles.png``, ``.md`` and ``.json`` (last) to ``out``, atomically.
 
     ``profiles.npz`` holds, per block, the ``(K, C)`` means under the block's name, their mean
-    squares under ``mean_square/<block>``, and ``counts``, ``class_ids``, ``class_names``.
+    squares under ``mean_square/<block>``, and ``counts``, ``class_ids``, ``class_names``, ``model_name``, ``data``.
     """
     from cbam_viz.outputs import atomic_write, atomic_write_text, prepare_output_dir, write_json, write_npz
 
@@ -301,7 +307,8 @@ def write_profiles(profiles: ChannelProfiles, out: str | os.PathLike) -> dict[st
     paths = {"npz": out / "profiles.npz", "figure": out / "channel_profiles.png",
              "markdown": out / "channel_profiles.md", "json": out / "channel_profiles.json"}
     arrays = {"counts": profiles.counts, "class_ids": np.array(profiles.class_ids),
-              "class_names": np.array(profiles.class_names), **profiles.means,
+              "class_names": np.array(profiles.class_names), "model_name": np.array(profiles.model_name),
+              "data": np.array(profiles.data), **profiles.means,
               **{f"mean_square/{b}": v for b, v in profiles.mean_squares.items()}}
     write_npz(arrays, paths["npz"])
     figure = profiles_figure(profiles)
@@ -317,9 +324,11 @@ def load_profiles(path: str | os.PathLike) -> ChannelProfiles:
     if path.is_dir():
         path = path / "profiles.npz"
     with np.load(path) as data:
-        fixed = {"counts", "class_ids", "class_names"}
+        fixed = {"counts", "class_ids", "class_names", "model_name", "data"}
         means = {k: data[k] for k in data.files if k not in fixed and not k.startswith("mean_square/")}
         return ChannelProfiles(
             class_ids=tuple(str(c) for c in data["class_ids"]), class_names=tuple(str(c) for c in data["class_names"]),
             counts=data["counts"], means=means,
-            mean_squares={b: data[f"mean_square/{b}"] for b in means}, data=str(path))
+            mean_squares={b: data[f"mean_square/{b}"] for b in means},
+            model_name=str(data["model_name"]) if "model_name" in data.files else "",
+            data=str(data["data"]) if "data" in data.files else str(path))

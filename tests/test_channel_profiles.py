@@ -137,6 +137,7 @@ def test_cli_writes_every_file(tmp_path):
     back = load_profiles(out)
     assert back.blocks == blocks and back.means["layer1.0"].shape == (10, 64)
     assert int(back.counts.sum()) == 6 and back.class_ids == tuple(IMAGENETTE_NAMES)
+    assert back.model_name == doc["model"] and back.data == doc["data"]  # the figure's title survives a reload
     assert np.isnan(back.means["layer1.0"][back.counts == 0]).all()  # classes left out by --max-images
     sim = block_similarity(back)
     for block, numbers in doc["blocks"].items():
