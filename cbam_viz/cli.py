@@ -20,7 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe = Recipe()
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "eval_size", "eval_every", "cache_size",
-                                            "holdout", "ema_decay")
+                                            "holdout", "ema_decay", "warmup_epochs")
                  if getattr(args, k) is not None}
     if args.sizes:
         overrides["sizes"] = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(","))
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-size", type=int)
     t.add_argument("--holdout", type=float, help="share of each training class held out to choose the evaluation "
                                                  "size and EMA-or-raw weights on (default 0.08; 0 = none)")
+    t.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up before the cosine (default 2)")
     t.add_argument("--ema-decay", type=float, help="decay of the weight average (default 0.999; 0 = off)")
     t.add_argument("--select-sizes", type=lambda v: [int(x) for x in v.split(",")],
                    help="input sizes tried on the held-out files before --export, e.g. 160,192,224 "
