@@ -38,6 +38,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["bf16"] = False
     elif args.bf16 == "on":
         overrides["bf16"] = True
+    elif args.device.startswith("cuda"):  # auto on a GPU: bfloat16 autocast (every recent GPU has it)
+        overrides["bf16"] = True
     else:  # auto: bfloat16 only where the CPU multiplies it in hardware
         from cbam_viz.train import cpu_has_fast_bf16
 
@@ -49,7 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for arch in args.arch:
         run_dir = Path(args.runs) / arch
         results[arch] = train(arch, args.data, run_dir, recipe=recipe, resume=args.resume, cache_dir=args.cache_dir,
-                              val_dir=args.val, threads=args.threads, max_steps=args.max_steps)
+                              val_dir=args.val, threads=args.threads, max_steps=args.max_steps, device=args.device)
     unfinished = [a for a, r in results.items() if len(r.history) < recipe.epochs]
     if args.export and unfinished:
         print(f"not exported: {', '.join(unfinished)} not finished (only a finished pair replaces shipped files)")
@@ -359,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs the same one")
     t.add_argument("--no-bf16", action="store_true", help="same as --bf16 off")
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    t.add_argument("--device", default="cpu", help="cpu (default) or cuda: on a GPU the cache, augmentation, model "
+                                                   "and optimizer live there (same recipe, same data order)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
     t.set_defaults(func=_cmd_train)
 

@@ -186,8 +186,8 @@ def normalize(batch: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 or [0, 1] float ``(B, 3, H, W)`` -> normalised float32."""
     if batch.dtype == torch.uint8:
         batch = batch.float().div_(255.0)
-    m = torch.tensor(mean, dtype=batch.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=batch.dtype).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
     return (batch - m) / s
 
 
@@ -228,5 +228,7 @@ def random_resized_crop_flip(
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, [b, batch.shape[1], out_size, out_size], align_corners=False)
+    # The draws stay on the CPU generator (the same augmentation on any device); the warp runs
+    # where the batch is (a GPU when training there).
+    grid = F.affine_grid(theta.to(batch.device), [b, batch.shape[1], out_size, out_size], align_corners=False)
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

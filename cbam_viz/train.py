@@ -207,15 +207,17 @@ def evaluate_tensors(model: nn.Module, ds: TensorDataset, *, size: int, mean, st
     n_cls = len(ds.classes)
     confusion = torch.zeros((n_cls, n_cls), dtype=torch.int64)
     top5_hits = 0
+    device = next(model.parameters()).device
     try:
         for i in tqdm(range(0, len(ds), batch_size), desc=f"eval {size}px", disable=not progress, leave=False):
-            x = resize_batch(ds.images[i:i + batch_size].float().div_(255), size)
+            x = resize_batch(ds.images[i:i + batch_size].to(device).float().div_(255), size)
             x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x).float()
                 if hflip:  # log of the mean probability: argmax and top-k as for averaged softmax
                     probs = logits.softmax(1) + model(x.flip(3)).float().softmax(1)
                     logits = (probs / 2).log()
+            logits = logits.cpu()
             y = ds.labels[i:i + batch_size]
             pred = logits.argmax(1)
             confusion += torch.bincount(y * n_cls + pred, minlength=n_cls * n_cls).view(n_cls, n_cls)
@@ -243,7 +245,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     """
     x = random_resized_crop_flip(images.float().div_(255), size, generator=generator, scale=recipe.crop_scale)
     x = normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
@@ -305,6 +307,7 @@ def train(
     threads: int | None = None,
     max_steps: int | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train ``arch`` with ``recipe`` on ``data_dir`` (ImageFolder layout); checkpoint every epoch.
 
@@ -318,12 +321,20 @@ def train(
         val_dir: optional validation folder, evaluated every ``recipe.eval_every`` epochs and last.
         threads: torch intra-op threads (default: all cores).
         max_steps: stop after this many optimizer steps in this call (for tests and smoke runs).
+        device: ``"cpu"`` (default) or ``"cuda"``: on a GPU the uint8 training cache, the batched
+            augmentation, the model, its optimizer and weight average all live on the device
+            (bfloat16 autocast there too); the data order and augmentation draws are the same
+            CPU-generated numbers, so only the hardware's arithmetic differs. Each epoch's log
+            line says which device ran it.
     """
     from tqdm.auto import tqdm
 
     if threads:
         torch.set_num_threads(threads)
-    if recipe.bf16 and not cpu_has_fast_bf16():
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"training on {device} was asked for, but CUDA is not available on this machine")
+    if recipe.bf16 and device.type == "cpu" and not cpu_has_fast_bf16():
         warnings.warn("bfloat16 autocast on a CPU without AVX-512 BF16 or AMX is emulated and over 10x "
                       "slower than float32 here; train with bf16=False (CLI: --bf16 off or auto)", stacklevel=2)
     run_dir = Path(run_dir)
@@ -345,12 +356,13 @@ def train(
         monitor_name = "val"
         monitor_ds = load_cached_split(val_dir, recipe.eval_size, cache_dir=cache_dir, progress=progress)
     n_cls = len(train_ds.classes)
-    device_name = hardware_description("cpu")
+    device_name = hardware_description(device)
+    train_images, train_labels = train_ds.images.to(device), train_ds.labels.to(device)
     precision = "bf16" if recipe.bf16 else "fp32"
 
     torch.manual_seed(recipe.seed)
     model = create_model(arch, num_classes=n_cls, zero_init_residual=recipe.zero_init_residual)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(_param_groups(model, recipe.weight_decay), lr=recipe.lr,
                                 momentum=recipe.momentum, nesterov=True)
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
@@ -388,9 +400,9 @@ def train(
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(recipe, step, steps_per_epoch)
-            idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
-            y = train_ds.labels[idx]
-            loss, logits = train_step(model, optimizer, train_ds.images[idx], y, recipe=recipe, size=size,
+            idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size].to(device)
+            y = train_labels[idx]
+            loss, logits = train_step(model, optimizer, train_images[idx], y, recipe=recipe, size=size,
                                       generator=gen)
             if ema is not None:
                 ema.update(step)

@@ -309,3 +309,22 @@ def test_cli_exports_a_finished_pair_with_the_held_out_choice(dataset, cache, tm
         assert r.training["hardware"][0].startswith("cpu: ") and r.training["precision"] == ["fp32"]
         assert r.training["holdout_images"] == 12 and set(r.training["selection"]["scores"]["scores"]) == {"raw", "ema"}
         load_record(r, tmp_path / "weights")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+def test_asking_for_a_gpu_where_there_is_none_fails_before_any_data_is_read(tmp_path):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train("resnet18", tmp_path / "no-data", tmp_path / "run", recipe=RECIPE, device="cuda", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_bf16_auto_is_on_for_a_gpu(monkeypatch, tmp_path):
+    from cbam_viz import cli
+    from cbam_viz.train import TrainResult
+
+    seen = {}
+    monkeypatch.setattr("cbam_viz.train.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("cbam_viz.train.train", lambda arch, data, run_dir, *, recipe, device, **kw:
+                        seen.setdefault(arch, (recipe.bf16, device)) and TrainResult(run_dir, torch.nn.Identity()))
+    assert cli.main(["train", "--data", str(tmp_path), "--runs", str(tmp_path), "--device", "cuda"]) == 0
+    assert set(seen.values()) == {(True, "cuda")}
