@@ -13,8 +13,13 @@ the seeded untrained resnet18 / resnet18_cbam pair, which times the same) at its
   the input with its CAM's top 20 % blurred) and every picture (two CAM overlays, the spatial
   attention gallery, every channel strip plus the overview strip, the composite, the
   faithfulness panel), in memory.
-* ``app``: :func:`cbam_viz.service.explain_files`, i.e. what one request costs inside the server:
-  one ``analyse`` per image (not batched) plus PNG/JSON/npz files written to a temp folder.
+* ``app``: :func:`cbam_viz.service.explain_files` as the ``/explain`` endpoint calls it, i.e. what
+  one API request costs inside the server: one ``analyse`` per image (not batched) drawing what
+  ``/explain`` returns (``service.API_PICTURES``: both overlays, every block's spatial overlay, the
+  channel overview, the composite) and writing it with the JSON and the npz (``service.API_FILES``).
+* ``page``: the same as the Explain button calls it (``service.PAGE_PICTURES`` / ``PAGE_FILES``:
+  the photo, both overlays, one sheet of every block's spatial attention, the faithfulness
+  panel, the JSON and the npz; the composite is built when a person asks for the downloads).
 * ``naive``: what a typical demo does: ``pytorch_grad_cam.GradCAM(model, target_layers)`` per
   model, a separate forward for the predictions, a separate forward with hooks for the attention
   maps, then one matplotlib figure per picture (``plt.subplots``, ``imshow``/``bar``,
@@ -62,12 +67,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-VARIANTS = ("floor", "engine", "full", "app", "naive")
-# (name, numerator, denominator, bound, "le"/"ge"): the targets of issue 5.
+VARIANTS = ("floor", "engine", "full", "app", "page", "naive")
+# (name, numerator, denominator, bound, "le"/"ge"): the targets of issues 5 and 14.
 TARGETS = (
     ("engine/floor", "engine", "floor", 1.10, "le"),
     ("full/floor", "full", "floor", 2.00, "le"),
     ("naive/full", "naive", "full", 1.60, "ge"),
+    ("app/full", "app", "full", 1.50, "le"),
+    ("page/full", "page", "full", 1.50, "le"),
 )
 IMAGE_SIZE = (500, 375)  # a typical Imagenette photo
 
@@ -126,8 +133,8 @@ class Variants:
         self.workdir = workdir
         self.paths = []
         for i, im in enumerate(images):
-            path = workdir / f"input_{i}.png"
-            im.save(path)
+            path = workdir / f"input_{i}.jpg"  # what people upload; what bench_server.py sends
+            im.save(path, quality=90)
             self.paths.append(str(path))
         self.last_timings: dict[str, list[dict[str, float]]] = {}
 
@@ -172,14 +179,23 @@ class Variants:
     def app(self):
         from cbam_viz import service
 
-        batch = service.explain_files(self.paths, pair_name=None, out_root=self.workdir / "out",
-                                      max_images=len(self.paths))
-        return batch
+        kinds = {"pictures": service.API_PICTURES, "write": service.API_FILES} if hasattr(service, "API_FILES") else {}
+        return service.explain_files(self.paths, pair_name=None, out_root=self.workdir / "out",
+                                     max_images=len(self.paths), **kinds)
 
     def after_app(self):
         import shutil
 
         shutil.rmtree(self.workdir / "out", ignore_errors=True)
+
+    def page(self):
+        from cbam_viz import service
+
+        return service.explain_files(self.paths, pair_name=None, out_root=self.workdir / "out",
+                                     max_images=len(self.paths), pictures=service.PAGE_PICTURES,
+                                     write=service.PAGE_FILES)
+
+    after_page = after_app
 
     # -- the typical demo
     def naive(self):
@@ -455,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--profile", choices=VARIANTS, help="cProfile this variant instead of benchmarking")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, i.e. the cores)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=list(IMAGE_SIZE),
+                   help=f"the photo's size (default {IMAGE_SIZE[0]} {IMAGE_SIZE[1]}; issue 14's figure: 224 224)")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -473,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     all_results = {"pair": pair.name, "trained": pair.trained, "input_size": pair.cbam.input_size,
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "batches": []}
     for b in args.batch:
-        images = [make_image(seed=i) for i in range(b)]
+        images = [make_image(tuple(args.image_size), seed=i) for i in range(b)]
         with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
             v = Variants(pair, images, Path(tmp))
             if args.profile:

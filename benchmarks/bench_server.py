@@ -19,9 +19,17 @@ Clients do not download the result files (``download_files=False``): on a 2-core
 load generator shares the CPU with the server, so it does the least it can; the server still
 computes, renders and writes every file of every request.
 
+Comparing two versions of the app in one run (``--apps NEW OLD --labels new old``): every app
+is started side by side (each from its own folder, so each imports its own ``cbam_viz``), and at
+each load level the apps take turns, the first one rotating, so that a noisy neighbour (a
+training run on the same cores) slows them alike; the throughput ratio of the first app over
+each other one is printed per level. An old commit to compare with is checked out with
+``git worktree add /tmp/old <commit>`` (and removed with ``git worktree remove /tmp/old``).
+
 Usage::
 
     python benchmarks/bench_server.py                                   # 200 requests x 1/4/8 users, queue 2
+    python benchmarks/bench_server.py --apps app.py /tmp/old/app.py --labels new old   # old vs new
     python benchmarks/bench_server.py --server-concurrency 1 2 4        # choose the queue width
     python benchmarks/bench_server.py --requests 20 --concurrency 1 4   # a quick run
     python benchmarks/bench_server.py --cold-start-only --starts 3      # cold start alone (bench_coldstart.py)
@@ -91,8 +99,9 @@ class Server:
             return ""
 
 
-def start_server(*, concurrency: int | None, env: dict[str, str] | None = None, workdir: Path) -> Server:
-    """``python app.py`` on 127.0.0.1:<free port>, in its own session and temp folder."""
+def start_server(*, concurrency: int | None, env: dict[str, str] | None = None, workdir: Path,
+                 app: Path = APP) -> Server:
+    """``python app.py`` on 127.0.0.1:<free port>, in its own session and temp folder (cwd: the app's folder)."""
     port = free_port()
     tmp = workdir / f"server-{port}"
     (tmp / "gradio").mkdir(parents=True)
@@ -110,8 +119,8 @@ def start_server(*, concurrency: int | None, env: dict[str, str] | None = None, 
     log = tmp / "server.log"
     started = time.perf_counter()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(APP)], cwd=ROOT, env=child_env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, str(app)], cwd=Path(app).resolve().parent, env=child_env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return Server(proc=proc, url=f"http://127.0.0.1:{port}", tmp=tmp, log=log, started=started)
 
 
@@ -268,50 +277,69 @@ def _pct(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------- modes
 
 
-def run_config(concurrency: int | None, args, workdir: Path, images: list[Path]) -> dict:
+def _level(server: Server, images: list[Path], users: int, args) -> dict:
+    dirs0, cpu0 = server.request_dirs(), server.cpu_seconds()
+    r = load_level(server, images, users=users, requests=args.requests, max_seconds=args.max_seconds,
+                   request_timeout=args.request_timeout)
+    processed = server.request_dirs() - dirs0
+    cpu = server.cpu_seconds() - cpu0
+    lat = r.latencies
+    return {
+        "users": users, "submitted": r.submitted, "ok": r.ok, "errors": r.errors, "lost": r.lost,
+        "server_processed": processed, "wall_s": r.wall_s,
+        "throughput_rps": r.ok / r.wall_s if r.wall_s else 0.0,
+        "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95), "p99_s": _pct(lat, 99),
+        "mean_s": statistics.fmean(lat) if lat else float("nan"),
+        "server_cpu_s_per_request": cpu / max(1, processed), "peak_rss_mib": server.status_kib("VmHWM") / 1024,
+        "error_messages": r.error_messages,
+    }
+
+
+def run_config(concurrency: int | None, args, workdir: Path, images: list[Path]) -> list[dict]:
+    """Every app of ``--apps`` at one queue concurrency; at each load level the apps take turns."""
     label = concurrency if concurrency else "app default"
-    server = start_server(concurrency=concurrency, workdir=workdir)
-    out: dict = {"server_concurrency": concurrency, "levels": []}
+    servers = {name: start_server(concurrency=concurrency, workdir=workdir, app=app)
+               for name, app in zip(args.labels, args.apps)}
+    outs = {name: {"app": name, "app_path": str(app), "server_concurrency": concurrency, "levels": []}
+            for name, app in zip(args.labels, args.apps)}
     try:
-        cs = cold_start(server, images[0], timeout=args.start_timeout)
-        out["cold_start"] = cs
-        print(f"\n== server CBAM_VIZ_CONCURRENCY={label} (pid {server.proc.pid}) ==")
-        print(f"cold start: HTTP answers after {cs['http_ready_s']:.2f} s; first /explain answered "
-              f"{cs['first_answer_s']:.2f} s after `python app.py`")
-        print(f"request 1 {cs['request1_s']:.3f} s (server analyse {cs['request1_server_s']:.3f} s), "
-              f"request 2 {cs['request2_s']:.3f} s (server analyse {cs['request2_server_s']:.3f} s)")
-        for users in args.concurrency:
-            dirs0, cpu0 = server.request_dirs(), server.cpu_seconds()
-            r = load_level(server, images, users=users, requests=args.requests, max_seconds=args.max_seconds,
-                           request_timeout=args.request_timeout)
-            processed = server.request_dirs() - dirs0
-            cpu = server.cpu_seconds() - cpu0
-            hwm = server.status_kib("VmHWM") / 1024
-            lat = r.latencies
-            level = {
-                "users": users, "submitted": r.submitted, "ok": r.ok, "errors": r.errors, "lost": r.lost,
-                "server_processed": processed, "wall_s": r.wall_s,
-                "throughput_rps": r.ok / r.wall_s if r.wall_s else 0.0,
-                "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95), "p99_s": _pct(lat, 99),
-                "mean_s": statistics.fmean(lat) if lat else float("nan"),
-                "server_cpu_s_per_request": cpu / max(1, processed), "peak_rss_mib": hwm,
-                "error_messages": r.error_messages,
-            }
-            out["levels"].append(level)
-            print(f"queue={label} users={users}: {r.ok}/{r.submitted} ok in {r.wall_s:.1f} s, "
-                  f"throughput {level['throughput_rps']:.2f} req/s, latency p50 {level['p50_s']:.3f} s "
-                  f"p95 {level['p95_s']:.3f} s p99 {level['p99_s']:.3f} s, errors {r.errors}, lost {r.lost}, "
-                  f"server wrote {processed}, server CPU {level['server_cpu_s_per_request']:.3f} s/request, "
-                  f"peak RSS {hwm:.0f} MiB")
-            for msg in r.error_messages:
-                print(f"   error: {msg}")
-            if r.submitted < args.requests:
-                print(f"   (stopped after {args.max_seconds:.0f} s: {r.submitted} of {args.requests} submitted)")
+        for name, server in servers.items():
+            cs = cold_start(server, images[0], timeout=args.start_timeout)
+            outs[name]["cold_start"] = cs
+            print(f"\n== {name}: server CBAM_VIZ_CONCURRENCY={label} (pid {server.proc.pid}) ==")
+            print(f"cold start: HTTP answers after {cs['http_ready_s']:.2f} s; first /explain answered "
+                  f"{cs['first_answer_s']:.2f} s after `python app.py`")
+            print(f"request 1 {cs['request1_s']:.3f} s (server analyse {cs['request1_server_s']:.3f} s), "
+                  f"request 2 {cs['request2_s']:.3f} s (server analyse {cs['request2_server_s']:.3f} s)")
+        names = list(servers)
+        for k, users in enumerate(args.concurrency):
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                level = _level(servers[name], images, users, args)
+                outs[name]["levels"].append(level)
+                tag = f"{name}: " if len(names) > 1 else ""
+                print(f"{tag}queue={label} users={users}: {level['ok']}/{level['submitted']} ok in "
+                      f"{level['wall_s']:.1f} s, throughput {level['throughput_rps']:.2f} req/s, latency p50 "
+                      f"{level['p50_s']:.3f} s p95 {level['p95_s']:.3f} s p99 {level['p99_s']:.3f} s, errors "
+                      f"{level['errors']}, lost {level['lost']}, server wrote {level['server_processed']}, server CPU "
+                      f"{level['server_cpu_s_per_request']:.3f} s/request, peak RSS {level['peak_rss_mib']:.0f} MiB")
+                for msg in level["error_messages"]:
+                    print(f"   error: {msg}")
+                if level["submitted"] < args.requests:
+                    print(f"   (stopped after {args.max_seconds:.0f} s: {level['submitted']} of {args.requests} "
+                          "submitted)")
+            first = outs[names[0]]["levels"][-1]
+            for other in names[1:]:
+                o = outs[other]["levels"][-1]
+                if o["throughput_rps"]:
+                    print(f"ratio users={users} throughput {names[0]}/{other} = "
+                          f"{first['throughput_rps'] / o['throughput_rps']:.2f}, p50 {names[0]}/{other} = "
+                          f"{first['p50_s'] / o['p50_s']:.2f}")
     finally:
-        stop_server(server)
-        out["server_log_tail"] = server.log_tail(15)
-        shutil.rmtree(server.tmp, ignore_errors=True)
-    return out
+        for name, server in servers.items():
+            stop_server(server)
+            outs[name]["server_log_tail"] = server.log_tail(15)
+            shutil.rmtree(server.tmp, ignore_errors=True)
+    return list(outs.values())
 
 
 def run_cold(args, workdir: Path, images: list[Path]) -> dict:
@@ -347,8 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-timeout", type=float, default=180.0)
     p.add_argument("--cold-start-only", action="store_true")
     p.add_argument("--starts", type=int, default=3, help="cold starts per setting (--cold-start-only)")
+    p.add_argument("--apps", type=Path, nargs="+", default=[APP],
+                   help="app.py files to start side by side (e.g. this one and an old worktree's)")
+    p.add_argument("--labels", nargs="+", help="a name per --apps entry (default: new, old, old2, ...)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    if args.labels is None:
+        args.labels = ["new", *[f"old{i if i > 1 else ''}" for i in range(1, len(args.apps))]][:len(args.apps)]
+    if len(args.labels) != len(args.apps) or len(set(args.labels)) != len(args.labels):
+        p.error("--labels needs one distinct name per --apps entry")
 
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         workdir = Path(tmp)
@@ -356,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cold_start_only:
             results = {"cold_start": run_cold(args, workdir, images)}
         else:
-            results = {"configs": [run_config(c or None, args, workdir, images) for c in args.server_concurrency]}
-            failed = [(cfg["server_concurrency"], lv["users"]) for cfg in results["configs"] for lv in cfg["levels"]
-                      if lv["errors"] or lv["lost"]]
+            results = {"configs": [cfg for c in args.server_concurrency
+                                   for cfg in run_config(c or None, args, workdir, images)]}
+            failed = [(cfg["app"], cfg["server_concurrency"], lv["users"]) for cfg in results["configs"]
+                      for lv in cfg["levels"] if lv["errors"] or lv["lost"]]
             print(f"errors/lost: {'none' if not failed else failed}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -5,15 +5,21 @@ here and hands the result to Gradio. The data the page needs (pair names, exampl
 Explanation-quality report and text) is loaded lazily, on the first page load, and cached: importing
 the app reads no file.
 
-Results are plain Python: strings (markdown), paths, PIL images, lists, and :class:`Choices` for
-a dropdown's new choices (``app.py`` turns them into ``gr.update``). Failures raise
+Results are plain Python: strings (markdown), paths, PIL images, pandas DataFrames (the plots'
+data), lists, and :class:`Choices` for a dropdown's new choices (``app.py`` turns them into
+``gr.update``). Failures raise
 :class:`~cbam_viz.messages.UserFacingError` (or another exception that
 :func:`~cbam_viz.messages.format_error` turns into one sentence).
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
 import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +35,12 @@ from cbam_viz.pair import pair_names
 __all__ = [
     "QUALITY_DOC", "QUALITY_FIGURE", "QUALITY_PLACEHOLDER", "Choices", "PairView", "PageView", "ExplainView",
     "quality_report", "quality_markdown", "quality_figure", "examples", "pair_markdown", "model_card_markdown",
-    "timings_markdown", "status_markdown", "faithfulness_markdown", "channel_overview", "upload_paths",
-    "item_view", "page_view", "pair_view", "explain_view", "show_item", "api_explain", "api_info",
-    "quality_differences", "example_image",
+    "timings_markdown", "timings_line", "status_markdown", "faithfulness_markdown", "channel_overview",
+    "channel_frame", "upload_paths", "item_view", "page_view", "pair_view", "explain_view", "show_item",
+    "example_view", "downloads_view", "probe_view", "ablation_view", "sanity_failures", "method_note",
+    "QualityExtras", "quality_extras", "api_explain", "api_info", "quality_differences", "example_image",
+    "SANITY_REPORT", "SANITY_ENV", "CHANNEL_PROFILES", "CHANNEL_PROFILES_ENV", "CHANNEL_COLUMNS", "PROBE_COLUMNS",
+    "ABLATION_COLUMNS",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +49,12 @@ QUALITY_FIGURE = ROOT / "docs" / "explanation_quality" / "summary.png"
 QUALITY_PLACEHOLDER = "Explanation quality: not measured yet."
 #: Where example pictures are copied for the page: Gradio serves files from the temp folder.
 EXAMPLES_DIR = Path(tempfile.gettempdir()) / "cbam_viz_app_examples"
+#: The model-randomisation report (``python -m cbam_viz sanity-check``); a method that failed it is flagged.
+SANITY_REPORT = ROOT / "docs" / "sanity" / "sanity.json"
+SANITY_ENV = "CBAM_VIZ_SANITY_REPORT"
+#: The channel-profiles folder (``python -m cbam_viz channel-profiles``) shown in the quality tab.
+CHANNEL_PROFILES = ROOT / "docs" / "channel_profiles"
+CHANNEL_PROFILES_ENV = "CBAM_VIZ_CHANNEL_PROFILES"
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,14 @@ def timings_markdown(timings, per_model: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def timings_line(timings) -> str:
+    """One line: the request's total, the models' share and the drawing's (pictures and files)."""
+    model = sum(timings.get(k, 0.0) for k in ("wait_for_model", "explain", "faithfulness"))
+    drawing = timings.get("render", 0.0) + timings.get("write_files", 0.0)
+    total = timings.get("total", 0.0) + timings.get("write_files", 0.0)
+    return f"**Took {total:.2f} s**: models {model:.2f} s, drawing and files {drawing:.2f} s."
+
+
 def status_markdown(warnings, failures) -> str:
     lines = [f"> **Note:** {w}" for w in warnings]
     lines += [f"> **Skipped {name}:** {reason}" for name, reason in failures]
@@ -201,6 +224,32 @@ def channel_overview(gallery: list[tuple[str, str]]) -> str | None:
     return gallery[0][0] if gallery else None
 
 
+#: Columns of the channel-attention plot's data.
+CHANNEL_COLUMNS = ("block", "rank", "channel", "attention")
+#: Columns of the click-probe plot's data.
+PROBE_COLUMNS = ("block", "spatial attention")
+#: Columns of the gate-ablation table (and plot).
+ABLATION_COLUMNS = ("block", "gate", "prob_change", "cam_correlation")
+
+
+def channel_frame(channel_attention) -> Any:
+    """Every CBAM block's channel attention as plot data: one row per (block, rank, channel, value).
+
+    Each block's channels are ranked from the most passed (rank 0) to the least, so that every
+    block draws one readable curve (flat: the block gates its channels alike; steep: it picks a
+    few); the channel's own index stays in the row, for the hover.
+    """
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for block, values in channel_attention.items():
+        v = np.asarray(values, dtype=np.float64)
+        for rank, ch in enumerate(np.argsort(-v, kind="stable")):
+            rows.append((block, rank, int(ch), round(float(v[ch]), 4)))
+    return pd.DataFrame(rows, columns=list(CHANNEL_COLUMNS))
+
+
 # --------------------------------------------------------------------------- Explain tab
 
 def upload_paths(*values) -> tuple[list[str], list[str | None]]:
@@ -222,30 +271,32 @@ def upload_paths(*values) -> tuple[list[str], list[str | None]]:
     return paths, names
 
 
-def item_view(r: service.ImageResult, archive: Path | None) -> dict[str, Any]:
-    """One image's result as the serialisable dict the page keeps (in a ``gr.State``)."""
+def item_view(r: service.ImageResult, batch_ids: list[str]) -> dict[str, Any]:
+    """One image's result as the serialisable dict the page keeps (in a ``gr.State``, server-side)."""
     a = r.analysis
-    files = [str(r.files[k]) for k in ("png", "json", "npz")] + ([str(archive)] if archive is not None else [])
     per_model = {role: getattr(a.explanation, role).timings for role in ("baseline", "cbam")}
     return {
-        "name": a.name,
+        "name": a.name, "result_id": r.result_id, "batch": batch_ids,
         "labels": {"baseline": a.labels("baseline"), "cbam": a.labels("cbam")},
-        "overlays": {k: str(v) for k, v in r.overlays.items()},
-        "spatial": r.spatial_gallery, "channel": channel_overview(r.channel_gallery),
+        "photo": str(r.photo), "overlays": {k: str(v) for k, v in r.overlays.items()},
+        "sheet": str(r.spatial_sheet) if r.spatial_sheet else None,
+        "channel": {block: [round(float(x), 4) for x in v] for block, v in a.explanation.cbam.channel_attention.items()},
         "faithfulness": str(r.faithfulness) if r.faithfulness else None,
         "faithfulness_md": faithfulness_markdown(a.summary.get("faithfulness")),
-        "timings_md": timings_markdown(a.timings, per_model), "files": files,
+        "timings_line": timings_line(a.timings), "timings_md": timings_markdown(a.timings, per_model),
         "warnings": list(a.warnings),
     }
 
 
 def _components(item: dict) -> tuple:
-    """The values of the components showing one image (in the order ``app.py`` lists them)."""
+    """The values of the components showing one image (in the order ``app.py`` lists them):
+    the result's own values, then the on-demand outputs (downloads, probe, ablation) emptied."""
+    photo, base, cbam = item["photo"], item["overlays"]["baseline"], item["overlays"]["cbam"]
     return (
-        item["labels"]["baseline"], item["overlays"]["baseline"],
-        item["labels"]["cbam"], item["overlays"]["cbam"],
-        item["faithfulness"], item["faithfulness_md"],
-        item["spatial"], item["channel"], item["timings_md"], item["files"],
+        item["labels"]["baseline"], (photo, base), item["labels"]["cbam"], (photo, cbam), (base, cbam),
+        item["faithfulness"], item["faithfulness_md"], item["sheet"], photo, channel_frame(item["channel"]),
+        item["timings_line"], item["timings_md"], item["result_id"],
+        None, None, "", None, None, "",
     )
 
 
@@ -258,12 +309,23 @@ class ExplainView:
 
 
 def explain_view(image, files, *, pair_name=None, method="gradcam", target=None, layer=None, alpha=0.5,
-                 max_images: int = 16) -> ExplainView:
-    """The Explain button: one or several uploads -> every result, showing the first."""
+                 max_images: int = 16, progress: Callable[..., object] | None = None) -> ExplainView:
+    """The Explain button: one or several uploads -> every result, showing the first.
+
+    Draws and writes only what the page shows (:data:`cbam_viz.service.PAGE_FILES`); the composite
+    and the zip wait for the downloads button. ``progress(fraction, desc=...)`` (a ``gr.Progress``)
+    gets one step per image when there are several or the method is a slow one.
+    """
     sources, names = upload_paths(image, files)
+    report = None
+    if progress is not None and (len(sources) > 1 or service.is_slow_method(str(method))):
+        def report(fraction: float, text: str) -> None:
+            progress(fraction, desc=text)
     batch = service.explain_files(sources, names=names, pair_name=pair_name, method=method, target=target,
-                                  layer=layer, alpha=alpha, max_images=max_images)
-    items = [item_view(r, batch.archive) for r in batch.results]
+                                  layer=layer, alpha=alpha, max_images=max_images, pictures=service.PAGE_PICTURES,
+                                  write=service.PAGE_FILES, progress=report)
+    ids = [r.result_id for r in batch.results]
+    items = [item_view(r, ids) for r in batch.results]
     labels = [f"{i + 1}. {it['name']}" for i, it in enumerate(items)]
     return ExplainView(items=items, picker=Choices(labels, labels[0], visible=len(items) > 1),
                        status=status_markdown(items[0]["warnings"], batch.failures), shown=_components(items[0]))
@@ -276,6 +338,122 @@ def show_item(choice: str, items: list[dict]) -> tuple:
     index = int(choice.split(".", 1)[0]) - 1
     item = items[max(0, min(index, len(items) - 1))]
     return (status_markdown(item["warnings"], []), *_components(item))
+
+
+# An example answers at once after its first use: its view is kept, per example and controls (the
+# same idea as Gradio's cache_examples="lazy", keyed by the controls too, with no file read at
+# import). An entry whose files were cleaned up (request folders live an hour) is computed again.
+_EXAMPLE_CACHE: OrderedDict[tuple, ExplainView] = OrderedDict()
+_EXAMPLE_CACHE_SIZE = 32
+_EXAMPLE_LOCK = threading.Lock()
+
+
+def example_view(index: int | None, *, pair_name=None, method="gradcam", target=None, layer=None,
+                 alpha=0.5) -> ExplainView:
+    """A click on an example: its explanation with the current controls, from the cache after the first time."""
+    path = example_image(index)
+    if path is None:
+        raise UserFacingError("Pick one of the examples.")
+    key = (path, pair_name, method, target, layer, float(alpha))
+    with _EXAMPLE_LOCK:
+        cached = _EXAMPLE_CACHE.get(key)
+    if cached is not None and all(Path(p).is_file() for p in (cached.items[0]["photo"],
+                                                              *cached.items[0]["overlays"].values())):
+        with _EXAMPLE_LOCK:
+            _EXAMPLE_CACHE.move_to_end(key)
+        return cached
+    view = explain_view(path, None, pair_name=pair_name, method=method, target=target, layer=layer, alpha=alpha,
+                        max_images=1)
+    with _EXAMPLE_LOCK:
+        _EXAMPLE_CACHE[key] = view
+        while len(_EXAMPLE_CACHE) > _EXAMPLE_CACHE_SIZE:
+            _EXAMPLE_CACHE.popitem(last=False)
+    return view
+
+
+def _batch_of(result_id: str, items: list[dict] | None) -> list[str]:
+    for item in items or []:
+        if item.get("result_id") == result_id:
+            return list(item.get("batch") or [result_id])
+    return [result_id]  # a deep link: the page's state is gone, the shown result is not
+
+
+def downloads_view(result_id: str, items: list[dict] | None = None) -> list[str]:
+    """The downloads button: the shown image's composite PNG, JSON and npz (+ the zip of a batch),
+    built now from the files the request wrote."""
+    files = service.build_downloads([result_id])
+    batch = _batch_of(result_id, items)
+    if len(batch) > 1:
+        files.append(service.build_downloads(batch)[-1])
+    return [str(f) for f in files]
+
+
+def probe_view(result_id: str, index) -> tuple[Any, str]:
+    """A click on the photo at ``index = (x, y)``: every CBAM block's spatial attention there."""
+    import pandas as pd
+
+    if not index or len(index) != 2:
+        raise UserFacingError("Click a point of the photo.")
+    x, y = (float(v) for v in index)
+    values = service.spatial_at(result_id, x, y)
+    frame = pd.DataFrame([(b, round(v, 4)) for b, v in values], columns=list(PROBE_COLUMNS))
+    low, high = min(values, key=lambda bv: bv[1]), max(values, key=lambda bv: bv[1])
+    text = (f"At pixel ({int(x)}, {int(y)}): the spatial gates pass {low[1]:.2f} ({low[0]}) to {high[1]:.2f} "
+            f"({high[0]}) of the features there (1 = kept as is).")
+    return frame, text
+
+
+def ablation_view(result_id: str) -> tuple[Any, Any, str]:
+    """"Is this attention used?": gate ablation on the shown photo (plot data, table, one sentence)."""
+    import pandas as pd
+
+    rows = service.ablate_result(result_id)
+    table = pd.DataFrame([[r[k] for k in ABLATION_COLUMNS] for r in rows], columns=list(ABLATION_COLUMNS))
+    plot = table.assign(ablation=[f"{r['block']} {r['gate']}" for r in rows])
+    finite = [r for r in rows if r["prob_change"] is not None]
+    if not finite:
+        return plot, table, "No ablation changed anything measurable."
+    worst = min(finite, key=lambda r: r["prob_change"])
+    text = (f"Each row sets a gate to 1 (no attention) in one block, or in all blocks. The largest fall of the "
+            f"CBAM model's top-1 probability: {worst['prob_change']:+.2f} with the {worst['gate']} gate"
+            f"{'s' if worst['block'] == 'all' else ''} of {'every block' if worst['block'] == 'all' else worst['block']} "
+            "switched off. Near 0 everywhere: on this photo the attention is not used.")
+    return plot, table, text
+
+
+# ----------------------------------------------------------------- sanity-check flags
+
+@functools.cache
+def sanity_failures() -> dict[str, list[str]]:
+    """``{method: [models whose CAM failed]}`` from the model-randomisation report, if there is one.
+
+    ``$CBAM_VIZ_SANITY_REPORT`` (a ``sanity.json`` or its folder) overrides ``docs/sanity/sanity.json``;
+    no report (or an unreadable one) flags nothing.
+    """
+    path = Path(os.environ.get(SANITY_ENV) or SANITY_REPORT)
+    if path.is_dir():
+        path = path / "sanity.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        models = report["models"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out: dict[str, list[str]] = {}
+    for role, m in models.items():
+        for method, result in (m.get("methods") or {}).items():
+            if result.get("passes") is False:
+                out.setdefault(method, []).append("CBAM" if role == "cbam" else role)
+    return out
+
+
+def method_note(method: str | None) -> str:
+    """A warning under the method dropdown when the chosen method failed the sanity check, else ""."""
+    failed = sanity_failures().get(str(method or "").strip().lower())
+    if not failed:
+        return ""
+    return (f"> **Sanity check failed** for `{method}` ({' and '.join(failed)} model): its maps barely change "
+            "when the model's weights are randomised (Adebayo et al., 2018), so they may show the image more "
+            "than what the model learnt.")
 
 
 # ------------------------------------------------------------------------------ pair and page
@@ -309,18 +487,25 @@ class PageView:
     quality_methods: Choices
     quality_note: str
     pair: PairView = field(repr=False)
+    method_note: str = ""
+    quality_metrics: Choices = field(default_factory=lambda: Choices([], None))
+    quality_directions: Choices = field(default_factory=lambda: Choices([], None))
 
 
-def page_view() -> PageView:
+def page_view(method: str | None = "gradcam") -> PageView:
     """Everything the page loads once it is open (nothing of it is read at import)."""
     pairs = pair_names()
     report, note = quality_report()
-    from cbam_viz.quality.view import method_choices
+    from cbam_viz.quality.view import DIRECTIONS, method_choices, metric_choices
 
     methods = method_choices(report) if report else ["gradcam"]
+    metrics = metric_choices()
     return PageView(pairs=Choices(pairs, pairs[0]), examples=examples(), quality_markdown=quality_markdown(),
                     quality_figure=quality_figure(), quality_methods=Choices(methods, methods[0]),
-                    quality_note=note, pair=pair_view(pairs[0]))
+                    quality_note=note, pair=pair_view(pairs[0]), method_note=method_note(method),
+                    quality_metrics=Choices(metrics, "energy" if any(k == "energy" for _, k in metrics) else
+                                            metrics[0][1]),
+                    quality_directions=Choices(list(DIRECTIONS), next(iter(DIRECTIONS))))
 
 
 def example_image(index: int | None) -> str | None:
@@ -337,7 +522,8 @@ def api_explain(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, a
     if not sources:
         raise UserFacingError("Please send an image file.")
     batch = service.explain_files(sources[:1], names=names[:1], pair_name=pair_name, method=method, target=target,
-                                  layer=layer, alpha=alpha, max_images=1)
+                                  layer=layer, alpha=alpha, max_images=1, pictures=service.API_PICTURES,
+                                  write=service.API_FILES)
     r = batch.results[0]
     return (r.analysis.summary, str(r.overlays["baseline"]), str(r.overlays["cbam"]), str(r.files["png"]),
             r.spatial_gallery + r.channel_gallery, [str(r.files[k]) for k in ("json", "npz")])
@@ -373,4 +559,47 @@ def quality_differences(metric: str, method: str, direction: str, k: float) -> t
     report, note = quality_report()
     if report is None:
         return [], note
-    return _differing_images(metric, method, DIRECTIONS.get(direction, "both"), int(k))
+    if not metric or not method:  # the tab opened before the page load filled its controls
+        return [], ""
+    return _differing_images(metric, method, DIRECTIONS.get(direction, "both"), int(k or 6))
+
+
+@dataclass(frozen=True)
+class QualityExtras:
+    """The research sections of the Explanation-quality tab."""
+
+    spatial_gates: str          # the report's spatial-gate localization section, or a one-line note
+    profiles_image: Image.Image | None
+    profiles_rows: Any          # DataFrame of channel_profiles.similarity_rows, or None
+    profiles_note: str
+
+
+@functools.cache
+def quality_extras() -> QualityExtras:
+    """Spatial-gate localization (from the quality report) and the channel profiles (from their folder)."""
+    from cbam_viz.quality.report import spatial_gate_markdown
+
+    report, _ = quality_report()
+    lines = spatial_gate_markdown(report) if report else []
+    gates = "\n".join(lines) if lines else (
+        "*Does the spatial gate itself localize the object? Not in this report yet: re-run "
+        "`python -m cbam_viz evaluate-cams` to measure it.*")
+    folder = Path(os.environ.get(CHANNEL_PROFILES_ENV) or CHANNEL_PROFILES)
+    command = "`python -m cbam_viz channel-profiles --data DIR --out docs/channel_profiles`"
+    if not (folder / "profiles.npz").is_file() and not (folder.is_file() and folder.suffix == ".npz"):
+        return QualityExtras(gates, None, None, f"*No channel profiles in `{folder}`: make them with {command}.*")
+    try:
+        import pandas as pd
+
+        from cbam_viz.channel_profiles import load_profiles, profiles_image, similarity_rows
+
+        profiles = load_profiles(folder)
+        rows = pd.DataFrame(similarity_rows(profiles))
+        image = profiles_image(profiles)
+    except Exception as err:  # noqa: BLE001  a broken folder: said in one line, the tab still works
+        return QualityExtras(gates, None, None, f"*The channel profiles in `{folder}` could not be read "
+                                                f"({type(err).__name__}); make them again with {command}.*")
+    note = ("**Channel attention per class** (SE-Net's figure): the mean channel gate of each class, per block. "
+            "*r*: mean correlation between two classes' profiles (1 = every class gated alike); *η²*: share "
+            "of the gate's variance explained by the class (0 = class-agnostic).")
+    return QualityExtras(gates, image, rows, note)

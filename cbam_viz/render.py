@@ -17,8 +17,8 @@ if TYPE_CHECKING:  # render needs only the fields, not torch
     from cbam_viz.explain import Explanation, ModelExplanation
 
 __all__ = [
-    "COLORMAPS", "colormap_lut", "overlay", "colorize", "attention_gallery", "channel_attention_image",
-    "channel_attention_summary", "composite", "PLACEHOLDER_GREY", "confidence_drop_figure", "photo_placeholder",
+    "COLORMAPS", "colormap_lut", "overlay", "colorize", "attention_gallery", "attention_sheet",
+    "channel_attention_image", "channel_attention_summary", "composite", "PLACEHOLDER_GREY", "confidence_drop_figure", "photo_placeholder",
     "render_comparison",
 ]
 
@@ -55,6 +55,9 @@ MUTED = (110, 110, 110)
 PANEL = 256          # composite: longest side of each of the three main panels
 TILE = 112           # composite: side of each attention tile
 GALLERY_SIDE = 256   # attention_gallery: longest side of each image
+SHEET_TILE = 200     # attention_sheet: longest side of each tile
+SHEET_COLUMNS = 4    # attention_sheet: tiles per row (resnet18: two rows, one per pair of stages)
+SHEET_TOP = 28       # attention_sheet: blank band on top, where image viewers put their label badge
 PAD = 8
 FONT_SIZE = 13
 
@@ -174,6 +177,44 @@ def attention_gallery(
     for block, spatial in explanation.spatial_attention.items():
         h, w = np.shape(spatial)
         out.append((overlay(image, spatial, alpha=alpha, colormap=colormap), f"{block} spatial ({h}x{w})"))
+    return out
+
+
+def attention_sheet(
+    image: Image.Image,
+    explanation: ModelExplanation,
+    *,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+    side: int = SHEET_TILE,
+    columns: int = SHEET_COLUMNS,
+) -> Image.Image | None:
+    """Every CBAM block's spatial attention over the image in one picture, captioned, in forward order.
+
+    The same overlays as :func:`attention_gallery` (absolute [0, 1] scale), as one image: a page
+    shows and a browser fetches one picture instead of one per block. None for a model without CBAM.
+
+    Args:
+        side: longest side of each tile; columns: tiles per row.
+    """
+    tiles = attention_gallery(image, explanation, alpha=alpha, colormap=colormap, side=side)
+    if not tiles:
+        return None
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    font = _font()
+    line_h = FONT_SIZE + 4
+    tw, th = tiles[0][0].size
+    per_row = min(columns, len(tiles))
+    rows = -(-len(tiles) // per_row)
+    top = SHEET_TOP
+    out = Image.new("RGB", (PAD + per_row * (tw + PAD), top + rows * (th + line_h + PAD)), BACKGROUND)
+    draw = ImageDraw.Draw(out)
+    for k, (tile, caption) in enumerate(tiles):
+        r, c = divmod(k, per_row)
+        x, y = PAD + c * (tw + PAD), top + r * (th + line_h + PAD)
+        draw.text((x, y), _ellipsize(draw, caption, font, tw), fill=TEXT, font=font)
+        out.paste(tile, (x, y + line_h))
     return out
 
 

@@ -128,3 +128,40 @@ def test_unwritable_output_folder_is_one_clear_error(where, one_image, tmp_path,
     assert err.startswith("explain: error: ") and len(err.splitlines()) == 1, err
     assert str(out) in err and re.search(reason, err), err
     assert blocker.read_text() == "a file, not a folder" and not Path("/sys/cbam_viz_out").exists()
+
+
+def test_temporary_files_are_atomic_without_fsync(tmp_path, monkeypatch):
+    """``durable=False`` skips the fsync only: a failed write still leaves nothing behind."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(outputs.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    outputs.atomic_write_bytes(tmp_path / "kept.bin", b"1")
+    outputs.write_jpeg(Image.new("RGBA", (8, 6), (1, 2, 3, 4)), tmp_path / "a.jpg", durable=False)
+    outputs.write_png(Image.new("RGB", (8, 6)), tmp_path / "a.png", compress_level=outputs.PNG_FAST, durable=False)
+    outputs.write_npz({"x": np.arange(3)}, tmp_path / "a.npz", compress=False, durable=False)
+    assert len(synced) == 1
+    with Image.open(tmp_path / "a.jpg") as im:
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == (8, 6)
+    with np.load(tmp_path / "a.npz") as z:
+        assert z["x"].tolist() == [0, 1, 2]
+
+    def crash(f):
+        f.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        outputs.atomic_write(tmp_path / "b.bin", crash, durable=False)
+    assert not any(p.name.startswith(".") or p.name == "b.bin" for p in tmp_path.iterdir())
+
+
+def test_result_ids_name_nothing_outside_the_request_folders(tmp_path):
+    from cbam_viz.messages import UserFacingError
+
+    (tmp_path / "req-abc_1" / "00_photo").mkdir(parents=True)
+    assert outputs.result_dir("req-abc_1/00_photo", tmp_path) == tmp_path / "req-abc_1" / "00_photo"
+    for bad in ("", None, "req-abc_1", "req-abc_1/00_photo/..", "req-abc_1/../00_x", "../etc/passwd", "/etc/passwd",
+                "req-abc_1/00_..", "req-a/b/00_c"):
+        with pytest.raises(UserFacingError, match="Explain an image first"):
+            outputs.result_dir(bad, tmp_path)
+    with pytest.raises(UserFacingError, match="no longer on the server"):
+        outputs.result_dir("req-abc_1/01_other", tmp_path)

@@ -28,15 +28,16 @@ def _run(args: list[str], timeout: float) -> str:
 def test_bench_explain_prints_medians_and_ratios(tmp_path):
     out_json = tmp_path / "explain.json"
     out = _run([str(BENCH / "bench_explain.py"), "--tiny", "--batch", "1", "--repeats", "1", "--warmup", "0",
-                "--no-memory", "--variants", "floor", "engine", "full", "naive", "--json", str(out_json)], 600)
-    for variant in ("floor", "engine", "full", "naive"):
+                "--no-memory", "--variants", "floor", "engine", "full", "app", "page", "naive", "--image-size", "224",
+                "224", "--json", str(out_json)], 600)
+    for variant in ("floor", "engine", "full", "app", "page", "naive"):
         assert re.search(rf"^\s+{variant}\s+median ", out, re.M), out
-    for ratio in ("engine/floor", "full/floor", "naive/full"):
+    for ratio in ("engine/floor", "full/floor", "naive/full", "app/full", "page/full"):
         assert re.search(rf"^ratio b=1 {re.escape(ratio)} = \d+\.\d+ \(target [<>]= \d\.\d\d\) (MET|MISSED)$",
                          out, re.M), out
-    assert "engine steps" in out
+    assert "engine steps" in out and "images 224x224" in out
     doc = json.loads(out_json.read_text())
-    assert set(doc["batches"][0]["median_s"]) == {"floor", "engine", "full", "naive"}
+    assert set(doc["batches"][0]["median_s"]) == {"floor", "engine", "full", "app", "page", "naive"}
 
 
 @pytest.mark.timeout(600)
@@ -53,16 +54,22 @@ def test_bench_explain_memory_child_reports_peaks():
 @pytest.mark.timeout(900)
 def test_bench_server_answers_every_request(tmp_path):
     out_json = tmp_path / "server.json"
+    app = str(ROOT / "app.py")
     out = _run([str(BENCH / "bench_server.py"), "--requests", "3", "--concurrency", "1", "2",
-                "--server-concurrency", "1", "--max-seconds", "240", "--json", str(out_json)], 900)
+                "--server-concurrency", "1", "--max-seconds", "240", "--apps", app, app, "--labels", "new", "old",
+                "--json", str(out_json)], 900)
     assert "cold start:" in out and "request 2" in out, out
-    assert re.search(r"users=2: 3/3 ok .*throughput [\d.]+ req/s, latency p50 ", out), out
+    for label in ("new", "old"):  # two apps side by side, taking turns at each level
+        assert re.search(rf"^{label}: queue=1 users=2: 3/3 ok .*throughput [\d.]+ req/s, latency p50 ", out, re.M), out
+    assert re.search(r"^ratio users=2 throughput new/old = \d+\.\d\d, p50 new/old = \d+\.\d\d$", out, re.M), out
     doc = json.loads(out_json.read_text())
-    for level in doc["configs"][0]["levels"]:
-        assert level["errors"] == 0 and level["lost"] == 0, level
-        assert level["ok"] == 3 and level["server_processed"] == 3, level
-    cold = doc["configs"][0]["cold_start"]
-    assert cold["request2_server_s"] is not None and cold["request2_s"] > 0
+    assert [c["app"] for c in doc["configs"]] == ["new", "old"]
+    for cfg in doc["configs"]:
+        for level in cfg["levels"]:
+            assert level["errors"] == 0 and level["lost"] == 0, level
+            assert level["ok"] == 3 and level["server_processed"] == 3, level
+        cold = cfg["cold_start"]
+        assert cold["request2_server_s"] is not None and cold["request2_s"] > 0
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The app in a real browser: upload, explain, look at every output, change options, recover from a bad file.
+"""The app in a real browser: upload, explain, look at every output, change options, recover from a bad file;
+drag the CAM sliders, click the photo for the attention there, build the downloads, share a deep link.
 
 Runs ``python app.py`` on a free port and drives Debian's chromium through Playwright (no browser
 download). Full-page screenshots go to ``artifacts/screenshots/``. Skipped without chromium or
@@ -38,6 +39,12 @@ IDS = {
     "cam_cbam": "CBAM: CAM overlay",
     "attention_gallery": "CBAM spatial attention",
     "channel_gallery": "CBAM channel attention",
+    "cam_compare": "Baseline CAM | CBAM CAM",
+    "probe_image": "Click the photo",
+    "probe_plot": "Spatial attention at the clicked point",
+    "ablation_plot": "Change of the top-1 probability",
+    "downloads_button": None,
+    "ablate_button": None,
     "faithfulness": "Faithfulness",
     "quality_gallery": "Boxed photo",
     "quality_metric": "Metric",
@@ -157,9 +164,16 @@ def wait_idle(page, timeout: float = RESULT_TIMEOUT_MS) -> None:
     page.wait_for_timeout(300)
 
 
-def explain_and_wait(page, *, before: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
-    """Click Explain, wait until both CAM overlays show new pictures; return the image sources."""
-    run_button(page).click()
+def cam_overlay(page, elem_id: str) -> list[str]:
+    """The CAM side of a photo | CAM slider (its file keeps the name the server gave it)."""
+    name = {"cam_baseline": "cam_baseline", "cam_cbam": "cam_cbam"}[elem_id]
+    return [s for s in image_srcs(page, elem_id) if s.split("?")[0].endswith((f"{name}.jpg", f"{name}.png"))]
+
+
+def explain_and_wait(page, *, before: dict[str, list[str]] | None = None, click=None) -> dict[str, list[str]]:
+    """Click Explain (or ``click()``), wait until both CAM sliders show new pictures; return the CAM
+    overlays' sources and the attention pictures'."""
+    (click or run_button(page).click)()
     before = before or {}
     ids = ["cam_baseline", "cam_cbam"]
     page.wait_for_function(
@@ -171,7 +185,7 @@ def explain_and_wait(page, *, before: dict[str, list[str]] | None = None) -> dic
         timeout=RESULT_TIMEOUT_MS,
     )
     wait_idle(page)
-    return {i: image_srcs(page, i) for i in (*ids, "attention_gallery")}
+    return {**{i: cam_overlay(page, i) for i in ids}, "attention_gallery": image_srcs(page, "attention_gallery")}
 
 
 def _img_selector(page, elem_id: str) -> str:
@@ -221,33 +235,44 @@ def test_explain_flow(page, inputs):
     for elem_id in ("cam_baseline", "cam_cbam"):
         assert first[elem_id], f"{elem_id}: no image"
         sizes[elem_id] = assert_real_image(page, first[elem_id][0], elem_id)
-    gallery = first["attention_gallery"]
-    assert len(gallery) >= 2, f"attention gallery: expected one map per CBAM block, got {len(gallery)}"
-    for i, src in enumerate(gallery):
-        assert_real_image(page, src, f"attention gallery #{i}")
-    channel = image_srcs(page, "channel_gallery")
-    assert channel, "channel attention gallery: no images"
-    for i, src in enumerate(channel):
-        assert_real_image(page, src, f"channel attention gallery #{i}")
+    for elem_id in ("cam_baseline", "cam_cbam", "cam_compare"):  # photo | CAM, and baseline CAM | CBAM CAM
+        assert len(image_srcs(page, elem_id)) == 2, f"{elem_id}: a slider shows two pictures"
+    assert set(image_srcs(page, "cam_compare")) == {first["cam_baseline"][0], first["cam_cbam"][0]}
+    sheet = first["attention_gallery"]
+    assert len(sheet) == 1, f"attention: expected one picture of every CBAM block, got {len(sheet)}"
+    size = assert_real_image(page, sheet[0], "attention sheet")
+    assert size[0] > 2 * size[1] * 0.9, f"attention sheet {size}: not a grid of the blocks"
+    channel = comp(page, "channel_gallery")
+    channel.scroll_into_view_if_needed()
+    page.wait_for_function("el => el.querySelector('canvas, svg .mark-line, svg path')", arg=channel.element_handle(),
+                           timeout=60_000)
     faithful = image_srcs(page, "faithfulness")
     assert faithful, "faithfulness: no image"
     assert_real_image(page, faithful[0], "faithfulness")
     assert re.search(r"baseline's probability from \d\.\d\d to \d\.\d\d", page.inner_text("body")), \
         "faithfulness: no sentence with both probabilities"
-    _assert_rendered(page, ["attention_gallery", "channel_gallery", "cam_baseline", "cam_cbam"])
+    assert re.search(r"Took \d+\.\d\d s: models \d+\.\d\d s, drawing and files \d+\.\d\d s",
+                     page.inner_text("#timings_line")), "the one-line timings are missing"
+    _assert_rendered(page, ["attention_gallery", "cam_baseline", "cam_cbam", "cam_compare"])
 
-    # Downloads: a valid PNG (the composite) and valid JSON (the summary).
+    # Downloads: built on demand, a valid PNG (the composite), valid JSON (the summary), the npz.
+    assert not comp(page, "downloads").locator("a[href]").count(), "downloads exist before they were asked for"
+    page.locator("#downloads_button").click()
+    comp(page, "downloads").locator("a[href]").first.wait_for(timeout=RESULT_TIMEOUT_MS)
+    wait_idle(page)
     links = comp(page, "downloads").locator("a[href]")
     hrefs = {a.get_attribute("download") or a.get_attribute("href"): a.get_attribute("href")
              for a in links.all()}
     png = [h for name, h in hrefs.items() if name.lower().endswith(".png")]
     js = [h for name, h in hrefs.items() if name.lower().endswith(".json")]
-    assert png and js, f"downloads: want a .png and a .json link, got {sorted(hrefs)}"
+    npz = [h for name, h in hrefs.items() if name.lower().endswith(".npz")]
+    assert png and js and npz, f"downloads: want a .png, a .json and a .npz link, got {sorted(hrefs)}"
     body = fetch(page, png[0])
     assert body[:8] == b"\x89PNG\r\n\x1a\n", "downloaded composite is not a PNG"
     assert image_stats(body)[1] > MIN_STD, "downloaded composite is blank"
     summary = json.loads(fetch(page, js[0]))
-    assert isinstance(summary, dict) and summary, "downloaded JSON is empty"
+    assert isinstance(summary, dict) and summary["models"]["cbam"]["predictions"], "downloaded JSON is empty"
+    assert fetch(page, npz[0])[:2] == b"PK", "downloaded npz is not a zip of arrays"
     screenshot(page, "01-explained")
 
     # Another CAM method: both overlays change.
@@ -267,14 +292,105 @@ def test_explain_flow(page, inputs):
     screenshot(page, "02-other-method-and-target")
 
 
+def test_sliders_drag_across(page):
+    """Dragging a slider's handle moves the boundary between its two pictures."""
+    for elem_id in ("cam_compare", "cam_baseline"):
+        slider = comp(page, elem_id)
+        slider.scroll_into_view_if_needed()
+        before = _slider_position(slider)
+        handle = slider.locator("[data-testid=slider]").bounding_box()
+        frame = slider.locator("img").last.bounding_box()
+        assert handle and frame, f"{elem_id}: no slider handle or picture"
+        y = frame["y"] + frame["height"] / 2
+        page.mouse.move(handle["x"] + handle["width"] / 2, y)
+        page.mouse.down()
+        page.mouse.move(frame["x"] + frame["width"] * 0.2, y, steps=12)
+        page.mouse.up()
+        page.wait_for_timeout(300)
+        after = _slider_position(slider)
+        assert before is not None and after is not None, f"{elem_id}: no clipped picture found"
+        assert abs(after - before) > 15 and after < 35, f"{elem_id}: dragged to 20 %, boundary at {before} -> {after}"
+
+
+def _slider_position(slider) -> float | None:
+    """Where a gr.ImageSlider's boundary is, in % of the picture (its right picture's clip-path inset)."""
+    styles = slider.evaluate("el => [...el.querySelectorAll('*')].map(e => e.getAttribute('style') || '')")
+    for style in styles:
+        m = re.search(r"clip-path:\s*inset\(0(?:px)? 0(?:px)? 0(?:px)? ([\d.]+)%\)", style)
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def test_click_on_the_photo_shows_every_blocks_attention_there(page):
+    picture = comp(page, "probe_image").locator("img").first
+    picture.scroll_into_view_if_needed()
+    box = picture.bounding_box()
+    assert box, "no photo to click"
+    picture.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.6})
+    page.wait_for_function("() => /At pixel \\(\\d+, \\d+\\)/.test(document.body.innerText)",
+                           timeout=RESULT_TIMEOUT_MS)
+    text = page.inner_text("body")
+    x, y = (int(v) for v in re.search(r"At pixel \((\d+), (\d+)\)", text).groups())
+    assert abs(x - 0.3 * 360) < 12 and abs(y - 0.6 * 260) < 12, f"clicked near (108, 156) of 360x260, got ({x}, {y})"
+    plot = comp(page, "probe_plot")
+    page.wait_for_function("el => el.querySelector('canvas, svg path, svg rect')", arg=plot.element_handle(),
+                           timeout=60_000)
+    screenshot(page, "06-probe")
+
+
+def test_gate_ablation_button(page):
+    page.locator("#ablate_button").click()
+    page.wait_for_function("() => /largest fall of the CBAM model's top-1 probability/.test(document.body.innerText)",
+                           timeout=RESULT_TIMEOUT_MS)
+    plot = comp(page, "ablation_plot")
+    page.wait_for_function("el => el.querySelector('canvas, svg path, svg rect')", arg=plot.element_handle(),
+                           timeout=60_000)
+    assert re.search(r"layer1\.0\s+channel", page.inner_text("#ablation_table")), "the ablation table lacks its rows"
+
+
+def test_deep_link_reopens_the_result(page, app):
+    """The share button makes a link; opening it shows the same CAMs, and the downloads still build from it."""
+    shown = {i: cam_overlay(page, i) for i in ("cam_baseline", "cam_cbam")}
+    share = page.get_by_role("button", name=re.compile("Share this result"))
+    with page.expect_response(lambda r: "gradio_api/deep_link" in r.url, timeout=60_000) as resp:
+        share.click()
+    token = resp.value.text().strip().strip('"')
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", token), f"no deep link token: {token!r}"
+    other = page.context.new_page()
+    try:
+        other.goto(f"{app.url}/?deep_link={token}", wait_until="domcontentloaded")
+        other.wait_for_selector("gradio-app .gradio-container", timeout=120_000)
+        wait_idle(other, timeout=120_000)
+        other.wait_for_function("() => document.querySelectorAll('#cam_cbam img').length > 0", timeout=60_000)
+        for elem_id, srcs in shown.items():
+            assert [_pixels(other, s) for s in cam_overlay(other, elem_id)] == [_pixels(page, s) for s in srcs], \
+                f"{elem_id}: the deep link shows another picture"
+        other.locator("#downloads_button").click()
+        comp(other, "downloads").locator("a[href]").first.wait_for(timeout=RESULT_TIMEOUT_MS)
+    finally:
+        other.close()
+
+
+def test_an_example_answers(page):
+    examples = page.locator(".gallery-item, [data-testid=dataset] button, table.gallery td").first
+    if not examples.count():
+        pytest.skip("no example pictures on this machine")
+    before = {i: cam_overlay(page, i) for i in ("cam_baseline", "cam_cbam")}
+    explain_and_wait(page, before=before, click=examples.click)
+    for elem_id in ("cam_baseline", "cam_cbam"):
+        assert_real_image(page, cam_overlay(page, elem_id)[0], f"{elem_id} of an example")
+
+
 def test_broken_upload_shows_error_then_recovers(page, inputs):
     """A file that is not an image: a readable message in the page; the next good upload works."""
-    before = {i: image_srcs(page, i) for i in ("cam_baseline", "cam_cbam")}
+    before = {i: cam_overlay(page, i) for i in ("cam_baseline", "cam_cbam")}
     upload(page, inputs["broken"])
     run_button(page).click()
+    # A toast with a sentence (its title "Error" shows first); #status keeps the last result's notes.
     page.wait_for_function(
-        """() => [...document.querySelectorAll('[data-testid=toast-body], .toast-body, #status')]
-                 .some(e => /\\S/.test(e.innerText || ''))""", timeout=RESULT_TIMEOUT_MS)
+        """() => [...document.querySelectorAll('[data-testid=toast-body], .toast-body')]
+                 .some(e => /\\w+\\W+\\w+\\W+\\w+\\W+\\w+/.test(e.innerText || ''))""", timeout=RESULT_TIMEOUT_MS)
     message = page_error_text(page)
     screenshot(page, "03-broken-upload")
     assert message, "no error message in the page after uploading a broken file"
@@ -306,6 +422,10 @@ def test_quality_tab_shows_the_most_different_images(page):
         """(old) => { const b = [...document.querySelectorAll('.block')].find(b => /Boxed photo/.test(b.innerText));
                       return b && b.querySelector('img') && b.querySelector('img').src !== old; }""",
         arg=first[0], timeout=RESULT_TIMEOUT_MS)
+    if (REPO_ROOT / "docs" / "channel_profiles" / "profiles.npz").is_file():  # the shipped channel profiles
+        page.locator("#channel_profiles img").first.wait_for(timeout=RESULT_TIMEOUT_MS)
+        assert_real_image(page, image_srcs(page, "channel_profiles")[0], "channel profiles")
+        assert "class_variance_ratio" in page.inner_text("#channel_profiles_table")
     screenshot(page, "05-quality-tab")
     page.get_by_role("tab", name="Explain", exact=True).click()
 

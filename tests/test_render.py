@@ -114,3 +114,22 @@ def test_every_picture_of_a_224_px_request(explanation):
     for block, v in explanation.cbam.channel_attention.items():
         assert render.channel_attention_image(v, title=block).mode == "RGB"
     assert render.composite(img, explanation).width > 3 * 224
+
+
+def test_attention_sheet_is_every_tile_in_one_picture(explanation):
+    """The page shows one picture of every block's spatial attention, the gallery's tiles in order."""
+    img = make_image(90, 50)
+    sheet = render.attention_sheet(img, explanation.cbam, side=60, columns=4)
+    tiles = render.attention_gallery(img, explanation.cbam, side=60)
+    tw, th = tiles[0][0].size
+    assert sheet.mode == "RGB" and sheet.width == render.PAD + 4 * (tw + render.PAD)
+    assert sheet.height > 2 * th and sheet.height < 3 * th + 3 * (render.FONT_SIZE + 4 + render.PAD)  # two rows
+    a = np.asarray(sheet)
+    y = render.SHEET_TOP + render.FONT_SIZE + 4
+    for k in (0, 5):  # tile 0 (row 0) and tile 5 (row 1, column 1) are pasted where they belong
+        r, c = divmod(k, 4)
+        x0, y0 = render.PAD + c * (tw + render.PAD), y + r * (th + render.FONT_SIZE + 4 + render.PAD)
+        assert np.array_equal(a[y0:y0 + th, x0:x0 + tw], np.asarray(tiles[k][0]))
+    assert render.attention_sheet(img, explanation.baseline) is None
+    with pytest.raises(ValueError, match="columns"):
+        render.attention_sheet(img, explanation.cbam, columns=0)

@@ -288,3 +288,69 @@ def test_service_keeps_no_pair_cache_of_its_own(tmp_path, monkeypatch):
     again = service.get_pair(TEST_PAIR)
     assert again.cbam is not first.cbam and again.cbam.model is not first.cbam.model
     clear_cache()
+
+
+# ------------------------------------------------------------ what a request draws and writes
+
+def test_a_request_draws_and_writes_only_what_its_caller_shows(use_pair, image, tmp_path):
+    page = service.explain_files([image], out_root=tmp_path, pictures=service.PAGE_PICTURES,
+                                 write=service.PAGE_FILES).results[0]
+    assert page.overlays and page.photo and page.spatial_sheet and page.faithfulness
+    assert page.spatial_gallery == [] and page.channel_gallery == [] and set(page.files) == {"json", "npz"}
+    assert page.analysis.composite is None and page.analysis.channel_gallery == []
+    for path in (page.photo, *page.overlays.values(), page.spatial_sheet):
+        with Image.open(path) as im:
+            assert im.format == "JPEG"
+    with Image.open(page.photo) as im:
+        assert im.size == (96, 72)
+    api = service.explain_files([image], out_root=tmp_path, pictures=service.API_PICTURES,
+                                write=service.API_FILES).results[0]
+    assert set(api.files) == {"png", "json", "npz"} and api.photo is None and api.faithfulness is None
+    assert len(api.spatial_gallery) == 8 and [c for _, c in api.channel_gallery] == [service.CHANNEL_OVERVIEW_CAPTION]
+    with pytest.raises(ValueError, match="unknown pictures"):
+        service.analyse(image, pair=use_pair, pictures=["overlays", "sketch"])
+    with pytest.raises(ValueError, match="unknown files"):
+        service.explain_files([image], out_root=tmp_path, write=["json", "pdf"])
+
+
+def test_downloads_built_later_equal_the_ones_written_at_once(use_pair, image, tmp_path):
+    """The composite build_downloads draws from the JSON and npz is the one analyse would have drawn."""
+    (page,) = service.explain_files([image], out_root=tmp_path, pictures=service.PAGE_PICTURES,
+                                    write=service.PAGE_FILES).results
+    (full,) = service.explain_files([image], out_root=tmp_path).results  # everything, at once
+    png, js, npz = service.build_downloads([page.result_id], root=tmp_path)
+    with Image.open(png) as built, Image.open(full.files["png"]) as direct:
+        assert np.array_equal(np.asarray(built.convert("RGB")), np.asarray(direct.convert("RGB")))
+    saved = service.load_result(page.result_id, root=tmp_path)
+    e, original = saved.explanation(), page.analysis.explanation
+    assert np.array_equal(e.cbam.cam, original.cbam.cam) and list(e.cbam.spatial_attention) == list(
+        original.cbam.spatial_attention)
+    assert e.baseline.predictions == original.baseline.predictions and e.layer == original.layer
+    assert np.array_equal(np.asarray(saved.image), np.asarray(page.analysis.image))
+    with np.load(npz) as z, np.load(full.files["npz"]) as zf:  # the same arrays, compressed or not
+        assert z.files == zf.files and all(np.array_equal(z[k], zf[k]) for k in z.files)
+    doc, full_doc = json.loads(js.read_text()), json.loads(full.files["json"].read_text())
+    assert set(doc) == set(full_doc) and doc["models"]["cbam"]["predictions"] == full_doc["models"]["cbam"]["predictions"]
+    with pytest.raises(UserFacingError, match="no longer on the server"):
+        service.load_result("req-gone/00_x", root=tmp_path)
+
+
+def test_request_files_skip_fsync_and_kept_files_do_not(use_pair, image, tmp_path, monkeypatch):
+    """Request folders are temporary (atomic, not durable); save() writes files a person keeps (durable)."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(outputs.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    service.explain_files([image], out_root=tmp_path)
+    assert synced == []
+    service.save(service.analyse(image, pair=use_pair), tmp_path / "kept")
+    assert len(synced) == 3
+
+
+def test_spatial_value_at_a_point(use_pair, image, tmp_path):
+    (r,) = service.explain_files([image], out_root=tmp_path, write=service.PAGE_FILES).results
+    values = dict(service.spatial_at(r.result_id, 0, 71, root=tmp_path))
+    maps = r.analysis.explanation.cbam.spatial_attention
+    assert list(values) == list(maps)
+    assert all(values[b] == pytest.approx(float(m[-1, 0])) for b, m in maps.items())  # bottom-left cell
+    with pytest.raises(UserFacingError, match="inside the photo"):
+        service.spatial_at(r.result_id, -1, 5, root=tmp_path)
