@@ -280,7 +280,8 @@ def item_view(r: service.ImageResult, batch_ids: list[str]) -> dict[str, Any]:
         "labels": {"baseline": a.labels("baseline"), "cbam": a.labels("cbam")},
         "photo": str(r.photo), "overlays": {k: str(v) for k, v in r.overlays.items()},
         "sheet": str(r.spatial_sheet) if r.spatial_sheet else None,
-        "channel": {block: [round(float(x), 4) for x in v] for block, v in a.explanation.cbam.channel_attention.items()},
+        "channel": {block: [round(float(x), 4) for x in values]
+                    for block, values in a.explanation.cbam.channel_attention.items()},
         "faithfulness": str(r.faithfulness) if r.faithfulness else None,
         "faithfulness_md": faithfulness_markdown(a.summary.get("faithfulness")),
         "timings_line": timings_line(a.timings), "timings_md": timings_markdown(a.timings, per_model),
@@ -414,10 +415,11 @@ def ablation_view(result_id: str) -> tuple[Any, Any, str]:
     if not finite:
         return plot, table, "No ablation changed anything measurable."
     worst = min(finite, key=lambda r: r["prob_change"])
+    every = worst["block"] == "all"
+    where = f"{worst['gate']} gate{'s' if every else ''} of {'every block' if every else worst['block']}"
     text = (f"Each row sets a gate to 1 (no attention) in one block, or in all blocks. The largest fall of the "
-            f"CBAM model's top-1 probability: {worst['prob_change']:+.2f} with the {worst['gate']} gate"
-            f"{'s' if worst['block'] == 'all' else ''} of {'every block' if worst['block'] == 'all' else worst['block']} "
-            "switched off. Near 0 everywhere: on this photo the attention is not used.")
+            f"CBAM model's top-1 probability: {worst['prob_change']:+.2f} with the {where} switched off. "
+            "Near 0 everywhere: on this photo the attention is not used.")
     return plot, table, text
 
 

@@ -158,7 +158,8 @@ def test_view_components_match_the_layout(app):
 
 
 def _item_stub() -> dict:
-    return {"labels": {"baseline": {}, "cbam": {}}, "photo": "p.jpg", "overlays": {"baseline": "b.jpg", "cbam": "c.jpg"},
+    return {"labels": {"baseline": {}, "cbam": {}}, "photo": "p.jpg",
+            "overlays": {"baseline": "b.jpg", "cbam": "c.jpg"},
             "faithfulness": None, "faithfulness_md": "", "sheet": None, "channel": {"layer1.0": [0.5]},
             "timings_line": "", "timings_md": "", "result_id": "req-x/00_a"}
 
@@ -210,7 +211,8 @@ def test_page_writes_what_it_shows_and_builds_the_downloads_on_demand(app, use_s
     assert doc["image"]["name"] == "my street.png" and doc["models"]["cbam"]["predictions"]
     with np.load(by_suffix[".npz"]) as z:
         assert {"image", "baseline/cam", "cbam/cam"} <= set(z.files)
-        assert any(k.startswith("cbam/spatial/") for k in z.files) and any(k.startswith("cbam/channel/") for k in z.files)
+        assert any(k.startswith("cbam/spatial/") for k in z.files)
+        assert any(k.startswith("cbam/channel/") for k in z.files)
     import zipfile
 
     with zipfile.ZipFile(by_suffix[".zip"]) as zf:
@@ -297,7 +299,8 @@ def test_examples_answer_from_the_cache_after_their_first_use(app, use_service_p
 def test_sanity_flag_beside_the_method(tmp_path, monkeypatch):
     report = {"pair": "p", "models": {
         "baseline": {"methods": {"gradcam": {"passes": True}, "eigencam": {"passes": False}}},
-        "cbam": {"methods": {"gradcam": {"passes": True}, "eigencam": {"passes": False}, "layercam": {"passes": False}}}}}
+        "cbam": {"methods": {"gradcam": {"passes": True}, "eigencam": {"passes": False},
+                             "layercam": {"passes": False}}}}}
     (tmp_path / "sanity.json").write_text(json.dumps(report))
     monkeypatch.setenv(app_views.SANITY_ENV, str(tmp_path))
     app_views.sanity_failures.cache_clear()

@@ -330,7 +330,8 @@ def test_downloads_built_later_equal_the_ones_written_at_once(use_pair, image, t
     with np.load(npz) as z, np.load(full.files["npz"]) as zf:  # the same arrays, compressed or not
         assert z.files == zf.files and all(np.array_equal(z[k], zf[k]) for k in z.files)
     doc, full_doc = json.loads(js.read_text()), json.loads(full.files["json"].read_text())
-    assert set(doc) == set(full_doc) and doc["models"]["cbam"]["predictions"] == full_doc["models"]["cbam"]["predictions"]
+    assert set(doc) == set(full_doc)
+    assert doc["models"]["cbam"]["predictions"] == full_doc["models"]["cbam"]["predictions"]
     with pytest.raises(UserFacingError, match="no longer on the server"):
         service.load_result("req-gone/00_x", root=tmp_path)
 

@@ -7,7 +7,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from cbam_viz import service, zerogpu
