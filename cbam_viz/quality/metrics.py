@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from torchvision.ops import box_iou as _tv_box_iou
 
 from cbam_viz.faithfulness import check_cam
 from cbam_viz.quality.boxes import Box, boxes_mask
@@ -140,6 +139,13 @@ def _largest_component_box(cam: np.ndarray, threshold: float) -> Box | None:
     i = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     x, y, w, h = (int(stats[i, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
     return Box(float(x), float(y), float(x + w), float(y + h))
+
+
+def _tv_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torchvision's pairwise IoU, imported on first use (torchvision costs the app's cold start ~2 s)."""
+    from torchvision.ops import box_iou
+
+    return box_iou(a, b)
 
 
 def _box_tensor(boxes: Sequence[Box]) -> torch.Tensor:
