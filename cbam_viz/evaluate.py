@@ -25,7 +25,7 @@ from cbam_viz.data import scan_image_folder
 from cbam_viz.weights import WeightRecord, load_record, read_manifest, resolve_weights_dir
 
 __all__ = ["EvalResult", "ClassMismatchError", "resolve_models", "evaluate_record", "evaluate_models",
-           "format_report", "paired_difference", "format_paired", "LabelledImages", "labelled_images", "image_batches"]
+           "format_report", "paired_difference", "format_paired", "LabelledImages", "labelled_images", "image_batches", "spread_indices"]
 
 
 class ClassMismatchError(ValueError):
@@ -107,6 +107,14 @@ def _labels_in_class_order(class_ids: Sequence[str], model_name: str, scan) -> l
     return [index[scan.classes[label]] for label in scan.labels]
 
 
+def spread_indices(n: int, k: int | None) -> np.ndarray:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when ``k`` is None or >= n), so a
+    subset of a class-sorted list keeps every class."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max(k, 1)).round().astype(int))
+
+
 @dataclass(frozen=True)
 class LabelledImages:
     """Image files of an ImageFolder split with their true class as an index into a model's classes."""
@@ -130,9 +138,7 @@ def labelled_images(class_ids: Sequence[str], data_dir: str | os.PathLike, *, mo
     """
     scan = scan_image_folder(data_dir)
     labels = _labels_in_class_order(class_ids, model_name, scan)
-    keep = range(len(scan.files))
-    if max_images is not None and max_images < len(scan.files):
-        keep = np.unique(np.linspace(0, len(scan.files) - 1, max(1, max_images)).round().astype(int)).tolist()
+    keep = spread_indices(len(scan.files), max_images).tolist()
     return LabelledImages(scan.root, tuple(scan.files[i] for i in keep), tuple(labels[i] for i in keep))
 
 

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from cbam_viz.cam import list_methods
 from cbam_viz.controls import check_method
 from cbam_viz.data import load_rgb, scan_image_folder
+from cbam_viz.evaluate import spread_indices
 from cbam_viz.explain import ModelExplanation, explain
 from cbam_viz.faithfulness import blur_fill_image, perturbation_scores, resize_cam
 from cbam_viz.preprocess import to_model_batch
@@ -85,13 +86,6 @@ def _class_index(folder: str, model) -> int | None:
     return None
 
 
-def _subset(n: int, k: int | None) -> np.ndarray:
-    """``k`` indices spread evenly over ``range(n)`` (the images are sorted by class)."""
-    if k is None or k >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, max(k, 1)).round().astype(int))
-
-
 def _quantize(cam: np.ndarray) -> np.ndarray:
     small = cv2.resize(cam.astype(np.float32), (CAM_STORE_SIZE, CAM_STORE_SIZE), interpolation=cv2.INTER_AREA)
     return np.clip(np.rint(small * 255), 0, 255).astype(np.uint8)
@@ -119,7 +113,7 @@ def _load_boxed_images(data, boxes, pair, *, max_images: int | None, allow_missi
     keys = [f for f in scan.files if f in table]
     if not keys:
         raise BoxFileError(f"no image of {data} has a box in {boxes}")
-    keys = [keys[i] for i in _subset(len(keys), max_images)]
+    keys = [keys[i] for i in spread_indices(len(keys), max_images)]
     folder_of = dict(zip(scan.files, scan.labels))
     folders = [scan.classes[folder_of[k]] for k in keys]
     targets = [_class_index(folder, pair.cbam) for folder in folders]
@@ -312,11 +306,11 @@ def evaluate_cams(
     cams: dict[str, np.ndarray] = {}
     timings: dict[str, dict[str, float]] = {}
     fills: dict[tuple, torch.Tensor] = {}  # blur background per (image, preprocessing): the same for every CAM
-    total = sum(len(_subset(n, method_limits.get(m))) for m in methods)
+    total = sum(len(spread_indices(n, method_limits.get(m))) for m in methods)
     bar = tqdm(total=total, desc="evaluate-cams", unit="img", disable=not progress)
     for method in methods:
         t0, c0 = time.perf_counter(), time.process_time()
-        index = _subset(n, method_limits.get(method))
+        index = spread_indices(n, method_limits.get(method))
         bar.set_postfix_str(method)
         values, store = _run_method(method, imgs, index, pair, layer=layer, batch_size=batch_size,
                                     fractions=fractions, imputer=imputer, fills=fills, bar=bar)
