@@ -59,6 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
 API = "/explain"
+COLD_START_TARGET_S = 6.0  # issue 14: python app.py to the first answered /explain (was 10 s before)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -357,8 +358,8 @@ def run_cold(args, workdir: Path, images: list[Path]) -> dict:
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if runs[0][k] is not None}
         results["warmup" if warm == "1" else "no_warmup"] = {"runs": runs, "median": med}
         print(f"cold start (CBAM_VIZ_WARMUP={warm}, median of {len(runs)}): HTTP {med['http_ready_s']:.2f} s, "
-              f"first /explain answered {med['first_answer_s']:.2f} s (target <= 10 s: "
-              f"{'MET' if med['first_answer_s'] <= 10 else 'MISSED'}); request 1 {med['request1_s']:.3f} s, "
+              f"first /explain answered {med['first_answer_s']:.2f} s (target <= {COLD_START_TARGET_S:g} s: "
+              f"{'MET' if med['first_answer_s'] <= COLD_START_TARGET_S else 'MISSED'}); request 1 {med['request1_s']:.3f} s, "
               f"request 2 {med['request2_s']:.3f} s (server analyse {med['request1_server_s']:.3f} s vs "
               f"{med['request2_server_s']:.3f} s)")
     return results
