@@ -46,12 +46,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["bf16"] = cpu_has_fast_bf16()
         print(f"bf16 auto: {'on' if overrides['bf16'] else 'off'} (this CPU "
               f"{'has' if overrides['bf16'] else 'lacks'} AVX-512 BF16 / AMX)")
+    starts = {}
+    if args.init_from:
+        from cbam_viz.weights import WeightRecord, read_manifest
+
+        overrides["init_from"] = args.init_from
+        try:
+            models = read_manifest(args.init_from)["models"]
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            print(f"error: --init-from {args.init_from!r}: no readable manifest ({err})", file=sys.stderr)
+            return 2
+        for arch in args.arch:
+            if f"{arch}_{args.name}" not in models:
+                print(f"error: --init-from {args.init_from!r} has no record '{arch}_{args.name}' to start {arch} from",
+                      file=sys.stderr)
+                return 2
+            starts[arch] = WeightRecord(**models[f"{arch}_{args.name}"])
     recipe = replace(recipe, **overrides)
     results = {}
     for arch in args.arch:
         run_dir = Path(args.runs) / arch
         results[arch] = train(arch, args.data, run_dir, recipe=recipe, resume=args.resume, cache_dir=args.cache_dir,
-                              val_dir=args.val, threads=args.threads, max_steps=args.max_steps, device=args.device)
+                              val_dir=args.val, threads=args.threads, max_steps=args.max_steps, device=args.device,
+                              init_record=starts.get(arch))
     unfinished = [a for a, r in results.items() if len(r.history) < recipe.epochs]
     if args.export and unfinished:
         print(f"not exported: {', '.join(unfinished)} not finished (only a finished pair replaces shipped files)")
@@ -364,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda: on a GPU the cache, augmentation, model "
                                                    "and optimizer live there (same recipe, same data order)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
+    t.add_argument("--init-from", help="weights folder whose records <arch>_<name> each run starts from (a second, "
+                                       "fine-tuning stage with its own recipe; the first stage's recipe and "
+                                       "training are kept in the exported record)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion of shipped weights")

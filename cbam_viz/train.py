@@ -69,6 +69,9 @@ class Recipe:
     holdout: float = 0.08
     # Exponential moving average of the weights (0 = off); ~1/(1 - decay) steps of memory.
     ema_decay: float = 0.999
+    # A weights folder whose records ``<arch>_<name>`` the run starts from instead of a random
+    # initialisation (a second, fine-tuning stage); "" = from scratch.
+    init_from: str = ""
     zero_init_residual: bool = True
     bf16: bool = True
     seed: int = 0
@@ -293,6 +296,7 @@ class TrainResult:
     wall_time_s: float = 0.0
     ema_model: nn.Module | None = None  # the weight average, when the recipe keeps one
     holdout_files: tuple[str, ...] = ()  # training files held out of this run ("<class>/<file>")
+    init: dict[str, Any] | None = None  # the record this run started from (see Recipe.init_from)
 
 
 def train(
@@ -308,6 +312,7 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    init_record: "WeightRecord | None" = None,
 ) -> TrainResult:
     """Train ``arch`` with ``recipe`` on ``data_dir`` (ImageFolder layout); checkpoint every epoch.
 
@@ -326,6 +331,9 @@ def train(
             (bfloat16 autocast there too); the data order and augmentation draws are the same
             CPU-generated numbers, so only the hardware's arithmetic differs. Each epoch's log
             line says which device ran it.
+        init_record: the record (in ``recipe.init_from``) whose weights this run starts from; its
+            recipe, training and metrics travel into the checkpoint and the exported record, so
+            the shipped file still says how the first stage was trained.
     """
     from tqdm.auto import tqdm
 
@@ -365,6 +373,11 @@ def train(
     model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(_param_groups(model, recipe.weight_decay), lr=recipe.lr,
                                 momentum=recipe.momentum, nesterov=True)
+    init = None
+    if recipe.init_from:
+        if init_record is None:
+            raise ValueError(f"the recipe starts from {recipe.init_from!r}: pass the record to start from")
+        init = _load_init(model, arch, init_record, recipe.init_from)
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     start_epoch, wall, history = 0, 0.0, []
     if resume and ckpt_path.exists():
@@ -419,7 +432,7 @@ def train(
         if max_steps is not None and steps_this_call >= max_steps and i < steps_per_epoch - 1:
             # A partial epoch is not checkpointed: a resumed run redoes it from its start.
             return TrainResult(run_dir, model, history, wall + epoch_time,
-                               ema.model_copy(model) if ema is not None else None, holdout_files)
+                               ema.model_copy(model) if ema is not None else None, holdout_files, init)
         wall += epoch_time
         entry = {"epoch": epoch + 1, "size": size, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                  "img_per_s": seen / epoch_time, "epoch_time_s": epoch_time, "lr_end": optimizer.param_groups[0]["lr"],
@@ -442,11 +455,25 @@ def train(
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}), flush=True)
         atomic_write(ckpt_path, lambda f: torch.save({"arch": arch, "recipe": recipe.to_json(), "epoch": epoch, "wall_time_s": wall,
                       "history": history, "classes": list(train_ds.classes), "holdout_files": list(holdout_files),
+                      **({"init": json.dumps(init)} if init is not None else {}),
                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       **({"ema": ema.state} if ema is not None else {})}, f))
     model.eval()
     return TrainResult(run_dir, model, history, wall, ema.model_copy(model) if ema is not None else None,
-                       holdout_files)
+                       holdout_files, init)
+
+
+def _load_init(model: nn.Module, arch: str, record: "WeightRecord", weights_dir: str | os.PathLike) -> dict[str, Any]:
+    """Copy ``record``'s weights (sha256-checked) into ``model``; return what the manifest keeps of it."""
+    from cbam_viz.weights import load_record
+
+    if record.arch != arch:
+        raise ValueError(f"cannot start {arch} from {record.name!r}: that record is a {record.arch}")
+    start = load_record(record, weights_dir)
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in start.state_dict().items()})
+    return {"name": record.name, "sha256": record.sha256, "input_size": record.input_size,
+            "recipe": record.recipe, "training": record.training,
+            "metrics": {k: v for k, v in record.metrics.items() if k in ("val_top1", "val_top5", "val_hflip_top1")}}
 
 
 def export(result: TrainResult, *, arch: str, recipe: Recipe, classes: list[str], weights_dir: str | os.PathLike,
@@ -477,6 +504,8 @@ def export(result: TrainResult, *, arch: str, recipe: Recipe, classes: list[str]
                 "holdout_images": len(result.holdout_files)}
     if selection is not None:
         training["selection"] = selection
+    if result.init is not None:
+        training["init"] = result.init
     record = WeightRecord(
         name=name, file=file, arch=arch, sha256=digest,
         num_params=sum(p.numel() for p in model.parameters()),

@@ -328,3 +328,53 @@ def test_cli_bf16_auto_is_on_for_a_gpu(monkeypatch, tmp_path):
                         seen.setdefault(arch, (recipe.bf16, device)) and TrainResult(run_dir, torch.nn.Identity()))
     assert cli.main(["train", "--data", str(tmp_path), "--runs", str(tmp_path), "--device", "cuda"]) == 0
     assert set(seen.values()) == {(True, "cuda")}
+
+
+def test_a_second_stage_starts_from_shipped_weights_and_keeps_the_first_stage(full_run, dataset, cache, tmp_path):
+    """``init_from``: the run starts from the record's weights (not a random draw), and the exported
+    record carries the first stage's recipe, training and sha256, so the card can tell both stages."""
+    first = tmp_path / "stage1"
+    rec1 = export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=first,
+                  name="resnet18_tiny")
+    stage2 = replace(RECIPE, epochs=1, lr=0.0, warmup_epochs=0.0, init_from=str(first))
+    result = train("resnet18", dataset, tmp_path / "run2", recipe=stage2, cache_dir=cache, progress=False,
+                   max_steps=1, init_record=rec1)
+    # lr 0 with weight decay 0 on BN/bias only: one step moves nothing but the BN statistics
+    assert _same_weights(_without_bn_stats(result.model), _without_bn_stats(load_record(rec1, first)))
+    assert result.init["sha256"] == rec1.sha256 and result.init["recipe"] == rec1.recipe
+    done = train("resnet18", dataset, tmp_path / "run3", recipe=stage2, cache_dir=cache, progress=False,
+                 init_record=rec1)
+    rec2 = export(done, arch="resnet18", recipe=stage2, classes=list(CLASSES), weights_dir=tmp_path / "stage2",
+                  name="resnet18_tiny")
+    entry = read_manifest(tmp_path / "stage2")["models"]["resnet18_tiny"]
+    assert entry["training"]["init"]["sha256"] == rec1.sha256
+    assert entry["training"]["init"]["training"]["epochs"] == RECIPE.epochs and entry["recipe"]["init_from"] == str(first)
+    assert rec2.sha256 != rec1.sha256
+
+
+def _without_bn_stats(model: torch.nn.Module) -> torch.nn.Module:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+    return model
+
+
+def test_a_second_stage_needs_its_record_and_the_right_architecture(full_run, dataset, cache, tmp_path):
+    rec = export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=tmp_path / "w",
+                 name="resnet18_tiny")
+    stage2 = replace(RECIPE, init_from=str(tmp_path / "w"))
+    with pytest.raises(ValueError, match="pass the record"):
+        train("resnet18", dataset, tmp_path / "r", recipe=stage2, cache_dir=cache, progress=False, max_steps=1)
+    with pytest.raises(ValueError, match="is a resnet18"):
+        train("resnet18_cbam", dataset, tmp_path / "r", recipe=stage2, cache_dir=cache, progress=False, max_steps=1,
+              init_record=rec)
+
+
+def test_cli_init_from_names_the_missing_record(full_run, tmp_path, capsys):
+    from cbam_viz.cli import main
+
+    export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=tmp_path / "w",
+           name="resnet18_tiny")
+    rc = main(["train", "--data", str(tmp_path / "none"), "--runs", str(tmp_path / "runs"), "--name", "tiny",
+               "--init-from", str(tmp_path / "w"), "--arch", "resnet18", "resnet18_cbam", "--bf16", "off"])
+    assert rc == 2 and "resnet18_cbam_tiny" in capsys.readouterr().err and not (tmp_path / "runs").exists()
