@@ -333,7 +333,8 @@ def train(
             line says which device ran it.
         init_record: the record (in ``recipe.init_from``) whose weights this run starts from; its
             recipe, training and metrics travel into the checkpoint and the exported record, so
-            the shipped file still says how the first stage was trained.
+            the shipped file still says how the first stage was trained. Not needed to resume:
+            the checkpoint holds the weights and the record.
     """
     from tqdm.auto import tqdm
 
@@ -373,14 +374,15 @@ def train(
     model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(_param_groups(model, recipe.weight_decay), lr=recipe.lr,
                                 momentum=recipe.momentum, nesterov=True)
+    resuming = resume and ckpt_path.exists()
     init = None
-    if recipe.init_from:
+    if recipe.init_from and not resuming:  # a resumed run takes its weights (and this record) from last.pt
         if init_record is None:
             raise ValueError(f"the recipe starts from {recipe.init_from!r}: pass the record to start from")
         init = _load_init(model, arch, init_record, recipe.init_from)
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     start_epoch, wall, history = 0, 0.0, []
-    if resume and ckpt_path.exists():
+    if resuming:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = Recipe.from_json(ckpt["recipe"])
         if saved != recipe or ckpt["arch"] != arch:
@@ -394,6 +396,7 @@ def train(
         if ema is not None:
             ema.load(ckpt["ema"], model)
         start_epoch, wall, history = ckpt["epoch"] + 1, ckpt["wall_time_s"], ckpt["history"]
+        init = json.loads(ckpt["init"]) if "init" in ckpt else None
         print(f"resuming {arch} from epoch {start_epoch} ({wall / 60:.1f} min done)")
 
     steps_per_epoch = len(train_ds) // recipe.batch_size
@@ -469,8 +472,7 @@ def _load_init(model: nn.Module, arch: str, record: "WeightRecord", weights_dir:
 
     if record.arch != arch:
         raise ValueError(f"cannot start {arch} from {record.name!r}: that record is a {record.arch}")
-    start = load_record(record, weights_dir)
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in start.state_dict().items()})
+    model.load_state_dict(load_record(record, weights_dir).state_dict())  # copy_ casts and moves each tensor
     return {"name": record.name, "sha256": record.sha256, "input_size": record.input_size,
             "recipe": record.recipe, "training": record.training,
             "metrics": {k: v for k, v in record.metrics.items() if k in ("val_top1", "val_top5", "val_hflip_top1")}}

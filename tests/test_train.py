@@ -378,3 +378,20 @@ def test_cli_init_from_names_the_missing_record(full_run, tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "none"), "--runs", str(tmp_path / "runs"), "--name", "tiny",
                "--init-from", str(tmp_path / "w"), "--arch", "resnet18", "resnet18_cbam", "--bf16", "off"])
     assert rc == 2 and "resnet18_cbam_tiny" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_a_second_stage_resumes_without_its_record_to_the_same_weights(full_run, dataset, cache, tmp_path):
+    """A cut second stage resumes from last.pt alone (weights and first-stage record) to the weights of an
+    uninterrupted one."""
+    first = tmp_path / "stage1"
+    rec1 = export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=first,
+                  name="resnet18_tiny")
+    stage2 = replace(RECIPE, epochs=2, lr=0.005, init_from=str(first))
+    whole = train("resnet18", dataset, tmp_path / "whole", recipe=stage2, cache_dir=cache, progress=False,
+                  init_record=rec1)
+    train("resnet18", dataset, tmp_path / "cut", recipe=stage2, cache_dir=cache, progress=False,
+          max_steps=STEPS_PER_EPOCH, init_record=rec1)
+    resumed = train("resnet18", dataset, tmp_path / "cut", recipe=stage2, cache_dir=cache, progress=False,
+                    resume=True)
+    assert _same_weights(resumed.model, whole.model)
+    assert resumed.init == whole.init and resumed.init["sha256"] == rec1.sha256
