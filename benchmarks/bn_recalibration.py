@@ -2,68 +2,106 @@
 
 The recipe trains on random-resized crops up to 144 px and tests whole images at a larger size, so the
 running BN statistics come from another distribution than the test images (FixRes, Touvron et
-al., 2019). For each model of a pair this script evaluates the shipped file on the validation
-split, then :func:`cbam_viz.train.recalibrate_batchnorm` on ``--images`` un-augmented training
-images at the record's input size, then evaluates again, and prints both top-1 figures. It
-changes no file: the weights stay as shipped.
+al., 2019). For each model of a pair, at each candidate size, this script scores the shipped file
+and a copy whose statistics :func:`cbam_viz.train.recalibrate_batchnorm` re-estimated on
+``--images`` un-augmented training images, both on the files the run held out of training
+(:func:`cbam_viz.data.holdout_split` with the record's own fraction; the re-estimation images
+are drawn from the rest). It then applies the pair's selection rule
+(:func:`cbam_viz.holdout.choose_for_pair`) to both kinds of weights, as ``train --export`` does.
 
-Evaluation runs on the decoded-split cache (float32), which gives the same top-1 as
-``python -m cbam_viz evaluate`` (checked on the 26-epoch pair at 192 px: 86.98 % / 85.17 %).
+Scoring on the held-out files, not on val, is the point: whether to adopt the re-estimation is a
+recipe choice, and the validation split stays for the final, reported measurement. The script
+changes no file: the weights stay as shipped.
 
 Usage::
 
     python benchmarks/bn_recalibration.py --train ../shared/data/imagenette2/train \\
-        --val ../shared/data/imagenette2/val
+        --json docs/bn_recalibration.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from cbam_viz.data import load_cached_split  # noqa: E402
+from cbam_viz.data import TensorDataset, decode_images, holdout_split, scan_image_folder  # noqa: E402
 from cbam_viz.evaluate import resolve_models  # noqa: E402
+from cbam_viz.holdout import CANDIDATE_SIZES, choose_for_pair, holdout_scores  # noqa: E402
 from cbam_viz.pair import default_pair_name  # noqa: E402
-from cbam_viz.train import evaluate_tensors, recalibrate_batchnorm  # noqa: E402
+from cbam_viz.train import recalibrate_batchnorm  # noqa: E402
 from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, load_record  # noqa: E402
+
+KINDS = ("shipped", "recalibrated")
+
+
+def split_files(train_dir: str, fraction: float, images: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(held_out, calibration)`` file names: the run's held-out files and ``images`` of the others."""
+    scan = scan_image_folder(train_dir)
+    index = SimpleNamespace(classes=scan.classes, labels=torch.tensor(scan.labels), files=scan.files)
+    train_idx, hold_idx = holdout_split(index, fraction)
+    pick = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))[:images]]
+    return [scan.files[i] for i in hold_idx.tolist()], [scan.files[i] for i in sorted(pick.tolist())]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", required=True, help="training split (ImageFolder) to recalibrate on")
-    p.add_argument("--val", required=True, help="validation split (ImageFolder) to evaluate on")
+    p.add_argument("--train", required=True, help="the training folder the pair was trained on (ImageFolder)")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS_DIR))
     p.add_argument("--pair", help="pair name (default: the manifest's default pair)")
-    p.add_argument("--images", type=int, default=2048, help="training images used for the statistics")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "cbam_viz"))
+    p.add_argument("--images", type=int, default=2048, help="training images (not held out) for the statistics")
+    p.add_argument("--sizes", default=",".join(map(str, CANDIDATE_SIZES)), help="comma-separated test sizes")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     pair = args.pair or default_pair_name(args.weights)
-    rows = {}
-    for rec in resolve_models(args.weights, pair=pair):
-        val = load_cached_split(args.val, rec.input_size, cache_dir=args.cache_dir, progress=False)
-        train = load_cached_split(args.train, rec.input_size, cache_dir=args.cache_dir, progress=False)
-        model = load_record(rec, args.weights).float().eval().to(memory_format=torch.channels_last)
-        before = evaluate_tensors(model, val, size=rec.input_size, mean=rec.mean, std=rec.std)["top1"]
-        t0 = time.perf_counter()
-        recalibrate_batchnorm(model, train, size=rec.input_size, mean=rec.mean, std=rec.std, images=args.images)
-        after = evaluate_tensors(model, val, size=rec.input_size, mean=rec.mean, std=rec.std)["top1"]
-        rows[rec.name] = {"as_shipped": before, "recalibrated": after, "images": min(args.images, len(train)),
-                          "size": rec.input_size, "seconds": round(time.perf_counter() - t0, 1)}
-        print(f"{rec.name}: top-1 as shipped {100 * before:.2f} %, BN recalibrated on {rows[rec.name]['images']} "
-              f"images at {rec.input_size} px {100 * after:.2f} % ({100 * (after - before):+.2f} points)", flush=True)
+    records = resolve_models(args.weights, pair=pair)
+    # A record without the field was trained before holdouts existed: it held nothing out.
+    fractions = sorted({(r.recipe or {}).get("holdout", 0.0) for r in records})
+    if len(fractions) != 1 or not fractions[0]:
+        print(f"error: the pair's records held out {fractions} of train, not one fraction > 0", file=sys.stderr)
+        return 2
+    held_out, calibration = split_files(args.train, fractions[0], args.images)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    shipped = {r.name: load_record(r, args.weights).float().eval() for r in records}
+    per_model = {r.name: {"n": len(held_out), "scores": {k: {} for k in KINDS}} for r in records}
+    t0 = time.perf_counter()
+    for size in sizes:
+        paths = [Path(args.train) / f for f in calibration]
+        cal = TensorDataset(decode_images(paths, size, progress=False), torch.zeros(len(paths), dtype=torch.int64),
+                            (), tuple(calibration))
+        for rec in records:
+            model = copy.deepcopy(shipped[rec.name]).to(memory_format=torch.channels_last)
+            recalibrate_batchnorm(model, cal, size=size, mean=rec.mean, std=rec.std, images=len(cal))
+            scores = holdout_scores({"shipped": shipped[rec.name], "recalibrated": model}, args.train, held_out,
+                                    mean=rec.mean, std=rec.std, sizes=[size])["scores"]
+            for kind in KINDS:
+                per_model[rec.name]["scores"][kind][str(size)] = scores[kind][str(size)]
+            before, after = (scores[k][str(size)]["top1"] for k in KINDS)
+            print(f"{rec.name} at {size} px: held-out top-1 as shipped {100 * before:.2f} %, BN re-estimated "
+                  f"{100 * after:.2f} % ({100 * (after - before):+.2f} points) [{time.perf_counter() - t0:.0f} s]",
+                  flush=True)
+    choices = {kind: choose_for_pair(per_model, kinds=(kind,)) for kind in KINDS}
+    for kind, c in choices.items():
+        each = ", ".join(f"{n} {100 * a:.2f} %" for n, a in c["holdout_top1"].items())
+        print(f"pair rule, {kind}: {c['input_size']} px, mean held-out top-1 {100 * c['mean_holdout_top1']:.2f} % ({each})")
+    better = choices["recalibrated"]["mean_holdout_top1"] > choices["shipped"]["mean_holdout_top1"]
+    print(f"held out {len(held_out)} files, statistics from {len(calibration)}: BN re-estimation "
+          f"{'beats' if better else 'does not beat'} the shipped weights on the held-out files")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"pair": pair, "models": rows}, indent=2) + "\n")
+        doc = {"pair": pair, "held_out_images": len(held_out), "calibration_images": len(calibration),
+               "models": per_model, "choices": choices, "recalibration_better": better}
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

@@ -60,17 +60,18 @@ def holdout_scores(models: Mapping[str, torch.nn.Module], data_dir: str | os.Pat
     return {"n": len(files), "scores": scores}
 
 
-def choose_for_pair(per_model: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def choose_for_pair(per_model: Mapping[str, Mapping[str, Any]], *, kinds: Sequence[str] = WEIGHT_KINDS) -> dict[str, Any]:
     """The (weights, input size) with the best mean held-out top-1 over the pair's models.
 
     Args:
         per_model: model name -> :func:`holdout_scores` result.
+        kinds: the weight kinds that compete, in the order ties prefer them.
 
     Returns:
         ``{"weights": "raw"|"ema", "input_size": S, "mean_holdout_top1": a, "holdout_top1": {model: a},
         "rule": "..."}``.
     """
-    kinds = [k for k in WEIGHT_KINDS if all(k in r["scores"] for r in per_model.values())]
+    kinds = [k for k in kinds if all(k in r["scores"] for r in per_model.values())]
     sizes = sorted({int(s) for r in per_model.values() for k in kinds for s in r["scores"][k]})
     best, best_mean = None, -1.0
     for kind in kinds:
@@ -87,4 +88,4 @@ def choose_for_pair(per_model: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
     return {"weights": kind, "input_size": size, "mean_holdout_top1": best_mean,
             "holdout_top1": {name: r["scores"][kind][str(size)]["top1"] for name, r in per_model.items()},
             "rule": "highest mean held-out top-1 of the pair's models, without test-time flips; "
-                    "ties: raw before EMA, then the smaller size"}
+                    f"ties: {' before '.join(kinds)}, then the smaller size"}

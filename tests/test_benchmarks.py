@@ -111,23 +111,38 @@ def test_recipe_estimate_adds_each_epoch_at_its_size():
 
 
 @pytest.mark.timeout(600)
-def test_bn_recalibration_reports_both_figures_and_changes_no_file(tmp_path):
+def test_bn_recalibration_scores_the_held_out_files_and_changes_no_file(tmp_path):
     from cbam_viz.data import IMAGENETTE_NAMES
     from cbam_viz.weights import sha256_file
     from tests.bad_inputs import TEST_PAIR, write_test_weights
     from tests.synthetic import make_image_folder
 
     weights = write_test_weights(tmp_path / "weights", input_size=32)
-    data = make_image_folder(tmp_path / "data", tuple(IMAGENETTE_NAMES), per_class=1)
+    data = make_image_folder(tmp_path / "data", tuple(IMAGENETTE_NAMES), per_class=13)  # 0.08 x 13: one per class
+    args = [str(BENCH / "bn_recalibration.py"), "--train", str(data), "--weights", str(weights), "--images", "8",
+            "--sizes", "32,40", "--threads", "1", "--json", str(tmp_path / "bn.json")]
+    # records without a recipe held nothing out: there is nothing to score on, and the script says so
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "not one fraction > 0" in proc.stderr, proc.stderr
+    manifest = json.loads((weights / "manifest.json").read_text())
+    for rec in manifest["models"].values():
+        rec["recipe"] = {"holdout": 0.08}
+    (weights / "manifest.json").write_text(json.dumps(manifest))
     before = {p.name: sha256_file(p) for p in weights.iterdir()}
-    out_json = tmp_path / "bn.json"
-    out = _run([str(BENCH / "bn_recalibration.py"), "--train", str(data), "--val", str(data), "--weights",
-                str(weights), "--images", "8", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
-                "--json", str(out_json)], 600)
+    out = _run(args, 600)
     names = ("resnet18_baseline_test", "resnet18_cbam_cbam_test")
     for name in names:
-        assert re.search(rf"^{name}: top-1 as shipped \d+\.\d\d %, BN recalibrated on 8 images at 32 px "
-                         rf"\d+\.\d\d % \([+-]\d+\.\d\d points\)$", out, re.M), out
-    doc = json.loads(out_json.read_text())
+        for size in (32, 40):
+            assert re.search(rf"^{name} at {size} px: held-out top-1 as shipped \d+\.\d\d %, BN re-estimated "
+                             rf"\d+\.\d\d % \([+-]\d+\.\d\d points\)", out, re.M), out
+    assert re.search(r"^held out 10 files, statistics from 8: BN re-estimation (beats|does not beat) ", out, re.M), out
+    doc = json.loads((tmp_path / "bn.json").read_text())
     assert doc["pair"] == TEST_PAIR and set(doc["models"]) == set(names)  # the manifest's default pair
+    for kind in ("shipped", "recalibrated"):
+        choice = doc["choices"][kind]
+        assert choice["weights"] == kind and choice["input_size"] in (32, 40)
+        mean = sum(doc["models"][n]["scores"][kind][str(choice["input_size"])]["top1"] for n in names) / 2
+        assert choice["mean_holdout_top1"] == pytest.approx(mean)
+    assert doc["recalibration_better"] == (doc["choices"]["recalibrated"]["mean_holdout_top1"]
+                                           > doc["choices"]["shipped"]["mean_holdout_top1"])
     assert {p.name: sha256_file(p) for p in weights.iterdir()} == before  # the files stay as shipped
