@@ -20,8 +20,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe = Recipe()
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "eval_size", "eval_every", "cache_size",
-                                            "holdout", "ema_decay", "warmup_epochs")
+                                            "holdout", "ema_decay", "warmup_epochs", "cutmix_alpha",
+                                            "mixup_alpha")
                  if getattr(args, k) is not None}
+    for flag in ("cutmix_alpha", "mixup_alpha"):
+        if overrides.get(flag, 0.0) < 0:
+            print(f"error: --{flag.replace('_', '-')} must be >= 0 (0 = off), got {overrides[flag]}", file=sys.stderr)
+            return 2
     if args.sizes:
         overrides["sizes"] = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(","))
     if args.crop_scale:
@@ -372,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: cbam_viz.holdout.CANDIDATE_SIZES)")
     t.add_argument("--sizes", help="progressive resizing as EPOCH:SIZE,..., e.g. 0:96,10:128,21:144")
     t.add_argument("--crop-scale", help="random-resized-crop area range as MIN,MAX, e.g. 0.35,1")
+    t.add_argument("--cutmix-alpha", type=float, help="CutMix: paste a box of another training image, Beta(a, a) "
+                                                      "area (default 0 = off; 1 is usual)")
+    t.add_argument("--mixup-alpha", type=float, help="Mixup: blend with another training image, Beta(a, a) weight "
+                                                     "(default 0 = off; with --cutmix-alpha a coin picks one per batch)")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bfloat16 autocast: auto = on only where the CPU has AVX-512 BF16 or AMX (elsewhere "
                         "it is emulated, over 10x slower); the choice is recorded in the recipe, so --resume "

@@ -27,7 +27,7 @@ from cbam_viz.outputs import atomic_write
 __all__ = [
     "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENETTE_NAMES", "ImageFolderScan",
     "TensorDataset", "scan_image_folder", "load_rgb", "decode_images", "load_cached_split", "holdout_split",
-    "random_resized_crop_flip", "normalize", "resize_batch",
+    "random_resized_crop_flip", "mix_batch", "normalize", "resize_batch",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -232,3 +232,44 @@ def random_resized_crop_flip(
     # where the batch is (a GPU when training there).
     grid = F.affine_grid(theta.to(batch.device), [b, batch.shape[1], out_size, out_size], align_corners=False)
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def mix_batch(batch: torch.Tensor, *, generator: torch.Generator, cutmix_alpha: float = 0.0,
+              mixup_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix every image of a batch with a partner image of the same batch: CutMix or Mixup.
+
+    A regulariser for a model that learns its training set by heart: CutMix (Yun et al., 2019)
+    pastes a box of the partner into the image, Mixup (Zhang et al., 2018) blends the two; the
+    loss then weights the two labels by ``lam`` and ``1 - lam``. One ``lam ~ Beta(alpha, alpha)``
+    and one box serve the whole batch (no per-image Python work); with both alphas set, a coin
+    picks CutMix or Mixup per batch. CutMix's ``lam`` is the share of the image left unpasted
+    after the box is clipped to the image.
+
+    The draws come from ``generator`` (through a NumPy generator it seeds, for the Beta draw), so
+    a resumed run mixes exactly as an uninterrupted one; the pixel work runs where the batch is.
+
+    Returns:
+        ``(mixed, partner, lam)``: the mixed batch, each image's partner index, and the weight of
+        the image's own label. With both alphas 0 the batch is returned as is, with ``lam`` 1.
+    """
+    import numpy as np
+
+    if cutmix_alpha < 0 or mixup_alpha < 0:
+        raise ValueError(f"mixing alphas must be >= 0, got cutmix {cutmix_alpha}, mixup {mixup_alpha}")
+    b, _, h, w = batch.shape
+    if not (cutmix_alpha or mixup_alpha):
+        return batch, torch.arange(b, device=batch.device), 1.0
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or rng.random() < 0.5)
+    alpha = cutmix_alpha if cutmix else mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    partner = torch.from_numpy(rng.permutation(b)).to(batch.device)
+    if not cutmix:
+        return batch.mul(lam).add_(batch[partner], alpha=1 - lam), partner, lam
+    cut = math.sqrt(1 - lam)  # the box's side as a share of the image's
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - int(h * cut) // 2, 0), min(cy + int(h * cut) // 2, h)
+    x0, x1 = max(cx - int(w * cut) // 2, 0), min(cx + int(w * cut) // 2, w)
+    mixed = batch.clone()
+    mixed[:, :, y0:y1, x0:x1] = batch[partner, :, y0:y1, x0:x1]
+    return mixed, partner, 1 - (y1 - y0) * (x1 - x0) / (h * w)

@@ -34,7 +34,7 @@ from torch import nn
 
 from cbam_viz.data import (
     IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES, TensorDataset, decode_images, holdout_split, load_cached_split,
-    normalize, random_resized_crop_flip, resize_batch,
+    mix_batch, normalize, random_resized_crop_flip, resize_batch,
 )
 from cbam_viz.models import create_model
 from cbam_viz.outputs import atomic_write
@@ -60,6 +60,9 @@ class Recipe:
     sizes: tuple[tuple[int, int], ...] = ((0, 96), (45, 112), (75, 128), (90, 144))
     cache_size: int = 176
     crop_scale: tuple[float, float] = (0.25, 1.0)
+    # Mixing two training images per batch (data.mix_batch), alpha of the Beta draw; 0 = off.
+    cutmix_alpha: float = 0.0
+    mixup_alpha: float = 0.0
     # Monitoring size during training, ~1.3x above the last train size: random-resized crops magnify
     # objects, so a larger test image shows them at the size the network learned (Touvron et al.,
     # FixRes, 2019). The shipped size is chosen after training on the held-out split.
@@ -241,16 +244,23 @@ def evaluate_tensors(model: nn.Module, ds: TensorDataset, *, size: int, mean, st
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
                recipe: Recipe, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a uint8 batch: crop + flip to ``size``, normalise, forward, backward.
+    """One optimizer step on a uint8 batch: crop + flip to ``size``, mix (if the recipe does),
+    normalise, forward, backward.
 
     The whole per-step work of :func:`train` (the learning rate is set by the caller), so that
-    ``benchmarks/bench_train.py`` times exactly what training runs. Returns the loss and logits.
+    ``benchmarks/bench_train.py`` times exactly what training runs. Returns the loss and logits
+    (under mixing, the train accuracy the caller counts is against each image's own label).
     """
     x = random_resized_crop_flip(images.float().div_(255), size, generator=generator, scale=recipe.crop_scale)
+    x, partner, lam = mix_batch(x, generator=generator, cutmix_alpha=recipe.cutmix_alpha,
+                                mixup_alpha=recipe.mixup_alpha)
     x = normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
+    if lam < 1.0:  # each image's partner label takes the rest of the weight
+        loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), labels[partner],
+                                                          label_smoothing=recipe.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

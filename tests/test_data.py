@@ -178,3 +178,64 @@ def test_importing_the_decoder_leaves_pil_limits_alone():
             "print(before, Image.MAX_IMAGE_PIXELS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == out[1], out
+
+
+def _constant_batch(b: int = 6, size: int = 20) -> torch.Tensor:
+    """Image i is the constant i + 1, so every mixed pixel tells whose it is."""
+    return (torch.arange(b, dtype=torch.float32) + 1).view(b, 1, 1, 1).expand(b, 3, size, size).clone()
+
+
+def test_mixing_off_returns_the_batch_and_draws_nothing():
+    from cbam_viz.data import mix_batch
+
+    x, gen = _constant_batch(), torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    out, partner, lam = mix_batch(x, generator=gen)
+    assert out is x and lam == 1.0 and partner.tolist() == list(range(6))
+    assert torch.equal(gen.get_state(), state)  # runs without mixing draw the same augmentation as before
+
+
+def test_cutmix_pastes_one_box_of_the_partner_and_lam_is_the_unpasted_share():
+    from cbam_viz.data import mix_batch
+
+    x = _constant_batch()
+    for seed in range(20):
+        out, partner, lam = mix_batch(x, generator=torch.Generator().manual_seed(seed), cutmix_alpha=1.0)
+        assert sorted(partner.tolist()) == list(range(6))
+        own = out == x
+        pasted = out == x[partner]
+        assert bool((own | pasted).all())  # each pixel is the image's own or its partner's
+        for i in range(6):
+            if partner[i] == i:
+                continue
+            mask = pasted[i, 0]
+            rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+            if len(rows):  # the pasted pixels fill one axis-aligned box
+                assert bool(mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
+            assert own[i, 0].float().mean().item() == pytest.approx(lam)
+        assert 0.0 <= lam <= 1.0
+
+
+def test_mixup_blends_with_the_partner_by_lam_and_is_deterministic():
+    from cbam_viz.data import mix_batch
+
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out, partner, lam = mix_batch(x, generator=torch.Generator().manual_seed(1), mixup_alpha=0.4)
+    assert 0.0 < lam < 1.0
+    assert torch.allclose(out, lam * x + (1 - lam) * x[partner])
+    again = mix_batch(x, generator=torch.Generator().manual_seed(1), mixup_alpha=0.4)
+    assert torch.equal(again[0], out) and torch.equal(again[1], partner) and again[2] == lam
+    assert torch.equal(x, torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)))  # input untouched
+
+
+def test_with_both_alphas_a_coin_picks_cutmix_or_mixup():
+    from cbam_viz.data import mix_batch
+
+    x = _constant_batch()
+    kinds = set()
+    for seed in range(30):
+        out, partner, _ = mix_batch(x, generator=torch.Generator().manual_seed(seed), cutmix_alpha=1.0, mixup_alpha=1.0)
+        kinds.add("cutmix" if bool(((out == x) | (out == x[partner])).all()) else "mixup")
+    assert kinds == {"cutmix", "mixup"}
+    with pytest.raises(ValueError, match="alphas must be >= 0"):
+        mix_batch(x, generator=torch.Generator(), cutmix_alpha=-1.0)

@@ -395,3 +395,56 @@ def test_a_second_stage_resumes_without_its_record_to_the_same_weights(full_run,
                     resume=True)
     assert _same_weights(resumed.model, whole.model)
     assert resumed.init == whole.init and resumed.init["sha256"] == rec1.sha256
+
+
+def test_a_mixing_step_weights_the_two_labels_by_lam():
+    """train_step's loss under CutMix is lam * CE(own label) + (1 - lam) * CE(partner's label)."""
+    import torch.nn.functional as F
+
+    from cbam_viz.data import mix_batch, normalize, random_resized_crop_flip
+    from cbam_viz.train import train_step
+
+    recipe = replace(RECIPE, cutmix_alpha=1.0)
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=3).train()
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    gen = torch.Generator().manual_seed(5)
+    replay = torch.Generator().manual_seed(5)
+    x = random_resized_crop_flip(images.float().div_(255), 32, generator=replay, scale=recipe.crop_scale)
+    x, partner, lam = mix_batch(x, generator=replay, cutmix_alpha=1.0)
+    assert lam < 1.0 and not torch.equal(labels[partner], labels)
+    with torch.no_grad():
+        logits = model(normalize(x, recipe.mean, recipe.std))
+    expected = (lam * F.cross_entropy(logits, labels, label_smoothing=0.1)
+                + (1 - lam) * F.cross_entropy(logits, labels[partner], label_smoothing=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, _ = train_step(model, optimizer, images, labels, recipe=recipe, size=32, generator=gen)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_mixing_run_resumes_exactly_and_the_recipe_records_it(dataset, cache, tmp_path):
+    recipe = replace(RECIPE, epochs=2, cutmix_alpha=1.0, mixup_alpha=0.2)
+    full = train("resnet18", dataset, tmp_path / "full", recipe=recipe, cache_dir=cache, progress=False)
+    cut = train("resnet18", dataset, tmp_path / "cut", recipe=recipe, cache_dir=cache, progress=False,
+                max_steps=STEPS_PER_EPOCH + 2)
+    assert len(cut.history) == 1
+    resumed = train("resnet18", dataset, tmp_path / "cut", recipe=recipe, cache_dir=cache, progress=False,
+                    resume=True)
+    assert _same_weights(resumed.model, full.model)
+    unmixed = train("resnet18", dataset, tmp_path / "plain", recipe=replace(recipe, cutmix_alpha=0.0, mixup_alpha=0.0),
+                    cache_dir=cache, progress=False, max_steps=STEPS_PER_EPOCH)
+    assert full.history[0]["train_loss"] != unmixed.history[0]["train_loss"]  # the mixing did happen
+    saved = Recipe.from_json(torch.load(tmp_path / "full" / "last.pt", weights_only=True)["recipe"])
+    assert (saved.cutmix_alpha, saved.mixup_alpha) == (1.0, 0.2)
+    old = {k: v for k, v in RECIPE.to_json().items() if k not in ("cutmix_alpha", "mixup_alpha")}
+    assert Recipe.from_json(old) == RECIPE  # recipes recorded before mixing existed read as "off"
+
+
+@pytest.mark.parametrize("flag", ["--cutmix-alpha", "--mixup-alpha"])
+def test_cli_refuses_a_negative_mixing_alpha(flag, tmp_path, capsys):
+    from cbam_viz.cli import main
+
+    rc = main(["train", "--data", str(tmp_path / "none"), flag, "-0.5", "--runs", str(tmp_path)])
+    assert rc == 2 and flag in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
