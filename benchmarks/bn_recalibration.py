@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the pair's records held out {fractions} of train, not one fraction > 0", file=sys.stderr)
         return 2
     held_out, calibration = split_files(args.train, fractions[0], args.images)
+    for rec in records:  # another folder (files added or removed) would hold out other files
+        recorded = (rec.training or {}).get("holdout_images")
+        if recorded is not None and recorded != len(held_out):
+            print(f"error: {rec.name} was trained holding out {recorded} files, but {args.train} gives "
+                  f"{len(held_out)}: is it the folder the pair was trained on?", file=sys.stderr)
+            return 2
     sizes = [int(s) for s in args.sizes.split(",")]
     shipped = {r.name: load_record(r, args.weights).float().eval() for r in records}
     per_model = {r.name: {"n": len(held_out), "scores": {k: {} for k in KINDS}} for r in records}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,8 +25,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                             "mixup_alpha")
                  if getattr(args, k) is not None}
     for flag in ("cutmix_alpha", "mixup_alpha"):
-        if overrides.get(flag, 0.0) < 0:
-            print(f"error: --{flag.replace('_', '-')} must be >= 0 (0 = off), got {overrides[flag]}", file=sys.stderr)
+        value = overrides.get(flag, 0.0)
+        if not (math.isfinite(value) and value >= 0):
+            print(f"error: --{flag.replace('_', '-')} must be a finite number >= 0 (0 = off), got {value}",
+                  file=sys.stderr)
             return 2
     if args.sizes:
         overrides["sizes"] = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(","))

@@ -254,8 +254,8 @@ def mix_batch(batch: torch.Tensor, *, generator: torch.Generator, cutmix_alpha: 
     """
     import numpy as np
 
-    if cutmix_alpha < 0 or mixup_alpha < 0:
-        raise ValueError(f"mixing alphas must be >= 0, got cutmix {cutmix_alpha}, mixup {mixup_alpha}")
+    if not all(math.isfinite(a) and a >= 0 for a in (cutmix_alpha, mixup_alpha)):
+        raise ValueError(f"mixing alphas must be finite and >= 0, got cutmix {cutmix_alpha}, mixup {mixup_alpha}")
     b, _, h, w = batch.shape
     if not (cutmix_alpha or mixup_alpha):
         return batch, torch.arange(b, device=batch.device), 1.0

@@ -68,7 +68,7 @@ def choose_for_pair(per_model: Mapping[str, Mapping[str, Any]], *, kinds: Sequen
         kinds: the weight kinds that compete, in the order ties prefer them.
 
     Returns:
-        ``{"weights": "raw"|"ema", "input_size": S, "mean_holdout_top1": a, "holdout_top1": {model: a},
+        ``{"weights": kind, "input_size": S, "mean_holdout_top1": a, "holdout_top1": {model: a},
         "rule": "..."}``.
     """
     kinds = [k for k in kinds if all(k in r["scores"] for r in per_model.values())]
@@ -88,4 +88,4 @@ def choose_for_pair(per_model: Mapping[str, Mapping[str, Any]], *, kinds: Sequen
     return {"weights": kind, "input_size": size, "mean_holdout_top1": best_mean,
             "holdout_top1": {name: r["scores"][kind][str(size)]["top1"] for name, r in per_model.items()},
             "rule": "highest mean held-out top-1 of the pair's models, without test-time flips; "
-                    f"ties: {' before '.join(kinds)}, then the smaller size"}
+                    f"ties: {' before '.join(k.replace('ema', 'EMA') for k in kinds)}, then the smaller size"}

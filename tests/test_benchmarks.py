@@ -126,7 +126,13 @@ def test_bn_recalibration_scores_the_held_out_files_and_changes_no_file(tmp_path
     assert proc.returncode == 2 and "not one fraction > 0" in proc.stderr, proc.stderr
     manifest = json.loads((weights / "manifest.json").read_text())
     for rec in manifest["models"].values():
-        rec["recipe"] = {"holdout": 0.08}
+        rec["recipe"], rec["training"] = {"holdout": 0.08}, {"holdout_images": 11}
+    (weights / "manifest.json").write_text(json.dumps(manifest))
+    # a record that held out another number of files was trained on another folder
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "holding out 11 files" in proc.stderr, proc.stderr
+    for rec in manifest["models"].values():
+        rec["training"] = {"holdout_images": 10}
     (weights / "manifest.json").write_text(json.dumps(manifest))
     before = {p.name: sha256_file(p) for p in weights.iterdir()}
     out = _run(args, 600)
@@ -146,3 +152,23 @@ def test_bn_recalibration_scores_the_held_out_files_and_changes_no_file(tmp_path
     assert doc["recalibration_better"] == (doc["choices"]["recalibrated"]["mean_holdout_top1"]
                                            > doc["choices"]["shipped"]["mean_holdout_top1"])
     assert {p.name: sha256_file(p) for p in weights.iterdir()} == before  # the files stay as shipped
+
+
+def test_bn_recalibration_holds_out_what_the_run_held_out_and_calibrates_on_the_rest(tmp_path):
+    import importlib.util
+
+    from cbam_viz.train import Recipe, train
+    from tests.synthetic import make_image_folder
+
+    spec = importlib.util.spec_from_file_location("bn_recalibration", BENCH / "bn_recalibration.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = make_image_folder(tmp_path / "data", ("n001", "n002", "n003"), per_class=16)
+    recipe = Recipe(epochs=1, batch_size=8, sizes=((0, 32),), cache_size=40, eval_size=32, bf16=False, holdout=0.25,
+                    ema_decay=0.0)
+    run = train("resnet18", data, tmp_path / "run", recipe=recipe, cache_dir=tmp_path / "cache", progress=False,
+                max_steps=1)
+    held_out, calibration = bench.split_files(str(data), 0.25, images=100)
+    assert tuple(held_out) == run.holdout_files and len(held_out) == 12
+    assert len(calibration) == 36 and not set(calibration) & set(held_out)  # every file not held out, no more
+    assert len(bench.split_files(str(data), 0.25, images=5)[1]) == 5

@@ -237,5 +237,6 @@ def test_with_both_alphas_a_coin_picks_cutmix_or_mixup():
         out, partner, _ = mix_batch(x, generator=torch.Generator().manual_seed(seed), cutmix_alpha=1.0, mixup_alpha=1.0)
         kinds.add("cutmix" if bool(((out == x) | (out == x[partner])).all()) else "mixup")
     assert kinds == {"cutmix", "mixup"}
-    with pytest.raises(ValueError, match="alphas must be >= 0"):
-        mix_batch(x, generator=torch.Generator(), cutmix_alpha=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alphas must be finite and >= 0"):
+            mix_batch(x, generator=torch.Generator(), cutmix_alpha=bad)

@@ -414,8 +414,8 @@ def test_a_mixing_step_weights_the_two_labels_by_lam():
     x = random_resized_crop_flip(images.float().div_(255), 32, generator=replay, scale=recipe.crop_scale)
     x, partner, lam = mix_batch(x, generator=replay, cutmix_alpha=1.0)
     assert lam < 1.0 and not torch.equal(labels[partner], labels)
-    with torch.no_grad():
-        logits = model(normalize(x, recipe.mean, recipe.std))
+    with torch.no_grad():  # channels-last as train_step runs it, so the same kernels compute both
+        logits = model(normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last))
     expected = (lam * F.cross_entropy(logits, labels, label_smoothing=0.1)
                 + (1 - lam) * F.cross_entropy(logits, labels[partner], label_smoothing=0.1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -442,9 +442,10 @@ def test_a_mixing_run_resumes_exactly_and_the_recipe_records_it(dataset, cache, 
 
 
 @pytest.mark.parametrize("flag", ["--cutmix-alpha", "--mixup-alpha"])
-def test_cli_refuses_a_negative_mixing_alpha(flag, tmp_path, capsys):
+@pytest.mark.parametrize("value", ["-0.5", "nan", "inf"])
+def test_cli_refuses_a_bad_mixing_alpha(flag, value, tmp_path, capsys):
     from cbam_viz.cli import main
 
-    rc = main(["train", "--data", str(tmp_path / "none"), flag, "-0.5", "--runs", str(tmp_path)])
+    rc = main(["train", "--data", str(tmp_path / "none"), flag, value, "--runs", str(tmp_path)])
     assert rc == 2 and flag in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
