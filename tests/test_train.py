@@ -242,6 +242,13 @@ def test_weight_average_follows_the_warmup_rule():
     assert torch.equal(twin.weight, ema.state["weight"]) and not torch.equal(twin.weight, model.weight)
 
 
+def _cut_then_resume(dataset, cache, run_dir, recipe: Recipe, *, cut_after: int):
+    """Train ``cut_after`` steps (one epoch and part of the next), check one epoch was kept, then resume."""
+    cut = train("resnet18", dataset, run_dir, recipe=recipe, cache_dir=cache, progress=False, max_steps=cut_after)
+    assert len(cut.history) == 1
+    return train("resnet18", dataset, run_dir, recipe=recipe, cache_dir=cache, progress=False, resume=True)
+
+
 def test_holdout_and_weight_average_resume_exactly_and_are_logged(dataset, cache, tmp_path):
     """With a holdout and an EMA, a cut run resumes to the same weights *and* the same average; the
     held-out files are monitored instead of --val, and each epoch says what hardware and precision ran it."""
@@ -249,12 +256,7 @@ def test_holdout_and_weight_average_resume_exactly_and_are_logged(dataset, cache
     full = train("resnet18", dataset, tmp_path / "full", recipe=recipe, cache_dir=cache, val_dir=dataset,
                  progress=False)
     assert len(full.holdout_files) == 12 and {f.split("/")[0] for f in full.holdout_files} == set(CLASSES)
-    steps = 36 // 8
-    cut = train("resnet18", dataset, tmp_path / "cut", recipe=recipe, cache_dir=cache, progress=False,
-                max_steps=steps + 2)
-    assert len(cut.history) == 1
-    resumed = train("resnet18", dataset, tmp_path / "cut", recipe=recipe, cache_dir=cache, progress=False,
-                    resume=True)
+    resumed = _cut_then_resume(dataset, cache, tmp_path / "cut", recipe, cut_after=36 // 8 + 2)
     assert _same_weights(resumed.model, full.model)
     assert _same_weights(resumed.ema_model, full.ema_model)
     assert not _same_weights(full.ema_model, full.model)
@@ -426,11 +428,7 @@ def test_a_mixing_step_weights_the_two_labels_by_lam():
 def test_a_mixing_run_resumes_exactly_and_the_recipe_records_it(dataset, cache, tmp_path):
     recipe = replace(RECIPE, epochs=2, cutmix_alpha=1.0, mixup_alpha=0.2)
     full = train("resnet18", dataset, tmp_path / "full", recipe=recipe, cache_dir=cache, progress=False)
-    cut = train("resnet18", dataset, tmp_path / "cut", recipe=recipe, cache_dir=cache, progress=False,
-                max_steps=STEPS_PER_EPOCH + 2)
-    assert len(cut.history) == 1
-    resumed = train("resnet18", dataset, tmp_path / "cut", recipe=recipe, cache_dir=cache, progress=False,
-                    resume=True)
+    resumed = _cut_then_resume(dataset, cache, tmp_path / "cut", recipe, cut_after=STEPS_PER_EPOCH + 2)
     assert _same_weights(resumed.model, full.model)
     unmixed = train("resnet18", dataset, tmp_path / "plain", recipe=replace(recipe, cutmix_alpha=0.0, mixup_alpha=0.0),
                     cache_dir=cache, progress=False, max_steps=STEPS_PER_EPOCH)
