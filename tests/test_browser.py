@@ -150,7 +150,9 @@ def image_srcs(page, elem_id: str) -> list[str]:
 def fetch(page, url: str) -> bytes:
     if url.startswith("data:"):
         return base64.b64decode(url.split(",", 1)[1])
-    resp = page.request.get(url)
+    # max_retries: Playwright re-sends a GET only on ECONNRESET (seen once in CI, most likely uvicorn closing an idle
+    # keep-alive connection just as the pooled request reuses it); an HTTP error status still fails the test.
+    resp = page.request.get(url, max_retries=2)
     assert resp.ok, f"GET {url} -> {resp.status}"
     return resp.body()
 
