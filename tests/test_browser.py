@@ -125,11 +125,20 @@ def upload(page, path: Path) -> None:
 
 def choose(page, elem_id: str, option: str) -> str:
     """Pick an option of a Gradio dropdown: type its text to filter the list, click the exact match."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = comp(page, elem_id).locator("input[role=combobox]")
-    box.click()
-    box.fill(option)
     exact = page.locator(f"[role=listbox] [role=option][aria-label={json.dumps(option)}]").first
-    exact.wait_for(state="visible")
+    for attempt in range(3):  # on a loaded CI machine a click can land before the list opens (seen once): open again
+        box.click()
+        box.fill(option)
+        try:
+            exact.wait_for(state="visible", timeout=15_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
     page.wait_for_timeout(300)  # the list re-renders while it filters
     try:
         exact.click(timeout=5000)
