@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {rec.name} was trained holding out {recorded} files, but {args.train} gives "
                   f"{len(held_out)}: is it the folder the pair was trained on?", file=sys.stderr)
             return 2
+    if len({(tuple(r.mean), tuple(r.std)) for r in records}) != 1:
+        print("error: the pair's models normalise their inputs differently", file=sys.stderr)
+        return 2
     sizes = [int(s) for s in args.sizes.split(",")]
     shipped = {r.name: load_record(r, args.weights).float().eval() for r in records}
     per_model = {r.name: {"n": len(held_out), "scores": {k: {} for k in KINDS}} for r in records}
@@ -85,14 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         paths = [Path(args.train) / f for f in calibration]
         cal = TensorDataset(decode_images(paths, size, progress=False), torch.zeros(len(paths), dtype=torch.int64),
                             (), tuple(calibration))
+        models = {}
         for rec in records:
             model = copy.deepcopy(shipped[rec.name]).to(memory_format=torch.channels_last)
             recalibrate_batchnorm(model, cal, size=size, mean=rec.mean, std=rec.std, images=len(cal))
-            scores = holdout_scores({"shipped": shipped[rec.name], "recalibrated": model}, args.train, held_out,
-                                    mean=rec.mean, std=rec.std, sizes=[size])["scores"]
+            models.update({f"{rec.name}/shipped": shipped[rec.name], f"{rec.name}/recalibrated": model})
+        # one decode of the held-out files per size for every model (the pair shares mean and std)
+        scores = holdout_scores(models, args.train, held_out, mean=records[0].mean, std=records[0].std,
+                                sizes=[size])["scores"]
+        for rec in records:
             for kind in KINDS:
-                per_model[rec.name]["scores"][kind][str(size)] = scores[kind][str(size)]
-            before, after = (scores[k][str(size)]["top1"] for k in KINDS)
+                per_model[rec.name]["scores"][kind][str(size)] = scores[f"{rec.name}/{kind}"][str(size)]
+            before, after = (per_model[rec.name]["scores"][k][str(size)]["top1"] for k in KINDS)
             print(f"{rec.name} at {size} px: held-out top-1 as shipped {100 * before:.2f} %, BN re-estimated "
                   f"{100 * after:.2f} % ({100 * (after - before):+.2f} points) [{time.perf_counter() - t0:.0f} s]",
                   flush=True)
