@@ -71,6 +71,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 return 2
             starts[arch] = WeightRecord(**models[f"{arch}_{args.name}"])
     recipe = replace(recipe, **overrides)
+    if args.pair_with:  # checked before training, so a long run does not end in a refused export
+        from cbam_viz.pair_export import read_half
+
+        try:
+            if not args.export:
+                raise ValueError("--pair-with needs --export (the folder the pair is written to)")
+            read_half(args.pair_with, name=args.name, recipe=recipe, holdout_files=None, other_than=args.arch)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     results = {}
     for arch in args.arch:
         run_dir = Path(args.runs) / arch
@@ -81,42 +91,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.export and unfinished:
         print(f"not exported: {', '.join(unfinished)} not finished (only a finished pair replaces shipped files)")
     elif args.export:
-        _export_pair(args, recipe, results)
+        from cbam_viz.data import scan_image_folder
+        from cbam_viz.pair_export import export_runs
+
+        try:
+            lines = export_runs(results, recipe=recipe, classes=list(scan_image_folder(args.data).classes),
+                                data_dir=args.data, weights_dir=args.export, name=args.name,
+                                sizes=args.select_sizes, pair_with=args.pair_with)
+        except ValueError as err:
+            print(f"error: not exported: {err}", file=sys.stderr)
+            return 2
+        print("\n".join(lines))
     return 0
-
-
-def _export_pair(args: argparse.Namespace, recipe, results: dict) -> None:
-    """Choose weights and input size for all runs at once on the held-out files, then export them."""
-    from cbam_viz.data import scan_image_folder
-    from cbam_viz.holdout import choose_for_pair, holdout_scores
-    from cbam_viz.train import export
-    from cbam_viz.weights import update_manifest
-
-    classes = list(scan_image_folder(args.data).classes)
-    selection = None
-    if recipe.holdout > 0:
-        scores = {}
-        for arch, result in results.items():
-            models = {"raw": result.model, **({"ema": result.ema_model} if result.ema_model is not None else {})}
-            scores[arch] = holdout_scores(models, args.data, result.holdout_files, mean=recipe.mean, std=recipe.std,
-                                          **({"sizes": args.select_sizes} if args.select_sizes else {}))
-        choice = choose_for_pair(scores)
-        print(f"held-out choice: {choice['weights']} weights at {choice['input_size']} px "
-              f"(mean held-out top-1 {choice['mean_holdout_top1']:.4f})")
-    for arch, result in results.items():
-        if recipe.holdout > 0:
-            selection = {**choice, "scores": scores[arch]}
-        rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=args.export,
-                     name=f"{arch}_{args.name}", weights=selection["weights"] if selection else "raw",
-                     input_size=selection["input_size"] if selection else None, selection=selection)
-        print(f"exported {rec.file} ({rec.sha256[:12]}, {rec.input_size} px) to {args.export}")
-    cbam = [a for a in results if "cbam" in a]
-    base = [a for a in results if "cbam" not in a]
-    if len(cbam) == 1 and len(base) == 1:
-        pair = f"{base[0]}-{args.name}"
-        update_manifest(args.export, pair=(pair, {"baseline": f"{base[0]}_{args.name}",
-                                                  "cbam": f"{cbam[0]}_{args.name}", "default": True}))
-        print(f"pair {pair!r} set as the default in {Path(args.export) / 'manifest.json'}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -364,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to, once every --arch has finished (weights and input size chosen on the "
                                    "held-out files)")
     t.add_argument("--name", default="imagenette", help="suffix of the exported record name")
+    t.add_argument("--pair-with", help="weights folder holding the other model of the pair, exported alone by an "
+                                      "earlier 'train --export' of one --arch with the same options: --export "
+                                      "then makes the pair's held-out choice over both and writes the pair")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)

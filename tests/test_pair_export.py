@@ -1,0 +1,114 @@
+"""A pair trained one model per session: the half, its checks, and the pair it completes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cbam_viz import cli
+from cbam_viz.holdout import choose_for_pair
+from cbam_viz.weights import WeightRecord, load_record, read_manifest, sha256_file
+from tests.synthetic import make_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "train", ("n001", "n002", "n003"))
+
+
+def _args(dataset, tmp_path, *extra):
+    return ["train", "--data", str(dataset), "--runs", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+            "--epochs", "2", "--batch-size", "8", "--lr", "0.02", "--sizes", "0:32", "--cache-size", "40",
+            "--eval-size", "32", "--holdout", "0.25", "--ema-decay", "0.9", "--bf16", "off", "--threads", "1",
+            "--name", "tiny", "--select-sizes", "32,40", *extra]
+
+
+@pytest.fixture(scope="module")
+def halves(dataset, tmp_path_factory):
+    """The CBAM model trained and exported alone (the first session)."""
+    tmp = tmp_path_factory.mktemp("first")
+    assert cli.main(_args(dataset, tmp, "--arch", "resnet18_cbam", "--export", str(tmp / "halves"))) == 0
+    return tmp / "halves"
+
+
+def _same_tensors(path_a, path_b) -> bool:
+    a, b = load_file(path_a), load_file(path_b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_model_alone_exports_both_weight_kinds_and_no_pair(halves):
+    manifest = read_manifest(halves)
+    assert manifest["pairs"] == {}
+    assert set(manifest["models"]) == {"resnet18_cbam_tiny_raw", "resnet18_cbam_tiny_ema"}
+    records = {n: WeightRecord(**r) for n, r in manifest["models"].items()}
+    assert records["resnet18_cbam_tiny_raw"].sha256 != records["resnet18_cbam_tiny_ema"].sha256
+    for name, rec in records.items():
+        assert rec.training["half"] == name.rsplit("_", 1)[1]
+        assert set(rec.training["selection"]["scores"]["scores"]) == {"raw", "ema"}  # both, for the later choice
+        assert len(rec.training["holdout_digest"]) == 64
+        load_record(rec, halves)
+
+
+def test_the_second_session_completes_the_pair_as_one_session_would(dataset, halves, tmp_path, capsys):
+    """Pairing a half gives the same choice and the same files as training both models in one run."""
+    two = tmp_path / "two-sessions"
+    assert cli.main(_args(dataset, tmp_path, "--arch", "resnet18", "--export", str(two), "--pair-with", str(halves))) == 0
+    assert "copied resnet18_cbam_tiny_" in capsys.readouterr().out
+    half = read_manifest(halves)["models"]
+    one = tmp_path / "one-session"
+    assert cli.main(_args(dataset, tmp_path / "both", "--export", str(one))) == 0
+    got, want = read_manifest(two), read_manifest(one)
+    assert got["pairs"] == want["pairs"] == {"resnet18-tiny": {"baseline": "resnet18_tiny",
+                                                              "cbam": "resnet18_cbam_tiny", "default": True}}
+    for name in ("resnet18_tiny", "resnet18_cbam_tiny"):
+        a, b = WeightRecord(**got["models"][name]), WeightRecord(**want["models"][name])
+        assert sha256_file(two / a.file) == a.sha256
+        # safetensors writes its metadata in no fixed order, so equal weights may differ in sha256
+        assert _same_tensors(two / a.file, one / b.file)
+        assert a.input_size == b.input_size and a.training["weights"] == b.training["weights"]
+        assert a.training["selection"] == b.training["selection"]
+        assert "half" not in a.training
+        load_record(a, two)
+    cbam = got["models"]["resnet18_cbam_tiny"]
+    assert cbam["sha256"] == half[f"resnet18_cbam_tiny_{cbam['training']['weights']}"]["sha256"]  # a copy
+    scores = {n: got["models"][n]["training"]["selection"]["scores"] for n in ("resnet18_tiny", "resnet18_cbam_tiny")}
+    choice = choose_for_pair(scores)
+    assert got["models"]["resnet18_cbam_tiny"]["input_size"] == choice["input_size"]
+
+
+def test_a_half_of_another_recipe_is_refused_before_training(dataset, halves, tmp_path, capsys):
+    out = tmp_path / "weights"
+    code = cli.main(_args(dataset, tmp_path, "--arch", "resnet18", "--seed", "1", "--export", str(out),
+                          "--pair-with", str(halves)))
+    assert code == 2 and "seed: 0 -> 1" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not out.exists()  # nothing trained, nothing written
+
+
+def test_a_half_that_held_out_other_files_is_refused_and_nothing_is_written(dataset, halves, tmp_path, capsys):
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    manifest = read_manifest(halves)
+    for rec in manifest["models"].values():
+        rec["training"]["holdout_digest"] = "0" * 64
+        (changed / rec["file"]).write_bytes((halves / rec["file"]).read_bytes())
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "weights"
+    code = cli.main(_args(dataset, tmp_path, "--arch", "resnet18", "--export", str(out), "--pair-with", str(changed)))
+    assert code == 2 and "held out other training files" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("problem", ["no export", "no half", "same arch"])
+def test_pair_with_without_a_partner_is_refused(dataset, halves, tmp_path, capsys, problem):
+    extra = {"no export": ["--arch", "resnet18", "--pair-with", str(halves)],
+             "no half": ["--arch", "resnet18", "--export", str(tmp_path / "w"), "--pair-with", str(tmp_path)],
+             "same arch": ["--arch", "resnet18_cbam", "--export", str(tmp_path / "w"), "--pair-with", str(halves)]}
+    assert cli.main(_args(dataset, tmp_path, *extra[problem])) == 2
+    err = capsys.readouterr().err
+    assert {"no export": "needs --export", "no half": "other than resnet18; found none",
+            "same arch": "other than resnet18_cbam; found none"}[problem] in err
+    assert not (tmp_path / "runs").exists()
