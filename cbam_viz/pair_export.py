@@ -122,9 +122,7 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
     """
     weights_dir = Path(weights_dir)
     half = None
-    if pair_with is not None:
-        if recipe.holdout <= 0:
-            raise ValueError("--pair-with needs held-out files (recipe holdout > 0) to choose the pair on")
+    if pair_with is not None:  # a half always held files out, so its recipe check covers holdout = 0 here
         any_run = next(iter(results.values()))
         half = read_half(pair_with, name=name, recipe=recipe, holdout_files=any_run.holdout_files,
                          other_than=list(results))
@@ -138,9 +136,8 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
         for kind in WEIGHT_KINDS:
             rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=weights_dir,
                          name=f"{arch}_{name}_{kind}", weights=kind, input_size=own["input_size"],
-                         selection={"scores": scores[arch], "own_choice": own})
-            rec = replace(rec, training={**rec.training, "half": kind, "holdout_digest": digest})
-            update_manifest(weights_dir, record=rec)
+                         selection={"scores": scores[arch], "own_choice": own},
+                         training_extra={"half": kind, "holdout_digest": digest})
             lines.append(f"exported half {rec.file} ({rec.sha256[:12]}) to {weights_dir}")
         lines.append(f"pair it later: train the other architecture with the same options and "
                      f"--export weights --pair-with {weights_dir}")

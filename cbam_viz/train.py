@@ -490,7 +490,7 @@ def _load_init(model: nn.Module, arch: str, record: "WeightRecord", weights_dir:
 
 def export(result: TrainResult, *, arch: str, recipe: Recipe, classes: list[str], weights_dir: str | os.PathLike,
            name: str, class_names: dict[str, str] | None = None, weights: str = "raw", input_size: int | None = None,
-           selection: dict[str, Any] | None = None) -> WeightRecord:
+           selection: dict[str, Any] | None = None, training_extra: dict[str, Any] | None = None) -> WeightRecord:
     """Write the trained model as ``<weights_dir>/<name>.safetensors`` and record it in the manifest.
 
     Args:
@@ -498,6 +498,8 @@ def export(result: TrainResult, *, arch: str, recipe: Recipe, classes: list[str]
         input_size: the size the app runs the model at (default: the recipe's ``eval_size``);
             normally the one :func:`cbam_viz.holdout.choose_for_pair` chose on the held-out files.
         selection: that choice and the held-out scores behind it, recorded under ``training``.
+        training_extra: more fields for ``training`` (e.g. what marks a half, see
+            :mod:`cbam_viz.pair_export`).
     """
     names = {**IMAGENETTE_NAMES, **(class_names or {})}
     source = result.ema_model if weights == "ema" else result.model
@@ -518,6 +520,7 @@ def export(result: TrainResult, *, arch: str, recipe: Recipe, classes: list[str]
         training["selection"] = selection
     if result.init is not None:
         training["init"] = result.init
+    training.update(training_extra or {})
     record = WeightRecord(
         name=name, file=file, arch=arch, sha256=digest,
         num_params=sum(p.numel() for p in model.parameters()),
