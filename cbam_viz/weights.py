@@ -145,8 +145,22 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *,
     meta = {"format": "pt"}
     if dtype is not None:
         meta["storage_dtype"] = str(dtype).removeprefix("torch.")
-    atomic_write_bytes(path, save(state, metadata=meta))
+    atomic_write_bytes(path, _canonical_header(save(state, metadata=meta)))
     return sha256_file(path)
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header written in one fixed order.
+
+    The safetensors library keeps the metadata in a Rust hash map, so two saves of the same tensors
+    can order its keys differently and get different sha256s. Re-dumping the header with sorted
+    keys (the tensor offsets are relative to the data, which is unchanged) makes equal weights
+    give equal files.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8 bytes
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
 
 
 def load_record(record: WeightRecord, weights_dir: str | os.PathLike | None = None) -> nn.Module:

@@ -362,6 +362,18 @@ def test_float16_storage_is_half_size_and_loads_as_float32(tmp_path):
         torch.testing.assert_close(loaded(x), model.eval()(x), atol=2e-2, rtol=2e-2)
 
 
+def test_equal_weights_give_equal_files(tmp_path):
+    # The safetensors library orders its metadata keys by a per-process hash, so before the header
+    # was re-written in a fixed order, a dozen saves of one model gave two different sha256s.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    digests = {save_safetensors(model, tmp_path / f"{i}.safetensors") for i in range(12)}
+    assert len(digests) == 1
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "storage_dtype": "float16"}
+        assert torch.equal(f.get_tensor("0.weight"), model[0].weight.detach().half())
+
+
 def test_corrupt_file_raises_checksum_error_naming_file(tmp_path):
     rec, _ = _record(tmp_path)
     path = tmp_path / rec.file
