@@ -6,7 +6,7 @@ On these CPUs one model of the pair can take most of a session, and a run's chec
 outlive the session, so a pair may be trained in two sessions:
 
 1. ``train --arch resnet18_cbam --export DIR`` with one architecture writes a *half*: both weight
-   kinds (``<arch>_<name>_raw`` and ``<arch>_<name>_ema``) with their held-out scores at every
+   kinds (``<arch>_<name>_raw`` and ``<arch>_<name>_ema``; raw only with ``--ema-decay 0``) with their held-out scores at every
    candidate size, so the pair's choice can still be made later, on the same held-out files.
 2. ``train --arch resnet18 --export weights --pair-with DIR`` checks that the half was trained with
    the same recipe on the same held-out files, makes the pair's choice over both models' scores,
@@ -115,7 +115,7 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
 
     With a baseline and a CBAM model (trained now, or one of them read from ``pair_with``) the pair
     is exported with one held-out choice and set as the default. One architecture alone, with no
-    ``pair_with``, is exported as a half (both weight kinds), to be paired later.
+    ``pair_with``, is exported as a half (each weight kind it has), to be paired later.
 
     Raises:
         ValueError: ``pair_with`` holds no matching half (see :func:`read_half`).
@@ -129,11 +129,12 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
     lines = []
     scores = _scores_of(results, recipe=recipe, data_dir=data_dir, sizes=sizes) if recipe.holdout > 0 else {}
     archs = [*results, *([half.arch] if half else [])]
-    if len(archs) == 1 and recipe.holdout > 0 and next(iter(results.values())).ema_model is not None:
+    if len(archs) == 1 and recipe.holdout > 0:
         (arch, result), = results.items()
-        own = choose_for_pair(scores)  # this model's own best, recorded for reference only
+        kinds = [k for k in WEIGHT_KINDS if k == "raw" or result.ema_model is not None]  # --ema-decay 0: raw only
+        own = choose_for_pair(scores, kinds=kinds)  # this model's own best, recorded for reference only
         digest = holdout_digest(result.holdout_files)
-        for kind in WEIGHT_KINDS:
+        for kind in kinds:
             rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=weights_dir,
                          name=f"{arch}_{name}_{kind}", weights=kind, input_size=own["input_size"],
                          selection={"scores": scores[arch], "own_choice": own},

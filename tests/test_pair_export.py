@@ -67,8 +67,7 @@ def test_the_second_session_completes_the_pair_as_one_session_would(dataset, hal
     for name in ("resnet18_tiny", "resnet18_cbam_tiny"):
         a, b = WeightRecord(**got["models"][name]), WeightRecord(**want["models"][name])
         assert sha256_file(two / a.file) == a.sha256
-        # safetensors writes its metadata in no fixed order, so equal weights may differ in sha256
-        assert _same_tensors(two / a.file, one / b.file)
+        assert _same_tensors(two / a.file, one / b.file) and a.sha256 == b.sha256  # the header order is fixed too
         assert a.input_size == b.input_size and a.training["weights"] == b.training["weights"]
         assert a.training["selection"] == b.training["selection"]
         assert "half" not in a.training
@@ -112,3 +111,19 @@ def test_pair_with_without_a_partner_is_refused(dataset, halves, tmp_path, capsy
     assert {"no export": "needs --export", "no half": "other than resnet18; found none",
             "same arch": "other than resnet18_cbam; found none"}[problem] in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_without_weight_average_is_a_half_of_raw_weights_only(dataset, tmp_path, capsys):
+    """--ema-decay 0 leaves one weight kind: still a half (it was exported as a lone model, unpairable)."""
+    no_ema = ("--ema-decay", "0")
+    halves = tmp_path / "halves"
+    assert cli.main(_args(dataset, tmp_path / "first", "--arch", "resnet18_cbam", *no_ema, "--export", str(halves))) == 0
+    models = read_manifest(halves)["models"]
+    assert set(models) == {"resnet18_cbam_tiny_raw"} and models["resnet18_cbam_tiny_raw"]["training"]["half"] == "raw"
+    out = tmp_path / "pair"
+    assert cli.main(_args(dataset, tmp_path / "second", "--arch", "resnet18", *no_ema, "--export", str(out),
+                          "--pair-with", str(halves))) == 0
+    got = read_manifest(out)
+    assert got["pairs"]["resnet18-tiny"]["cbam"] == "resnet18_cbam_tiny"
+    assert {got["models"][n]["training"]["weights"] for n in ("resnet18_tiny", "resnet18_cbam_tiny")} == {"raw"}
+    assert got["models"]["resnet18_cbam_tiny"]["sha256"] == models["resnet18_cbam_tiny_raw"]["sha256"]
