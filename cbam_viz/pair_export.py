@@ -2,7 +2,7 @@
 
 A pair is two models trained with one recipe (only the architecture differs) that ship with one
 held-out choice of weights (raw or EMA) and input size (:func:`cbam_viz.holdout.choose_for_pair`).
-On these CPUs one model of the pair can take most of a session, and a run's checkpoint does not
+On these CPUs one model of the pair can take most of a session, and a run's checkpoint may not
 outlive the session, so a pair may be trained in two sessions:
 
 1. ``train --arch resnet18_cbam --export DIR`` with one architecture writes a *half*: both weight
