@@ -131,8 +131,8 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
     archs = [*results, *([half.arch] if half else [])]
     if len(archs) == 1 and recipe.holdout > 0:
         (arch, result), = results.items()
-        kinds = [k for k in WEIGHT_KINDS if k == "raw" or result.ema_model is not None]  # --ema-decay 0: raw only
-        own = choose_for_pair(scores, kinds=kinds)  # this model's own best, recorded for reference only
+        kinds = [k for k in WEIGHT_KINDS if k in scores[arch]["scores"]]  # the kinds scored: raw only with --ema-decay 0
+        own = choose_for_pair(scores)  # this model's own best, recorded for reference only
         digest = holdout_digest(result.holdout_files)
         for kind in kinds:
             rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=weights_dir,
