@@ -71,16 +71,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 return 2
             starts[arch] = WeightRecord(**models[f"{arch}_{args.name}"])
     recipe = replace(recipe, **overrides)
-    if args.pair_with:  # checked before training, so a long run does not end in a refused export
-        from cbam_viz.pair_export import read_half
+    settings = None
+    try:  # checked before training, so a long run does not end in a refused export
+        if args.settings_from:
+            from cbam_viz.pair_export import carried_settings
 
-        try:
+            if not args.export:
+                raise ValueError("--settings-from needs --export (the folder the final run is written to)")
+            settings = carried_settings(args.settings_from, recipe=recipe, archs=args.arch)
+            print(f"settings from {args.settings_from}: {settings['weights']} weights at {settings['input_size']} px, "
+                  f"as pair {settings['carried_from']['pair']!r} chose on its held-out files")
+        if args.pair_with:
+            from cbam_viz.pair_export import read_half
+
             if not args.export:
                 raise ValueError("--pair-with needs --export (the folder the pair is written to)")
-            read_half(args.pair_with, name=args.name, recipe=recipe, holdout_files=None, other_than=args.arch)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            read_half(args.pair_with, name=args.name, recipe=recipe, holdout_files=None, other_than=args.arch,
+                      settings=settings)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     results = {}
     for arch in args.arch:
         run_dir = Path(args.runs) / arch
@@ -97,7 +107,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         try:
             lines = export_runs(results, recipe=recipe, classes=list(scan_image_folder(args.data).classes),
                                 data_dir=args.data, weights_dir=args.export, name=args.name,
-                                sizes=args.select_sizes, pair_with=args.pair_with)
+                                sizes=args.select_sizes, pair_with=args.pair_with, settings=settings)
         except ValueError as err:
             print(f"error: not exported: {err}", file=sys.stderr)
             return 2
@@ -353,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pair-with", help="weights folder holding the other model of the pair, exported alone by an "
                                       "earlier 'train --export' of one --arch with the same options: --export "
                                       "then makes the pair's held-out choice over both and writes the pair")
+    t.add_argument("--settings-from", help="weights folder whose default pair was trained with this recipe and a "
+                                          "held-out split: a final run on every training file (--holdout 0) ships "
+                                          "with the weights kind and input size that pair chose on its held-out files")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)

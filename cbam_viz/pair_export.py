@@ -11,6 +11,12 @@ outlive the session, so a pair may be trained in two sessions:
 2. ``train --arch resnet18 --export weights --pair-with DIR`` checks that the half was trained with
    the same recipe on the same held-out files, makes the pair's choice over both models' scores,
    exports the new run and copies the half's chosen file, and sets the pair.
+
+A *final* pair retrains a recipe whose choice is already made on every training file
+(``--holdout 0 --settings-from weights``): the usual last step once the held-out split has done its
+job, worth 8 % more training images. Nothing is held out, so nothing is re-chosen: the run ships
+with the (weights, input size) the earlier pair of the same recipe chose on its held-out files
+(:func:`carried_settings`), and its halves carry that choice so both of them ship with it.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from cbam_viz.holdout import WEIGHT_KINDS, choose_for_pair, holdout_scores
 from cbam_viz.train import Recipe, TrainResult, export, recipe_differences
 from cbam_viz.weights import WeightRecord, read_manifest, sha256_file, update_manifest
 
-__all__ = ["Half", "holdout_digest", "read_half", "export_runs"]
+__all__ = ["Half", "holdout_digest", "read_half", "carried_settings", "export_runs"]
 
 
 def holdout_digest(files: Sequence[str]) -> str:
@@ -40,19 +46,20 @@ class Half:
 
     arch: str
     records: Mapping[str, WeightRecord]  # kind -> record
-    scores: Mapping[str, Any]  # holdout_scores() result covering every kind in records
+    scores: Mapping[str, Any] | None  # holdout_scores() over every kind in records; None: nothing held out
     weights_dir: Path
 
 
 def read_half(weights_dir: str | os.PathLike, *, name: str, recipe: Recipe, holdout_files: Sequence[str] | None,
-              other_than: Sequence[str]) -> Half:
+              other_than: Sequence[str], settings: Mapping[str, Any] | None = None) -> Half:
     """The half in ``weights_dir`` whose architecture is not in ``other_than``, checked against this run.
 
     ``holdout_files=None`` skips the held-out files check (before training, when they are not read yet).
+    ``settings``: this run's :func:`carried_settings` (a final pair); the half must carry the same.
 
     Raises:
-        ValueError: no half, more than one, or one made with another recipe or other held-out files
-            (its scores would then not be comparable with this run's).
+        ValueError: no half, more than one, or one made with another recipe, other held-out files
+            (its scores would then not be comparable with this run's) or other carried settings.
     """
     weights_dir = Path(weights_dir)
     try:
@@ -78,11 +85,69 @@ def read_half(weights_dir: str | os.PathLike, *, name: str, recipe: Recipe, hold
     if holdout_files is not None and first.training.get("holdout_digest") != holdout_digest(holdout_files):
         raise ValueError(f"--pair-with: {first.name} held out other training files than this run "
                          f"({first.training.get('holdout_images')} vs {len(holdout_files)}): train both on one folder")
+    carried = first.training.get("settings_from")
+    if carried != (dict(settings) if settings is not None else None):
+        def said(s):
+            return f"{s['weights']} weights at {s['input_size']} px from {s['carried_from']['pair']}" if s else "none"
+        raise ValueError(f"--pair-with: {first.name} carries other settings than this run ({said(carried)} vs "
+                         f"{said(settings)}): give both halves the same --settings-from")
     for rec in records.values():
         path = weights_dir / rec.file
         if not path.is_file() or sha256_file(path) != rec.sha256:
             raise ValueError(f"--pair-with: {path} is missing or does not match its sha256 in the manifest")
-    return Half(arch, records, first.training["selection"]["scores"], weights_dir)
+    return Half(arch, records, first.training.get("selection", {}).get("scores"), weights_dir)
+
+
+def carried_settings(weights_dir: str | os.PathLike, *, recipe: Recipe, archs: Sequence[str],
+                     pair: str | None = None) -> dict[str, Any]:
+    """The (weights, input size) that ``pair`` of ``weights_dir`` chose on its held-out files, for a final run.
+
+    A final run trains on every training file (``recipe.holdout == 0``), so it cannot choose for
+    itself; it may take the choice of a pair trained with the same recipe in every other field, on
+    the same architectures. Checked here, before any training.
+
+    Args:
+        pair: the pair whose choice is taken (default: the folder's default pair).
+
+    Returns:
+        The choice as :func:`cbam_viz.holdout.choose_for_pair` gave it (without the scores), with
+        ``carried_from``: the pair, its records' sha256 and how many files it held out.
+
+    Raises:
+        ValueError: this run holds files out, or the folder has no such pair, or its pair was trained
+            with another recipe or other architectures, or made no held-out choice.
+    """
+    where = f"--settings-from {str(weights_dir)!r}"
+    if recipe.holdout > 0:
+        raise ValueError(f"{where} is for a final run on every training file (--holdout 0); a run that holds "
+                         f"{recipe.holdout:g} of them out makes its own choice on them")
+    try:
+        manifest = read_manifest(weights_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{where}: no readable manifest ({err})") from None
+    pairs = manifest["pairs"]
+    if pair is None:
+        pair = next((n for n, p in pairs.items() if isinstance(p, dict) and p.get("default")), next(iter(pairs), None))
+    if pair not in pairs:
+        raise ValueError(f"{where}: no pair {pair!r} (known: {', '.join(sorted(pairs)) or 'none'})")
+    records = [WeightRecord(**manifest["models"][pairs[pair][role]]) for role in ("baseline", "cbam")]
+    if not set(archs) <= {r.arch for r in records}:
+        raise ValueError(f"{where}: pair {pair!r} is {' and '.join(r.arch for r in records)}, not "
+                         f"{', '.join(archs)}: its choice was made for other models")
+    for rec in records:
+        saved = Recipe.from_json(rec.recipe)
+        if saved.holdout <= 0 or "selection" not in rec.training:
+            raise ValueError(f"{where}: {rec.name} held no files out, so it made no held-out choice to carry over")
+        diffs = [d for d in recipe_differences(saved, recipe) if not d.startswith("holdout:")]
+        if diffs:
+            raise ValueError(f"{where}: {rec.name} was trained with another recipe ({'; '.join(diffs)}); only "
+                             f"--holdout may differ")
+    choices = [{k: v for k, v in r.training["selection"].items() if k != "scores"} for r in records]
+    if any(c != choices[0] for c in choices) or any(r.input_size != choices[0]["input_size"] for r in records):
+        raise ValueError(f"{where}: the records of pair {pair!r} disagree on their held-out choice")
+    return {**choices[0], "carried_from": {"pair": pair, "records": {r.name: r.sha256 for r in records},
+                                           "holdout": Recipe.from_json(records[0].recipe).holdout,
+                                           "holdout_images": records[0].training.get("holdout_images")}}
 
 
 def _scores_of(results: Mapping[str, TrainResult], *, recipe: Recipe, data_dir, sizes) -> dict[str, Any]:
@@ -101,31 +166,36 @@ def _copy_half(half: Half, choice: Mapping[str, Any], *, weights_dir: Path, name
     file = f"{record_name}.safetensors"
     weights_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(half.weights_dir / source.file, weights_dir / file)
-    training = {k: v for k, v in source.training.items() if k not in ("half", "selection")}
+    training = {k: v for k, v in source.training.items() if k not in ("half", "selection", "settings_from")}
+    selection = {**choice, **({"scores": half.scores} if half.scores is not None else {})}
     record = replace(source, name=record_name, file=file, input_size=choice["input_size"],
-                     training={**training, "selection": {**choice, "scores": half.scores}})
+                     training={**training, "selection": selection})
     update_manifest(weights_dir, record=record)
     return record
 
 
 def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: list[str], data_dir,
                 weights_dir: str | os.PathLike, name: str, sizes: Sequence[int] | None = None,
-                pair_with: str | os.PathLike | None = None) -> list[str]:
+                pair_with: str | os.PathLike | None = None, settings: Mapping[str, Any] | None = None) -> list[str]:
     """Export finished runs (all with ``recipe``) to ``weights_dir``; return what was done, a line each.
 
     With a baseline and a CBAM model (trained now, or one of them read from ``pair_with``) the pair
     is exported with one held-out choice and set as the default. One architecture alone, with no
-    ``pair_with``, is exported as a half (each weight kind it has), to be paired later.
+    ``pair_with``, is exported as a half (each weight kind it has), to be paired later. A final
+    run (nothing held out) with ``settings`` (:func:`carried_settings`) ships with that choice; alone,
+    its half holds only the chosen weight kind.
 
     Raises:
         ValueError: ``pair_with`` holds no matching half (see :func:`read_half`).
     """
     weights_dir = Path(weights_dir)
+    if settings is not None and recipe.holdout > 0:
+        raise ValueError("carried settings are for a run that held nothing out (holdout 0)")
     half = None
-    if pair_with is not None:  # a half always held files out, so its recipe check covers holdout = 0 here
+    if pair_with is not None:
         any_run = next(iter(results.values()))
         half = read_half(pair_with, name=name, recipe=recipe, holdout_files=any_run.holdout_files,
-                         other_than=list(results))
+                         other_than=list(results), settings=settings)
     lines = []
     scores = _scores_of(results, recipe=recipe, data_dir=data_dir, sizes=sizes) if recipe.holdout > 0 else {}
     archs = [*results, *([half.arch] if half else [])]
@@ -143,14 +213,24 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
         lines.append(f"pair it later: train the other architecture with the same options and "
                      f"--export weights --pair-with {weights_dir}")
         return lines
-    choice = None
+    if len(archs) == 1 and settings is not None:
+        (arch, result), = results.items()
+        kind = settings["weights"]
+        rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=weights_dir,
+                     name=f"{arch}_{name}_{kind}", weights=kind, input_size=settings["input_size"],
+                     training_extra={"half": kind, "holdout_digest": holdout_digest(()), "settings_from": dict(settings)})
+        return [f"exported half {rec.file} ({rec.sha256[:12]}, {kind} weights at {rec.input_size} px as chosen by "
+                f"{settings['carried_from']['pair']}) to {weights_dir}",
+                f"pair it later: train the other architecture with the same options and "
+                f"--export weights --pair-with {weights_dir}"]
+    choice = dict(settings) if settings is not None else None
     if recipe.holdout > 0:
         choice = choose_for_pair({**scores, **({half.arch: half.scores} if half else {})},
                                  kinds=[k for k in WEIGHT_KINDS if not half or k in half.records])
         lines.append(f"held-out choice: {choice['weights']} weights at {choice['input_size']} px "
                      f"(mean held-out top-1 {choice['mean_holdout_top1']:.4f})")
     for arch, result in results.items():
-        selection = {**choice, "scores": scores[arch]} if choice else None
+        selection = {**choice, **({"scores": scores[arch]} if arch in scores else {})} if choice else None
         rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=weights_dir,
                      name=f"{arch}_{name}", weights=selection["weights"] if selection else "raw",
                      input_size=selection["input_size"] if selection else None, selection=selection)

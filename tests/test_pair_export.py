@@ -127,3 +127,85 @@ def test_a_run_without_weight_average_is_a_half_of_raw_weights_only(dataset, tmp
     assert got["pairs"]["resnet18-tiny"]["cbam"] == "resnet18_cbam_tiny"
     assert {got["models"][n]["training"]["weights"] for n in ("resnet18_tiny", "resnet18_cbam_tiny")} == {"raw"}
     assert got["models"]["resnet18_cbam_tiny"]["sha256"] == models["resnet18_cbam_tiny_raw"]["sha256"]
+
+
+# ------------------------------------------------------------------ final pairs (--holdout 0 --settings-from)
+
+FINAL = ("--holdout", "0")
+
+
+@pytest.fixture(scope="module")
+def chosen(dataset, tmp_path_factory):
+    """A pair trained with a held-out split whose choice is set to EMA weights at 40 px.
+
+    The choice is written into the manifest (as the pair rule could have made it), so that a final
+    run that ignored it (raw weights at the eval size, 32 px) could not pass for one that carried it.
+    """
+    tmp = tmp_path_factory.mktemp("chosen")
+    assert cli.main(_args(dataset, tmp, "--export", str(tmp / "weights"))) == 0
+    manifest = read_manifest(tmp / "weights")
+    for rec in manifest["models"].values():
+        rec["input_size"] = 40
+        rec["training"]["selection"].update(weights="ema", input_size=40)
+    (tmp / "weights" / "manifest.json").write_text(json.dumps(manifest))
+    return tmp / "weights"
+
+
+def test_a_final_pair_trains_on_every_file_and_ships_with_the_carried_choice(dataset, chosen, tmp_path, capsys):
+    out = tmp_path / "final"
+    assert cli.main(_args(dataset, tmp_path, *FINAL, "--settings-from", str(chosen), "--export", str(out))) == 0
+    assert "ema weights at 40 px" in capsys.readouterr().out
+    got, source = read_manifest(out), read_manifest(chosen)
+    assert got["pairs"]["resnet18-tiny"] == {"baseline": "resnet18_tiny", "cbam": "resnet18_cbam_tiny", "default": True}
+    for name in ("resnet18_tiny", "resnet18_cbam_tiny"):
+        rec = WeightRecord(**got["models"][name])
+        assert rec.input_size == 40 and rec.training["weights"] == "ema"
+        assert rec.training["holdout_images"] == 0 and rec.recipe["holdout"] == 0
+        carried = rec.training["selection"]["carried_from"]
+        assert carried["pair"] == "resnet18-tiny" and carried["holdout"] == 0.25
+        assert carried["records"][name] == source["models"][name]["sha256"]
+        assert "scores" not in rec.training["selection"]  # nothing was scored: nothing held out
+        assert rec.sha256 != source["models"][name]["sha256"]  # retrained, not copied
+        load_record(rec, out)
+
+
+def test_a_final_pair_trained_one_half_per_session_equals_one_trained_at_once(dataset, chosen, tmp_path, capsys):
+    halves = tmp_path / "halves"
+    assert cli.main(_args(dataset, tmp_path / "first", "--arch", "resnet18_cbam", *FINAL,
+                          "--settings-from", str(chosen), "--export", str(halves))) == 0
+    models = read_manifest(halves)["models"]
+    assert set(models) == {"resnet18_cbam_tiny_ema"}  # only the carried weight kind: nothing to choose later
+    assert models["resnet18_cbam_tiny_ema"]["training"]["settings_from"]["input_size"] == 40
+    two = tmp_path / "two"
+    assert cli.main(_args(dataset, tmp_path / "second", "--arch", "resnet18", *FINAL, "--settings-from", str(chosen),
+                          "--export", str(two), "--pair-with", str(halves))) == 0
+    one = tmp_path / "one"
+    assert cli.main(_args(dataset, tmp_path / "both", *FINAL, "--settings-from", str(chosen), "--export", str(one))) == 0
+    got, want = read_manifest(two), read_manifest(one)
+    assert got["pairs"] == want["pairs"]
+    for name in ("resnet18_tiny", "resnet18_cbam_tiny"):
+        a, b = got["models"][name], want["models"][name]
+        assert a["sha256"] == b["sha256"] and a["input_size"] == b["input_size"] == 40
+        assert a["training"]["selection"] == b["training"]["selection"]
+        assert "half" not in a["training"] and "settings_from" not in a["training"]
+
+
+@pytest.mark.parametrize("problem", ["holds files out", "other recipe", "no export", "half without settings"])
+def test_a_final_run_that_cannot_carry_the_choice_is_refused_before_training(dataset, chosen, tmp_path, capsys,
+                                                                             problem):
+    out = tmp_path / "w"
+    half = tmp_path / "half"
+    if problem == "half without settings":  # a final half made with --settings-from, paired without it
+        assert cli.main(_args(dataset, tmp_path / "first", "--arch", "resnet18_cbam", *FINAL,
+                              "--settings-from", str(chosen), "--export", str(half))) == 0
+    extra = {"holds files out": ["--settings-from", str(chosen), "--export", str(out)],
+             "other recipe": [*FINAL, "--seed", "1", "--settings-from", str(chosen), "--export", str(out)],
+             "no export": [*FINAL, "--settings-from", str(chosen)],
+             "half without settings": ["--arch", "resnet18", *FINAL, "--export", str(out), "--pair-with", str(half)]}
+    assert cli.main(_args(dataset, tmp_path, *extra[problem])) == 2
+    err = capsys.readouterr().err
+    assert {"holds files out": "is for a final run on every training file (--holdout 0)",
+            "other recipe": "(seed: 0 -> 1); only --holdout may differ",
+            "no export": "--settings-from needs --export",
+            "half without settings": "carries other settings than this run"}[problem] in err
+    assert not (tmp_path / "runs").exists() and not out.exists()
