@@ -24,7 +24,7 @@ from cbam_viz.data import TensorDataset, decode_images, scan_image_folder
 
 __all__ = ["CANDIDATE_SIZES", "holdout_scores", "choose_for_pair"]
 
-#: Square test sizes tried (the last train size of the default recipe is 144 px).
+#: Square test sizes tried (the last train size of the default recipe is 176 px).
 CANDIDATE_SIZES = (144, 160, 176, 192, 208, 224)
 #: Order in which tied candidates are preferred: raw weights, then the smaller size.
 WEIGHT_KINDS = ("raw", "ema")
