@@ -150,6 +150,9 @@ def model_card_markdown(pair) -> str:
             if values:
                 lines.append(f"- {title}: " + ", ".join(f"{k}={v}" for k, v in values.items()
                                                          if not isinstance(v, (dict, list))))
+        choice = choice_sentence(rec.training)
+        if choice:
+            lines.append(f"- Shipped as: {choice}")
         metrics = _flat_metrics(rec.metrics)
         if metrics:
             lines += ["", "| metric | value |", "|---|---|"]
@@ -158,6 +161,26 @@ def model_card_markdown(pair) -> str:
             lines.append("- Metrics: not measured yet")
         lines.append("")
     return "\n".join(lines)
+
+
+def choice_sentence(training: dict[str, Any] | None) -> str | None:
+    """How the shipped weights kind and input size were chosen, in words (None: no choice recorded).
+
+    Either on the run's own held-out training files, or, for a final run on every training file,
+    carried over from the pair that made it on its held-out files. Never on val.
+    """
+    sel = (training or {}).get("selection")
+    if not isinstance(sel, dict) or "weights" not in sel or "input_size" not in sel:
+        return None
+    what = f"{'EMA' if sel['weights'] == 'ema' else sel['weights']} weights at {sel['input_size']} px"
+    mean = sel.get("mean_holdout_top1")
+    score = f" (the pair's mean held-out top-1: {100 * mean:.2f} %)" if isinstance(mean, (int, float)) else ""
+    carried = sel.get("carried_from")
+    if isinstance(carried, dict):
+        return (f"{what}, as pair `{carried.get('pair')}` chose on its {carried.get('holdout_images')} held-out "
+                f"training files{score}; this model was then trained with the same recipe on every training "
+                f"file, val untouched")
+    return f"{what}, chosen on {training.get('holdout_images')} held-out training files, never on val{score}"
 
 
 def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

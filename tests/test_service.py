@@ -80,6 +80,32 @@ def test_untrained_pair_is_said_plainly(tiny_pair):
     assert service.describe_pair(make_service_pair("t", trained=True)).warnings == ()
 
 
+@pytest.mark.parametrize("carried", [False, True])
+def test_the_model_card_says_how_weights_and_size_were_chosen(carried):
+    from dataclasses import replace
+
+    from cbam_viz.weights import WeightRecord
+
+    selection = {"weights": "ema", "input_size": 192, "mean_holdout_top1": 0.90329}
+    if carried:
+        selection["carried_from"] = {"pair": "resnet18-imagenette", "holdout_images": 729}
+    training = {"holdout_images": 0 if carried else 729, "selection": selection}
+    pair = make_service_pair("t", trained=True)
+    record = WeightRecord(name="r", file="r.safetensors", arch="resnet18", sha256="0" * 64, num_params=1,
+                          classes=[{"id": "n0", "name": "tench"}], mean=[0.5] * 3, std=[0.5] * 3, input_size=192,
+                          training=training)
+    pair = replace(pair, baseline=replace(pair.baseline, record=record), cbam=replace(pair.cbam, record=record))
+    card = app_views.model_card_markdown(pair)
+    assert card.count("- Shipped as: EMA weights at 192 px") == 2
+    assert "mean held-out top-1: 90.33 %" in card
+    if carried:
+        assert "as pair `resnet18-imagenette` chose on its 729 held-out training files" in card
+        assert "trained with the same recipe on every training file" in card
+    else:
+        assert "chosen on 729 held-out training files, never on val" in card
+    assert app_views.choice_sentence({"holdout_images": 0}) is None  # a run that chose nothing says nothing
+
+
 def test_unsure_prediction_names_the_known_classes(tiny_pair, image):
     # An untrained 3-class model is never sure of anything: thresholds above 1 force the flag.
     a = service.analyse(image, pair=tiny_pair, unsure_prob=1.01)
