@@ -40,7 +40,7 @@ __all__ = [
     "example_view", "downloads_view", "probe_view", "ablation_view", "sanity_failures", "method_note",
     "QualityExtras", "quality_extras", "api_explain", "api_info", "quality_differences", "example_image",
     "SANITY_REPORT", "SANITY_ENV", "CHANNEL_PROFILES", "CHANNEL_PROFILES_ENV", "CHANNEL_COLUMNS", "PROBE_COLUMNS",
-    "ABLATION_COLUMNS",
+    "ABLATION_COLUMNS", "choice_sentence",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,14 +173,15 @@ def choice_sentence(training: dict[str, Any] | None) -> str | None:
     if not isinstance(sel, dict) or "weights" not in sel or "input_size" not in sel:
         return None
     what = f"{'EMA' if sel['weights'] == 'ema' else sel['weights']} weights at {sel['input_size']} px"
-    mean = sel.get("mean_holdout_top1")
-    score = f" (the pair's mean held-out top-1: {100 * mean:.2f} %)" if isinstance(mean, (int, float)) else ""
     carried = sel.get("carried_from")
+    source = carried if isinstance(carried, dict) else sel
+    mean, images = source.get("mean_holdout_top1"), source.get("holdout_images", training.get("holdout_images"))
+    score = f" (the pair's mean held-out top-1: {100 * mean:.2f} %)" if isinstance(mean, (int, float)) else ""
+    files = f"{images} held-out training files" if images else "held-out training files"
     if isinstance(carried, dict):
-        return (f"{what}, as pair `{carried.get('pair')}` chose on its {carried.get('holdout_images')} held-out "
-                f"training files{score}; this model was then trained with the same recipe on every training "
-                f"file, val untouched")
-    return f"{what}, chosen on {training.get('holdout_images')} held-out training files, never on val{score}"
+        return (f"{what}, as pair `{carried.get('pair')}` chose on its {files}{score}; this model was then "
+                f"trained with the same recipe on every training file, val untouched")
+    return f"{what}, chosen on {files}, never on val{score}"
 
 
 def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -14,7 +14,7 @@ outlive the session, so a pair may be trained in two sessions:
 
 A *final* pair retrains a recipe whose choice is already made on every training file
 (``--holdout 0 --settings-from weights``): the usual last step once the held-out split has done its
-job, worth 8 % more training images. Nothing is held out, so nothing is re-chosen: the run ships
+job, worth 8.7 % more training images. Nothing is held out, so nothing is re-chosen: the run ships
 with the (weights, input size) the earlier pair of the same recipe chose on its held-out files
 (:func:`carried_settings`), and its halves carry that choice so both of them ship with it.
 """
@@ -86,16 +86,29 @@ def read_half(weights_dir: str | os.PathLike, *, name: str, recipe: Recipe, hold
         raise ValueError(f"--pair-with: {first.name} held out other training files than this run "
                          f"({first.training.get('holdout_images')} vs {len(holdout_files)}): train both on one folder")
     carried = first.training.get("settings_from")
-    if carried != (dict(settings) if settings is not None else None):
-        def said(s):
-            return f"{s['weights']} weights at {s['input_size']} px from {s['carried_from']['pair']}" if s else "none"
-        raise ValueError(f"--pair-with: {first.name} carries other settings than this run ({said(carried)} vs "
-                         f"{said(settings)}): give both halves the same --settings-from")
+    wanted = dict(settings) if settings is not None else None
+    if carried != wanted:
+        what = ("; ".join(_differences(carried, wanted)) if carried and wanted
+                else f"the half: {'--settings-from' if carried else 'none'}, this run: {'--settings-from' if wanted else 'none'}")
+        raise ValueError(f"--pair-with: {first.name} carries other settings than this run ({what}): give both "
+                         f"halves the same --settings-from, unchanged between them")
     for rec in records.values():
         path = weights_dir / rec.file
         if not path.is_file() or sha256_file(path) != rec.sha256:
             raise ValueError(f"--pair-with: {path} is missing or does not match its sha256 in the manifest")
     return Half(arch, records, first.training.get("selection", {}).get("scores"), weights_dir)
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: a -> b`` for each (nested) key where two JSON-like mappings differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} -> {y!r}")
+    return out
 
 
 def carried_settings(weights_dir: str | os.PathLike, *, recipe: Recipe, archs: Sequence[str],
@@ -110,44 +123,54 @@ def carried_settings(weights_dir: str | os.PathLike, *, recipe: Recipe, archs: S
         pair: the pair whose choice is taken (default: the folder's default pair).
 
     Returns:
-        The choice as :func:`cbam_viz.holdout.choose_for_pair` gave it (without the scores), with
-        ``carried_from``: the pair, its records' sha256 and how many files it held out.
+        ``{"weights": kind, "input_size": S, "rule": ..., "carried_from": {...}}``: the choice, and
+        where it came from: the pair, its records' sha256, how many files it held out, and the
+        held-out scores and rule behind its choice (those of the *earlier* models, so kept apart).
 
     Raises:
         ValueError: this run holds files out, or the folder has no such pair, or its pair was trained
             with another recipe or other architectures, or made no held-out choice.
     """
+    from cbam_viz.pair import default_pair_name
+
     where = f"--settings-from {str(weights_dir)!r}"
     if recipe.holdout > 0:
         raise ValueError(f"{where} is for a final run on every training file (--holdout 0); a run that holds "
                          f"{recipe.holdout:g} of them out makes its own choice on them")
     try:
         manifest = read_manifest(weights_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{where}: no readable manifest ({err})") from None
-    pairs = manifest["pairs"]
-    if pair is None:
-        pair = next((n for n, p in pairs.items() if isinstance(p, dict) and p.get("default")), next(iter(pairs), None))
-    if pair not in pairs:
-        raise ValueError(f"{where}: no pair {pair!r} (known: {', '.join(sorted(pairs)) or 'none'})")
-    records = [WeightRecord(**manifest["models"][pairs[pair][role]]) for role in ("baseline", "cbam")]
+        pairs = manifest["pairs"]
+        pair = pair or default_pair_name(weights_dir)
+        if pair not in pairs:
+            raise ValueError(f"no pair {pair!r} (known: {', '.join(sorted(pairs)) or 'none'})")
+        records = [WeightRecord(**manifest["models"][pairs[pair][role]]) for role in ("baseline", "cbam")]
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{where}: no readable pair in its manifest ({err})") from None
     if not set(archs) <= {r.arch for r in records}:
         raise ValueError(f"{where}: pair {pair!r} is {' and '.join(r.arch for r in records)}, not "
                          f"{', '.join(archs)}: its choice was made for other models")
     for rec in records:
         saved = Recipe.from_json(rec.recipe)
-        if saved.holdout <= 0 or "selection" not in rec.training:
+        selection = rec.training.get("selection")
+        if saved.holdout <= 0 or not isinstance(selection, dict) or not {"weights", "input_size"} <= set(selection):
             raise ValueError(f"{where}: {rec.name} held no files out, so it made no held-out choice to carry over")
         diffs = [d for d in recipe_differences(saved, recipe) if not d.startswith("holdout:")]
         if diffs:
+            hint = (" (--bf16 auto turns bfloat16 off on a CPU without AVX-512 BF16 / AMX; this recipe needs such "
+                    "a CPU or a GPU)" if any(d.startswith("bf16:") for d in diffs) else "")
             raise ValueError(f"{where}: {rec.name} was trained with another recipe ({'; '.join(diffs)}); only "
-                             f"--holdout may differ")
+                             f"--holdout may differ{hint}")
     choices = [{k: v for k, v in r.training["selection"].items() if k != "scores"} for r in records]
     if any(c != choices[0] for c in choices) or any(r.input_size != choices[0]["input_size"] for r in records):
         raise ValueError(f"{where}: the records of pair {pair!r} disagree on their held-out choice")
-    return {**choices[0], "carried_from": {"pair": pair, "records": {r.name: r.sha256 for r in records},
-                                           "holdout": Recipe.from_json(records[0].recipe).holdout,
-                                           "holdout_images": records[0].training.get("holdout_images")}}
+    chosen = choices[0]
+    images = records[0].training.get("holdout_images")
+    return {"weights": chosen["weights"], "input_size": chosen["input_size"],
+            "rule": f"carried over from pair {pair!r}, which chose it on its {images} held-out training files; "
+                    f"this run trained on every training file with the same recipe",
+            "carried_from": {"pair": pair, "records": {r.name: r.sha256 for r in records},
+                             "holdout": Recipe.from_json(records[0].recipe).holdout, "holdout_images": images,
+                             **{k: v for k, v in chosen.items() if k not in ("weights", "input_size")}}}
 
 
 def _scores_of(results: Mapping[str, TrainResult], *, recipe: Recipe, data_dir, sizes) -> dict[str, Any]:
@@ -166,12 +189,19 @@ def _copy_half(half: Half, choice: Mapping[str, Any], *, weights_dir: Path, name
     file = f"{record_name}.safetensors"
     weights_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(half.weights_dir / source.file, weights_dir / file)
-    training = {k: v for k, v in source.training.items() if k not in ("half", "selection", "settings_from")}
+    # What marks a half goes; what is left is what the run trained now records (see export()).
+    training = {k: v for k, v in source.training.items()
+                if k not in ("half", "selection", "settings_from", "holdout_digest")}
     selection = {**choice, **({"scores": half.scores} if half.scores is not None else {})}
     record = replace(source, name=record_name, file=file, input_size=choice["input_size"],
                      training={**training, "selection": selection})
     update_manifest(weights_dir, record=record)
     return record
+
+
+def _pair_it_later(weights_dir: Path) -> str:
+    return (f"pair it later: train the other architecture with the same options and "
+            f"--export weights --pair-with {weights_dir}")
 
 
 def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: list[str], data_dir,
@@ -186,7 +216,8 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
     its half holds only the chosen weight kind.
 
     Raises:
-        ValueError: ``pair_with`` holds no matching half (see :func:`read_half`).
+        ValueError: ``pair_with`` holds no matching half (see :func:`read_half`), or ``settings`` are
+            given for a run that held files out.
     """
     weights_dir = Path(weights_dir)
     if settings is not None and recipe.holdout > 0:
@@ -210,9 +241,7 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
                          selection={"scores": scores[arch], "own_choice": own},
                          training_extra={"half": kind, "holdout_digest": digest})
             lines.append(f"exported half {rec.file} ({rec.sha256[:12]}) to {weights_dir}")
-        lines.append(f"pair it later: train the other architecture with the same options and "
-                     f"--export weights --pair-with {weights_dir}")
-        return lines
+        return [*lines, _pair_it_later(weights_dir)]
     if len(archs) == 1 and settings is not None:
         (arch, result), = results.items()
         kind = settings["weights"]
@@ -220,9 +249,7 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
                      name=f"{arch}_{name}_{kind}", weights=kind, input_size=settings["input_size"],
                      training_extra={"half": kind, "holdout_digest": holdout_digest(()), "settings_from": dict(settings)})
         return [f"exported half {rec.file} ({rec.sha256[:12]}, {kind} weights at {rec.input_size} px as chosen by "
-                f"{settings['carried_from']['pair']}) to {weights_dir}",
-                f"pair it later: train the other architecture with the same options and "
-                f"--export weights --pair-with {weights_dir}"]
+                f"{settings['carried_from']['pair']}) to {weights_dir}", _pair_it_later(weights_dir)]
     choice = dict(settings) if settings is not None else None
     if recipe.holdout > 0:
         choice = choose_for_pair({**scores, **({half.arch: half.scores} if half else {})},

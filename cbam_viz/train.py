@@ -64,7 +64,7 @@ class Recipe:
     # Mixing two training images per batch (data.mix_batch), alpha of the Beta draw; 0 = off.
     cutmix_alpha: float = 0.0
     mixup_alpha: float = 0.0
-    # Monitoring size during training, ~1.3x above the last train size: random-resized crops magnify
+    # Monitoring size during training, ~1.1x above the last train size: random-resized crops magnify
     # objects, so a larger test image shows them at the size the network learned (Touvron et al.,
     # FixRes, 2019). The shipped size is chosen after training on the held-out split.
     eval_size: int = 192

@@ -164,7 +164,9 @@ def test_a_final_pair_trains_on_every_file_and_ships_with_the_carried_choice(dat
         carried = rec.training["selection"]["carried_from"]
         assert carried["pair"] == "resnet18-tiny" and carried["holdout"] == 0.25
         assert carried["records"][name] == source["models"][name]["sha256"]
-        assert "scores" not in rec.training["selection"]  # nothing was scored: nothing held out
+        assert carried["holdout_top1"] == source["models"][name]["training"]["selection"]["holdout_top1"]
+        # nothing was scored (nothing held out); the earlier models' scores stay under carried_from
+        assert not {"scores", "holdout_top1", "mean_holdout_top1"} & set(rec.training["selection"])
         assert rec.sha256 != source["models"][name]["sha256"]  # retrained, not copied
         load_record(rec, out)
 
@@ -187,25 +189,65 @@ def test_a_final_pair_trained_one_half_per_session_equals_one_trained_at_once(da
         a, b = got["models"][name], want["models"][name]
         assert a["sha256"] == b["sha256"] and a["input_size"] == b["input_size"] == 40
         assert a["training"]["selection"] == b["training"]["selection"]
-        assert "half" not in a["training"] and "settings_from" not in a["training"]
+        assert set(a["training"]) == set(b["training"])  # a copied half records what a trained run does
 
 
-@pytest.mark.parametrize("problem", ["holds files out", "other recipe", "no export", "half without settings"])
-def test_a_final_run_that_cannot_carry_the_choice_is_refused_before_training(dataset, chosen, tmp_path, capsys,
-                                                                             problem):
+@pytest.fixture(scope="module")
+def final_half(dataset, chosen, tmp_path_factory):
+    """The CBAM model of a final pair, exported alone with the settings of ``chosen``."""
+    tmp = tmp_path_factory.mktemp("final-half")
+    assert cli.main(_args(dataset, tmp, "--arch", "resnet18_cbam", *FINAL, "--settings-from", str(chosen),
+                          "--export", str(tmp / "half"))) == 0
+    return tmp / "half"
+
+
+def _edited_copy(folder, to, edit):
+    """A copy of a weights folder whose manifest ``edit(manifest)`` changed."""
+    to.mkdir()
+    manifest = read_manifest(folder)
+    for rec in manifest["models"].values():
+        (to / rec["file"]).write_bytes((folder / rec["file"]).read_bytes())
+    edit(manifest)
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    return to
+
+
+def _resettle(manifest):  # the source pair re-exported between the two sessions
+    for rec in manifest["models"].values():
+        rec["training"]["settings_from"]["carried_from"]["records"]["resnet18_tiny"] = "f" * 64
+
+
+def _unhold(manifest):  # a source that is itself a final pair
+    for rec in manifest["models"].values():
+        rec["recipe"]["holdout"] = 0.0
+
+
+PROBLEMS = {
+    "holds files out": (lambda c, h, t: ["--settings-from", str(c)],
+                        "is for a final run on every training file (--holdout 0)"),
+    "other recipe": (lambda c, h, t: [*FINAL, "--seed", "1", "--settings-from", str(c)],
+                     "(seed: 0 -> 1); only --holdout may differ"),
+    "no export": (lambda c, h, t: [*FINAL, "--settings-from", str(c), "--no-export"], "--settings-from needs --export"),
+    "other models": (lambda c, h, t: ["--arch", "resnet34", *FINAL, "--settings-from", str(c)],
+                     "is resnet18 and resnet18_cbam, not resnet34"),
+    "source chose nothing": (lambda c, h, t: [*FINAL, "--settings-from", str(_edited_copy(c, t / "s", _unhold))],
+                             "held no files out, so it made no held-out choice"),
+    "run without the half's settings": (lambda c, h, t: ["--arch", "resnet18", *FINAL, "--pair-with", str(h)],
+                                        "(the half: --settings-from, this run: none)"),
+    "half with other settings": (
+        lambda c, h, t: ["--arch", "resnet18", *FINAL, "--settings-from", str(c),
+                         "--pair-with", str(_edited_copy(h, t / "h", _resettle))],
+        f"carried_from.records.resnet18_tiny: '{'f' * 64}' -> "),
+}
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_a_final_run_that_cannot_carry_the_choice_is_refused_before_training(dataset, chosen, final_half, tmp_path,
+                                                                             capsys, problem):
     out = tmp_path / "w"
-    half = tmp_path / "half"
-    if problem == "half without settings":  # a final half made with --settings-from, paired without it
-        assert cli.main(_args(dataset, tmp_path / "first", "--arch", "resnet18_cbam", *FINAL,
-                              "--settings-from", str(chosen), "--export", str(half))) == 0
-    extra = {"holds files out": ["--settings-from", str(chosen), "--export", str(out)],
-             "other recipe": [*FINAL, "--seed", "1", "--settings-from", str(chosen), "--export", str(out)],
-             "no export": [*FINAL, "--settings-from", str(chosen)],
-             "half without settings": ["--arch", "resnet18", *FINAL, "--export", str(out), "--pair-with", str(half)]}
-    assert cli.main(_args(dataset, tmp_path, *extra[problem])) == 2
-    err = capsys.readouterr().err
-    assert {"holds files out": "is for a final run on every training file (--holdout 0)",
-            "other recipe": "(seed: 0 -> 1); only --holdout may differ",
-            "no export": "--settings-from needs --export",
-            "half without settings": "carries other settings than this run"}[problem] in err
+    extra, message = PROBLEMS[problem]
+    args = extra(chosen, final_half, tmp_path)
+    export = [] if "--no-export" in args else ["--export", str(out)]
+    assert cli.main(_args(dataset, tmp_path, *[a for a in args if a != "--no-export"], *export)) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not out.exists()

@@ -87,8 +87,9 @@ def test_the_model_card_says_how_weights_and_size_were_chosen(carried):
     from cbam_viz.weights import WeightRecord
 
     selection = {"weights": "ema", "input_size": 192, "mean_holdout_top1": 0.90329}
-    if carried:
-        selection["carried_from"] = {"pair": "resnet18-imagenette", "holdout_images": 729}
+    if carried:  # the earlier pair's scores travel under carried_from
+        selection = {"weights": "ema", "input_size": 192, "carried_from": {
+            "pair": "resnet18-imagenette", "holdout_images": 729, "mean_holdout_top1": 0.90329}}
     training = {"holdout_images": 0 if carried else 729, "selection": selection}
     pair = make_service_pair("t", trained=True)
     record = WeightRecord(name="r", file="r.safetensors", arch="resnet18", sha256="0" * 64, num_params=1,
@@ -104,6 +105,8 @@ def test_the_model_card_says_how_weights_and_size_were_chosen(carried):
     else:
         assert "chosen on 729 held-out training files, never on val" in card
     assert app_views.choice_sentence({"holdout_images": 0}) is None  # a run that chose nothing says nothing
+    unnumbered = app_views.choice_sentence({"selection": {"weights": "raw", "input_size": 160}})
+    assert unnumbered == "raw weights at 160 px, chosen on held-out training files, never on val"
 
 
 def test_unsure_prediction_names_the_known_classes(tiny_pair, image):
