@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cbam_viz.holdout import WEIGHT_KINDS, choose_for_pair, holdout_scores
-from cbam_viz.train import Recipe, TrainResult, export, recipe_differences
+from cbam_viz.train import Recipe, TrainResult, export, json_differences, recipe_differences
 from cbam_viz.weights import WeightRecord, read_manifest, sha256_file, update_manifest
 
 __all__ = ["Half", "holdout_digest", "read_half", "carried_settings", "export_runs"]
@@ -88,7 +88,7 @@ def read_half(weights_dir: str | os.PathLike, *, name: str, recipe: Recipe, hold
     carried = first.training.get("settings_from")
     wanted = dict(settings) if settings is not None else None
     if carried != wanted:
-        what = ("; ".join(_differences(carried, wanted)) if carried and wanted
+        what = ("; ".join(json_differences(carried, wanted)) if carried and wanted
                 else f"the half: {'--settings-from' if carried else 'none'}, this run: {'--settings-from' if wanted else 'none'}")
         raise ValueError(f"--pair-with: {first.name} carries other settings than this run ({what}): give both "
                          f"halves the same --settings-from, unchanged between them")
@@ -97,18 +97,6 @@ def read_half(weights_dir: str | os.PathLike, *, name: str, recipe: Recipe, hold
         if not path.is_file() or sha256_file(path) != rec.sha256:
             raise ValueError(f"--pair-with: {path} is missing or does not match its sha256 in the manifest")
     return Half(arch, records, first.training.get("selection", {}).get("scores"), weights_dir)
-
-
-def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``key: a -> b`` for each (nested) key where two JSON-like mappings differ."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, Mapping) and isinstance(y, Mapping):
-            out += _differences(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append(f"{prefix}{k}: {x!r} -> {y!r}")
-    return out
 
 
 def carried_settings(weights_dir: str | os.PathLike, *, recipe: Recipe, archs: Sequence[str],

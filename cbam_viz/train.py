@@ -26,6 +26,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from cbam_viz.outputs import atomic_write
 from cbam_viz.weights import WeightRecord, save_safetensors, update_manifest
 
 __all__ = ["Recipe", "train", "evaluate_tensors", "train_size_at", "train_step", "cpu_has_fast_bf16", "recipe_differences",
-           "recalibrate_batchnorm", "WeightEMA", "hardware_description", "TrainResult", "export"]
+           "json_differences", "recalibrate_batchnorm", "WeightEMA", "hardware_description", "TrainResult", "export"]
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,23 @@ class WeightEMA:
 
 def recipe_differences(saved: Recipe, wanted: Recipe) -> list[str]:
     """``field: saved -> wanted`` for each field where two recipes differ (for resume errors)."""
-    a, b = saved.to_json(), wanted.to_json()
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return json_differences(saved.to_json(), wanted.to_json())
+
+
+def json_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: a -> b`` for each key where two JSON-like mappings differ; nested keys as ``outer.inner``.
+
+    One wording for every "what differs" error (a resumed recipe, a half's carried settings), so
+    the user reads which option to put back the same way everywhere.
+    """
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out += json_differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} -> {y!r}")
+    return out
 
 
 def train_size_at(recipe: Recipe, epoch: int) -> int:
@@ -407,6 +423,9 @@ def train(
         if ema is not None:
             ema.load(ckpt["ema"], model)
         start_epoch, wall, history = ckpt["epoch"] + 1, ckpt["wall_time_s"], ckpt["history"]
+        # The checkpoint is the record: a run killed between its log line and its checkpoint left a
+        # line for an epoch that is trained again now, so the log restarts from the checkpoint's history.
+        atomic_write(log_path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
         init = json.loads(ckpt["init"]) if "init" in ckpt else None
         print(f"resuming {arch} from epoch {start_epoch} ({wall / 60:.1f} min done)")
 

@@ -68,12 +68,15 @@ def test_cut_then_resume_equals_uninterrupted(full_run, dataset, cache, tmp_path
     assert len(cut.history) == 1
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 0
+    with open(run_dir / "log.jsonl", "a") as f:  # killed after epoch 2's log line, before its checkpoint
+        f.write(json.dumps({"epoch": 2, "train_loss": 99.0}) + "\n")
     resumed = train("resnet18", dataset, run_dir, recipe=RECIPE, cache_dir=cache, val_dir=dataset, progress=False,
                     resume=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert _same_weights(resumed.model, full_run.model)
     lines = (run_dir / "log.jsonl").read_text().splitlines()
-    assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]  # the cut epoch is not logged
+    assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]  # neither the cut epoch nor the stale line
+    assert [json.loads(ln) for ln in lines] == resumed.history
     for a, b in zip(resumed.history, full_run.history):
         assert a["train_loss"] == b["train_loss"]
 
