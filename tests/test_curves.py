@@ -6,7 +6,7 @@ import json
 from PIL import Image
 
 from cbam_viz.cli import main
-from cbam_viz.curves import read_log
+from cbam_viz.curves import monitored_split, plot_training_curves, read_log
 
 
 def _write_log(path, epochs, *, key="holdout_top1"):
@@ -39,3 +39,18 @@ def test_cli_draws_both_runs_and_refuses_a_missing_log(tmp_path, capsys):
     assert not list(out.parent.glob(".*tmp"))  # written atomically
     assert main(["plot-curves", "--run", f"x={tmp_path / 'missing.jsonl'}", "--out", str(out)]) == 2
     assert "LABEL=LOG" in capsys.readouterr().err
+
+
+def test_runs_that_monitored_nothing_get_no_empty_panel(tmp_path, recwarn):
+    """A final run on every training file scores no split; an empty third axis would read as a failure."""
+    log = tmp_path / "full.jsonl"
+    log.write_text("".join(json.dumps({"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.2 * e}) + "\n"
+                           for e in (1, 2, 3)))
+    assert monitored_split(read_log(log)) is None
+    assert monitored_split(read_log(_write_log(tmp_path / "h.jsonl", 4))) == "holdout"
+    two, three = tmp_path / "two.png", tmp_path / "three.png"
+    plot_training_curves({"resnet18": log, "resnet18_cbam": log}, two)
+    plot_training_curves({"resnet18": log, "held-out run": tmp_path / "h.jsonl"}, three)
+    with Image.open(two) as a, Image.open(three) as b:
+        assert a.width < 0.75 * b.width and a.height == b.height
+    assert not [w for w in recwarn if "legend" in str(w.message)]
