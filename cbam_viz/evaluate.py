@@ -5,7 +5,8 @@ weights are written out. The numbers a user should trust are those of the files 
 this module loads a manifest record through :func:`cbam_viz.weights.load_record` (sha256
 verified, float32), decodes every image with the app's own path (:func:`cbam_viz.preprocess.open_image`
 then :func:`cbam_viz.preprocess.to_model_batch`: RGB, stretch-resize to the record's input size,
-bilinear, normalised with the record's mean/std) and reports top-1, top-5, per-class accuracy
+bilinear, normalised with the record's mean/std; the app also shrinks uploads over 1024 px first,
+which no Imagenette image is) and reports top-1, top-5, per-class accuracy
 and the confusion matrix (rows: true class, columns: predicted, both in the record's class order).
 """
 from __future__ import annotations
@@ -264,7 +265,7 @@ def format_paired(diff: dict[str, Any]) -> str:
     lo, hi = diff["ci95"]
     return (f"CBAM - baseline top-1: {100 * diff['cbam_minus_baseline']:+.2f} points, 95 % paired bootstrap "
             f"interval [{100 * lo:+.2f}, {100 * hi:+.2f}] over {diff['n']} images; McNemar: CBAM alone right on "
-            f"{diff['only_cbam_right']}, baseline alone on {diff['only_baseline_right']}, exact p = {diff['mcnemar_p']:.3g}")
+            f"{diff['only_cbam_right']}, baseline alone on {diff['only_baseline_right']}, two-sided exact p = {diff['mcnemar_p']:.3g}")
 
 
 def _pct(v: float | None) -> str:

@@ -385,6 +385,7 @@ def ablate_dataset(
     prob_change = {key: [] for key in grid}
     with tqdm(total=len(images.files), desc=f"ablate {loaded.name}", unit="img", disable=not progress) as bar:
         for x, y in image_batches(images, loaded, batch_size=batch_size, workers=workers, progress=False):
+            y = y.to(x.device)  # labels come on the CPU; a model on a GPU gets x there
             with model_lock(model), torch.no_grad():
                 p0 = model(x).softmax(1)
                 top = p0.argmax(1, keepdim=True)
@@ -417,12 +418,13 @@ def ablate_dataset(
 def markdown_report(report: Mapping[str, Any]) -> str:
     """The ``ablate-gates`` table: accuracy of each ablation and its drop with a 95 % interval."""
     m = report["model"]
-    replaced = "1 (gate off)" if report["constant"] == "one" else "its dataset mean"
+    replaced = "1 (gate off)" if report["constant"] == "one" else "its mean over these same images"
     lines = [f"## Gate ablation: {m['name']}", "",
              f"{report['n']} images from `{report['data']}` at {m['input_size']} px. Each row replaces a "
              f"CBAM gate by {replaced}. Intact top-1: **{100 * report['intact_top1']:.1f} %**. Drop = intact − "
              "ablated top-1 in points, with a paired bootstrap 95 % interval over the same images; "
-             "Δp = mean change of the intact top-1 class's probability.", ""]
+             "Δp = mean change (ablated − intact, so negative when the gate helped) of the intact top-1 "
+             "class's probability.", ""]
     if not m["trained"]:
         lines += ["> **Untrained model**: these numbers describe a random network.", ""]
     lines += ["| block | gate | top-1 | drop [95 % CI] | Δp |", "|---|---|---:|---|---:|"]

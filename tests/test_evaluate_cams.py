@@ -227,3 +227,19 @@ def test_a_gate_that_lights_up_the_box_beats_the_centre_and_a_flat_one_does_not(
     assert centred["results"][CENTRE]["pointing"]["value"] == 1.0
     bump = centre_gaussian(size)
     assert bump.shape == (64, 64) and bump.argmax() in (32 * 64 + 32, 31 * 64 + 31, 31 * 64 + 32, 32 * 64 + 31)
+
+
+def test_stored_ious_never_round_up_across_the_iou_threshold():
+    """An IoU of 0.4996 misses at IoU >= 0.5; kept rounded to nearest (0.5) it would count as a hit."""
+    from cbam_viz.quality.run import _per_image_record
+
+    def image(iou):
+        return {"ious": np.array([iou, 0.2], np.float32), "morf": np.zeros(2), "lerf": np.zeros(2), "p": 0.9,
+                "pointing": 1.0, "energy": 0.5, "top1": True}
+
+    values = {role: [image(0.4996), image(0.5), image(0.75)] for role in ("baseline", "cbam")}
+    rec = _per_image_record(np.arange(3), values, iou_threshold=0.5)
+    assert [row[0] for row in rec["cbam"]["ious"]] == [0.499, 0.5, 0.75]
+    result = summarize(rec, iou_threshold=0.5, n_boot=50, seed=0)["maxboxacc"]
+    assert result["cbam"]["value"] == pytest.approx(2 / 3)
+    assert rec["cbam"]["box_iou"] == [0.499, 0.5, 0.75]

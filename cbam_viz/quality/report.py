@@ -97,7 +97,8 @@ def markdown_report(report: dict) -> str:
         f"## CAM quality: {models['baseline']['name']} vs {models['cbam']['name']}",
         "",
         f"{n_img} boxed images from `{report['data']}`, CAMs of the true class at layer {s['layer']}. "
-        f"Values: mean (or MaxBoxAcc) with a 95 % bootstrap interval ({s['n_boot']} resamples); "
+        f"Values: mean (or MaxBoxAcc) with a 95 % percentile-bootstrap interval ({s['n_boot']} resamples; "
+        "MaxBoxAcc's threshold is chosen again in every resample, for each model); "
         "**CBAM − baseline** with a paired bootstrap interval over the same images. "
         "Pointing game, energy and MaxBoxAcc in %; probabilities as fractions. "
         f"Faithfulness: true-class probability after {s['imputer']}-imputing the CAM's top (MoRF) or "
