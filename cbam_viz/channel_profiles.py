@@ -89,7 +89,7 @@ def accumulate_profiles(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         y = y.to(torch.int64).cpu()
         counts += np.bincount(y.numpy(), minlength=num_classes)
         for block, gate in maps.items():
-            g = gate["channel"].double().cpu()
+            g = gate["channel"].cpu().double()  # float64 on the CPU: MPS has no float64
             if block not in sums:
                 sums[block] = torch.zeros((num_classes, g.shape[1]), dtype=torch.float64)
                 squares[block] = torch.zeros_like(sums[block])

@@ -42,12 +42,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         overrides["crop_scale"] = (lo, hi)
+    from cbam_viz.pair import select_device
+
+    try:
+        device = select_device(args.device)  # "auto" and a missing GPU are settled before any work
+    except ValueError as err:
+        print(f"error: --device: {err}", file=sys.stderr)
+        return 2
     if args.no_bf16 or args.bf16 == "off":
         overrides["bf16"] = False
     elif args.bf16 == "on":
         overrides["bf16"] = True
-    elif args.device.startswith("cuda"):  # auto on a GPU: bfloat16 autocast (every recent GPU has it)
-        overrides["bf16"] = True
+    elif device.type == "cuda":  # auto on a GPU: bfloat16 where its tensor cores have it (Ampere, sm 8.0, on)
+        import torch
+
+        overrides["bf16"] = torch.cuda.get_device_capability(device)[0] >= 8
+        print(f"bf16 auto: {'on' if overrides['bf16'] else 'off'} ({torch.cuda.get_device_name(device)})")
+    elif device.type != "cpu":  # mps and others: float32, the one precision every backend trains in
+        overrides["bf16"] = False
     else:  # auto: bfloat16 only where the CPU multiplies it in hardware
         from cbam_viz.train import cpu_has_fast_bf16
 
@@ -95,7 +107,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for arch in args.arch:
         run_dir = Path(args.runs) / arch
         results[arch] = train(arch, args.data, run_dir, recipe=recipe, resume=args.resume, cache_dir=args.cache_dir,
-                              val_dir=args.val, threads=args.threads, max_steps=args.max_steps, device=args.device,
+                              val_dir=args.val, threads=args.threads, max_steps=args.max_steps, device=device,
                               init_record=starts.get(arch))
     unfinished = [a for a, r in results.items() if len(r.history) < recipe.epochs]
     if args.export and unfinished:
@@ -392,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs the same one")
     t.add_argument("--no-bf16", action="store_true", help="same as --bf16 off")
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    t.add_argument("--device", default="cpu", help="cpu (default) or cuda: on a GPU the cache, augmentation, model "
-                                                   "and optimizer live there (same recipe, same data order)")
+    t.add_argument("--device", default="cpu", help="cpu (default), cuda or auto: on a GPU the cache, augmentation, "
+                                                   "model and optimizer live there (same recipe, same data order)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
     t.add_argument("--init-from", help="weights folder whose records <arch>_<name> each run starts from (a second, "
                                        "fine-tuning stage with its own recipe; the first stage's recipe and "

@@ -178,8 +178,9 @@ def gate_means(model: nn.Module, batches) -> GateMeans:
             model(x.to(_device(model)))
         for block, gate in maps.items():
             acc = sums.setdefault(block, {"channel": 0.0, "spatial": 0.0})
-            acc["channel"] = acc["channel"] + gate["channel"].double().sum(0).cpu()
-            acc["spatial"] = acc["spatial"] + gate["spatial"].double().mean((1, 2)).sum().cpu()
+            # float64 on the CPU: MPS has no float64
+            acc["channel"] = acc["channel"] + gate["channel"].cpu().double().sum(0)
+            acc["spatial"] = acc["spatial"] + gate["spatial"].cpu().double().mean((1, 2)).sum()
         n += x.shape[0]
     if n == 0:
         raise ValueError("no images to average the gates over")

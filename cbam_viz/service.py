@@ -308,15 +308,33 @@ def analyse(
         raise UserFacingError(format_error(err)) from err
 
 
+def _worker_ref(pair):
+    """What a ``zerogpu.gpu`` function is given for ``pair``: its name when :func:`get_pair` serves
+    these very models under it, else the pair itself (a caller's own pair, e.g. in tests).
+
+    On a ZeroGPU Space the arguments are pickled into a GPU worker process: models passed there
+    would arrive as CPU copies, while a name makes the worker take the models of its own (forked)
+    cache, which ``spaces`` has placed on the GPU.
+    """
+    try:
+        served = get_pair(pair.name)
+    except UserFacingError:
+        return pair
+    return pair.name if (served.baseline is pair.baseline and served.cbam is pair.cbam) else pair
+
+
 @zerogpu.gpu
 def _model_work(image: Image.Image, pair, *, method: str, target, layer: str | None,
                 faithfulness: bool) -> tuple[Explanation, dict | None, dict[str, float]]:
     """Every forward of one request, on each model's one lock: the explanation, then the faithfulness.
 
-    The only function of a request that needs the accelerator: on a Hugging Face ZeroGPU Space it
-    runs with a GPU attached (:func:`cbam_viz.zerogpu.gpu`), a plain call elsewhere. It returns
-    numpy arrays and CPU tensors only, which can leave a GPU worker process.
+    The function of a request that needs the accelerator: on a Hugging Face ZeroGPU Space it
+    runs with a GPU attached (:func:`cbam_viz.zerogpu.gpu`), a plain call elsewhere. ``pair``: a
+    :class:`~cbam_viz.pair.ModelPair` or, from :func:`_worker_ref`, the name of a served one. It
+    returns numpy arrays and CPU tensors only, which can leave a GPU worker process.
     """
+    if isinstance(pair, str):
+        pair = get_pair(pair)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     # The explanation and its faithfulness forwards back to back on each model's one lock (which
@@ -373,8 +391,9 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
     original_size = source.size if isinstance(source, Image.Image) else _original_size(source, image)
     timings["open_image"] = time.perf_counter() - t
 
-    explanation, drops, model_timings = _model_work(image, pair, method=controls.method, target=controls.target,
-                                                    layer=controls.layer, faithfulness=faithfulness)
+    explanation, drops, model_timings = _model_work(image, _worker_ref(pair), method=controls.method,
+                                                    target=controls.target, layer=controls.layer,
+                                                    faithfulness=faithfulness)
     timings.update(model_timings)
 
     t = time.perf_counter()
@@ -820,13 +839,21 @@ def ablate_result(result_id: str, *, constant: str = "one", root: str | os.PathL
     Raises:
         UserFacingError: results that are gone, or a pair that no longer loads.
     """
-    from cbam_viz.gate_ablation import ablate_image
-
     saved = load_result(result_id, root=root)
     pair = get_pair(saved.summary["pair"])
     try:
-        return ablate_image(pair.cbam, saved.image, constant=constant, layer=saved.summary.get("layer"))
+        return _ablation_work(_worker_ref(pair), saved.image, constant=constant, layer=saved.summary.get("layer"))
     except UserFacingError:
         raise
     except Exception as err:  # noqa: BLE001  one sentence for the person
         raise UserFacingError(format_error(err)) from err
+
+
+@zerogpu.gpu
+def _ablation_work(pair, image: Image.Image, *, constant: str, layer: str | None) -> list[dict[str, Any]]:
+    """The ablation's forwards, with a GPU attached on a ZeroGPU Space, as :func:`_model_work`."""
+    from cbam_viz.gate_ablation import ablate_image
+
+    if isinstance(pair, str):
+        pair = get_pair(pair)
+    return ablate_image(pair.cbam, image, constant=constant, layer=layer)

@@ -14,7 +14,8 @@ img/s for resnet18_cbam at 96 px), so the CLI's default ``--bf16 auto`` asks the
 
 Every epoch ends with a checkpoint (``last.pt``, written atomically) and a JSON line in
 ``log.jsonl``; ``resume=True`` continues from the last finished epoch, bit for bit the same run
-as an uninterrupted one.
+as an uninterrupted one on a CPU (on a GPU, cuDNN's fastest kernels are not deterministic, so two
+runs, resumed or not, agree only to floating-point noise).
 """
 from __future__ import annotations
 
@@ -299,6 +300,7 @@ def recalibrate_batchnorm(model: nn.Module, ds: TensorDataset, *, size: int, mea
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
     was_training = model.training
+    device = next(model.parameters()).device  # the cache stays on the CPU; each batch goes to the model
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:images]
     try:
         for bn in bns:
@@ -306,7 +308,7 @@ def recalibrate_batchnorm(model: nn.Module, ds: TensorDataset, *, size: int, mea
             bn.momentum = None  # cumulative average over the batches below
         model.train()
         for i in range(0, len(idx), batch_size):
-            x = resize_batch(ds.images[idx[i:i + batch_size]].float().div_(255), size)
+            x = resize_batch(ds.images[idx[i:i + batch_size]].to(device).float().div_(255), size)
             model(normalize(x, mean, std).contiguous(memory_format=torch.channels_last))
     finally:
         for bn, momentum in zip(bns, momenta):

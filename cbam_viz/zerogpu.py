@@ -4,8 +4,11 @@ On a ZeroGPU Space the ``spaces`` package is installed and a GPU is attached onl
 decorated with ``spaces.GPU`` runs (in a worker process: what it returns must be picklable and on
 the CPU). :func:`gpu` applies that decorator when ``spaces`` can be imported and returns the
 function unchanged otherwise, so the same code runs on a laptop, a CPU Space and a ZeroGPU Space.
-The one decorated function is :func:`cbam_viz.service._model_work` (the forwards of one request);
-decoding, drawing and writing files stay on the CPU, outside the GPU's time slot.
+The decorated functions are :func:`cbam_viz.service._model_work` (the forwards of one request) and
+:func:`cbam_viz.service._ablation_work` (the gate ablation of a shown photo); decoding, drawing and
+writing files stay on the CPU, outside the GPU's time slot. ``spaces`` pickles their arguments into
+its GPU worker process, so they take the pair's *name* and the worker uses its own (forked) cache,
+whose models ``spaces`` has placed on the GPU; models passed as arguments would arrive as copies.
 
 Choosing the hardware of a Space (Settings -> Space hardware): the shipped resnet18 pair at
 192 px answers in well under a second on the free "CPU basic" (2 vCPU), so that is the default;

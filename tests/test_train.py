@@ -323,16 +323,36 @@ def test_asking_for_a_gpu_where_there_is_none_fails_before_any_data_is_read(tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_bf16_auto_is_on_for_a_gpu(monkeypatch, tmp_path):
+@pytest.mark.parametrize("capability, bf16", [((8, 0), True), ((9, 0), True), ((7, 5), False)])
+def test_cli_bf16_auto_on_a_gpu_is_on_from_ampere(monkeypatch, tmp_path, capability, bf16):
+    """A T4 (sm 7.5) emulates bfloat16, slower than float32: auto leaves it off there."""
     from cbam_viz import cli
     from cbam_viz.train import TrainResult
 
     seen = {}
     monkeypatch.setattr("cbam_viz.train.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("cbam_viz.pair.select_device", lambda preferred=None: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     monkeypatch.setattr("cbam_viz.train.train", lambda arch, data, run_dir, *, recipe, device, **kw:
                         seen.setdefault(arch, (recipe.bf16, device)) and TrainResult(run_dir, torch.nn.Identity()))
     assert cli.main(["train", "--data", str(tmp_path), "--runs", str(tmp_path), "--device", "cuda"]) == 0
-    assert set(seen.values()) == {(True, "cuda")}
+    assert set(seen.values()) == {(bf16, torch.device("cuda"))}
+
+
+def test_cli_device_auto_is_settled_before_training_and_a_bad_one_is_refused(monkeypatch, tmp_path, capsys):
+    from cbam_viz import cli
+    from cbam_viz.train import TrainResult
+
+    seen = {}
+    monkeypatch.setattr("cbam_viz.train.train", lambda arch, data, run_dir, *, recipe, device, **kw:
+                        seen.setdefault(arch, device) and TrainResult(run_dir, torch.nn.Identity()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert cli.main(["train", "--data", str(tmp_path), "--runs", str(tmp_path), "--device", "auto"]) == 0
+    assert set(seen.values()) == {torch.device("cpu")}
+    assert cli.main(["train", "--data", str(tmp_path), "--runs", str(tmp_path), "--device", "gpu0"]) == 2
+    assert "--device" in capsys.readouterr().err
 
 
 def test_a_second_stage_starts_from_shipped_weights_and_keeps_the_first_stage(full_run, dataset, cache, tmp_path):
