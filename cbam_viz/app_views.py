@@ -29,6 +29,7 @@ from PIL import Image
 from cbam_viz import service
 from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET
 from cbam_viz.messages import UserFacingError, classes_sentence
+from cbam_viz.model_card import choice_sentence, model_card_markdown
 from cbam_viz.outputs import atomic_write_bytes
 from cbam_viz.pair import pair_names
 
@@ -128,70 +129,6 @@ def pair_markdown(info: service.PairInfo) -> str:
              f"{classes_sentence(info.classes)}."]
     lines += [f"\n> **Warning:** {w}" for w in info.warnings]
     return "\n".join(lines)
-
-
-def model_card_markdown(pair) -> str:
-    """A model card for the pair from its manifest records: architecture, data, recipe, metrics."""
-    lines = [f"### Pair `{pair.name}`", ""]
-    for role, m in (("Baseline", pair.baseline), ("CBAM", pair.cbam)):
-        lines.append(f"#### {role}: `{m.name}` ({m.arch})")
-        if not m.trained or m.record is None:
-            lines += ["", "Untrained: random weights, for trying the app only. Its numbers mean nothing.", ""]
-            continue
-        rec = m.record
-        lines += [
-            "",
-            f"- Parameters: {rec.num_params:,}",
-            f"- Classes ({rec.num_classes}): {', '.join(rec.class_names)}",
-            f"- Input: {rec.input_size}x{rec.input_size}, mean {list(rec.mean)}, std {list(rec.std)}",
-            f"- Weights file: `{rec.file}` (sha256 `{rec.sha256[:12]}...`)",
-        ]
-        for title, values in (("Recipe", rec.recipe), ("Training", rec.training)):
-            if values:
-                lines.append(f"- {title}: " + ", ".join(f"{k}={v}" for k, v in values.items()
-                                                         if not isinstance(v, (dict, list))))
-        choice = choice_sentence(rec.training)
-        if choice:
-            lines.append(f"- Shipped as: {choice}")
-        metrics = _flat_metrics(rec.metrics)
-        if metrics:
-            lines += ["", "| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics]
-        else:
-            lines.append("- Metrics: not measured yet")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def choice_sentence(training: dict[str, Any] | None) -> str | None:
-    """How the shipped weights kind and input size were chosen, in words (None: no choice recorded).
-
-    Either on the run's own held-out training files, or, for a final run on every training file,
-    carried over from the pair that made it on its held-out files. Never on val.
-    """
-    sel = (training or {}).get("selection")
-    if not isinstance(sel, dict) or "weights" not in sel or "input_size" not in sel:
-        return None
-    what = f"{'EMA' if sel['weights'] == 'ema' else sel['weights']} weights at {sel['input_size']} px"
-    carried = sel.get("carried_from")
-    source = carried if isinstance(carried, dict) else sel
-    mean, images = source.get("mean_holdout_top1"), source.get("holdout_images", training.get("holdout_images"))
-    score = f" (the pair's mean held-out top-1: {100 * mean:.2f} %)" if isinstance(mean, (int, float)) else ""
-    files = f"{images} held-out training files" if images else "held-out training files"
-    if isinstance(carried, dict):
-        return (f"{what}, as pair `{carried.get('pair')}` chose on its {files}{score}; this model was then "
-                f"trained with the same recipe on every training file, val untouched")
-    return f"{what}, chosen on {files}, never on val{score}"
-
-
-def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in (metrics or {}).items():
-        if isinstance(v, dict):
-            out += _flat_metrics(v, f"{prefix}{k}.")
-        elif isinstance(v, (int, float, str, bool)):
-            out.append((f"{prefix}{k}", v))
-    return out
 
 
 def timings_markdown(timings, per_model: dict[str, dict[str, float]]) -> str:

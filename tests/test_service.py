@@ -97,7 +97,7 @@ def test_the_model_card_says_how_weights_and_size_were_chosen(carried):
                           training=training)
     pair = replace(pair, baseline=replace(pair.baseline, record=record), cbam=replace(pair.cbam, record=record))
     card = app_views.model_card_markdown(pair)
-    assert card.count("- Shipped as: EMA weights at 192 px") == 2
+    assert card.count("- Shipped as (both): EMA weights at 192 px") == 1
     assert "mean held-out top-1: 90.33 %" in card
     if carried:
         assert "as pair `resnet18-imagenette` chose on its 729 held-out training files" in card
@@ -107,6 +107,45 @@ def test_the_model_card_says_how_weights_and_size_were_chosen(carried):
     assert app_views.choice_sentence({"holdout_images": 0}) is None  # a run that chose nothing says nothing
     unnumbered = app_views.choice_sentence({"selection": {"weights": "raw", "input_size": 160}})
     assert unnumbered == "raw weights at 160 px, chosen on held-out training files, never on val"
+
+
+def test_the_model_card_puts_both_models_side_by_side_with_the_paired_difference_and_hardware():
+    from dataclasses import replace
+
+    from cbam_viz.weights import WeightRecord
+
+    classes = [{"id": "n0", "name": "tench"}, {"id": "n1", "name": "church"}]
+    diff = {"cbam_minus_baseline": -0.0013, "ci95": [-0.0092, 0.0066], "n": 3925, "n_boot": 10000,
+            "only_cbam_right": 122, "only_baseline_right": 127, "mcnemar_p": 0.8}
+
+    def record(arch, params, top1, per_class, hardware, recipe):
+        return WeightRecord(name=f"{arch}_x", file=f"{arch}_x.safetensors", arch=arch, sha256="ab" * 32,
+                            num_params=params, classes=classes, mean=[0.5] * 3, std=[0.5] * 3, input_size=192,
+                            recipe=recipe, training={"hardware": [hardware], "precision": ["bf16"], "epochs": 100,
+                                                     "wall_time_s": 8340.0, "holdout_images": 0},
+                            metrics={"val_top1": top1, "val_n": 3925, "val_per_class": per_class,
+                                     "val_paired_difference": diff, "eval_command": "python -m cbam_viz evaluate"})
+
+    recipe = {"epochs": 100, "sizes": [[0, 96], [90, 176]], "crop_scale": [0.25, 1.0], "mean": [0.5] * 3}
+    base = record("resnet18", 1000, 0.8989, {"n0": 0.9, "n1": 0.8}, "cpu: AMD EPYC, 2 threads", recipe)
+    cbam = record("resnet18_cbam", 1008, 0.8976, {"n0": 0.95, "n1": None}, "cuda: NVIDIA H100", recipe)
+    pair = make_service_pair("t", trained=True)
+    pair = replace(pair, baseline=replace(pair.baseline, record=base), cbam=replace(pair.cbam, record=cbam))
+    card = app_views.model_card_markdown(pair)
+    assert "| val top-1 (3,925 images) | **89.89 %** | **89.76 %** |" in card
+    assert "| parameters | 1,000 | 1,008 (+0.8 %) |" in card
+    assert "| trained on | cpu: AMD EPYC, 2 threads | cuda: NVIDIA H100 |" in card
+    assert "| epochs, wall time | 100, 139 min | 100, 139 min |" in card
+    assert "| data | every training file | every training file |" in card
+    assert ("**CBAM − baseline on val**: -0.13 points, 95 % paired bootstrap interval [-0.92, +0.66], 10,000 "
+            "resamples, on the same 3,925 images; 122 images only CBAM gets right, 127 only the baseline; "
+            "two-sided exact McNemar p = 0.8.") in card
+    assert "- Recipe (the same for both): epochs=100, sizes=0:96,90:176, crop_scale=0.25-1.0" in card
+    assert "| tench | 90.00 % | 95.00 % | +5.0 |" in card and "| church | 80.00 % | – | – |" in card
+    assert "flip" not in card  # not measured: no row, no sentence
+    other = replace(pair, cbam=replace(pair.cbam, record=replace(cbam, recipe={**recipe, "epochs": 90})))
+    card = app_views.model_card_markdown(other)
+    assert "- Recipe (baseline): epochs=100" in card and "- Recipe (CBAM): epochs=90" in card
 
 
 def test_unsure_prediction_names_the_known_classes(tiny_pair, image):
