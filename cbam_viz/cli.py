@@ -267,6 +267,32 @@ def _cmd_plot_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_card(args: argparse.Namespace) -> int:
+    """The About tab's card from the manifest alone (no weights loaded), for the README or a file."""
+    from cbam_viz.evaluate import resolve_models
+    from cbam_viz.model_card import records_card
+    from cbam_viz.pair import default_pair_name
+    from cbam_viz.weights import resolve_weights_dir
+
+    weights = resolve_weights_dir(args.weights)
+    try:
+        pair = args.pair or default_pair_name(weights)
+        if pair is None:
+            raise FileNotFoundError(f"no pair in {weights / 'manifest.json'}; train and export one first")
+        base, cbam = resolve_models(weights, pair=pair)
+    except (KeyError, FileNotFoundError, ValueError) as err:
+        print(f"model-card: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    card = records_card(pair, {"baseline": (base.name, base.arch, base), "CBAM": (cbam.name, cbam.arch, cbam)})
+    if args.out:
+        from cbam_viz.outputs import atomic_write_text
+
+        print(f"wrote {atomic_write_text(args.out, card + chr(10))}")
+    else:
+        print(card)
+    return 0
+
+
 # ---- issue 15: gate ablation, channel profiles per class, sanity check (model randomisation)
 
 
@@ -450,6 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="docs/training_curves.png", help="PNG to write")
     c.add_argument("--eval-size", type=int, help="monitoring image size, for the third panel's title")
     c.set_defaults(func=_cmd_plot_curves)
+
+    mc = sub.add_parser("model-card", help="the pair's model card (the About tab's) from the manifest, as Markdown")
+    mc.add_argument("--weights", help="folder holding manifest.json (default: $CBAM_VIZ_WEIGHTS_DIR, else the "
+                                      "repository's weights/)")
+    mc.add_argument("--pair", help="pair name in the manifest (default: the default pair)")
+    mc.add_argument("--out", help="write the Markdown to this file instead of printing it")
+    mc.set_defaults(func=_cmd_model_card)
 
     q = sub.add_parser("evaluate-cams", help="score both models' CAMs on boxed images (pointing game, energy, "
                        "MaxBoxAcc, ROAD-style faithfulness) with paired bootstrap intervals")

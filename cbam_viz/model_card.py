@@ -10,19 +10,30 @@ an untrained pair says so, a foreign pair (the ImageNet one) shows what its reco
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["model_card_markdown", "choice_sentence", "paired_sentence"]
+if TYPE_CHECKING:
+    from cbam_viz.weights import WeightRecord
+
+__all__ = ["model_card_markdown", "records_card", "choice_sentence", "paired_sentence"]
 
 #: Recipe keys left out of the recipe line: the input's normalisation gets a line of its own.
 _HIDDEN_RECIPE_KEYS = {"mean", "std"}
 
 
 def model_card_markdown(pair) -> str:
-    """A model card for ``pair`` (a :class:`cbam_viz.pair.ModelPair`) from its manifest records."""
-    models = {"baseline": pair.baseline, "CBAM": pair.cbam}
-    lines = [f"### Pair `{pair.name}`: {pair.baseline.arch} vs {pair.cbam.arch}", ""]
-    records = {role: (m.record if m.trained else None) for role, m in models.items()}
+    """A model card for a loaded ``pair`` (a :class:`cbam_viz.pair.ModelPair`) from its manifest records."""
+    return records_card(pair.name, {role: (m.name, m.arch, m.record if m.trained else None)
+                                    for role, m in (("baseline", pair.baseline), ("CBAM", pair.cbam))})
+
+
+def records_card(pair_name: str, models: Mapping[str, tuple[str, str, WeightRecord | None]]) -> str:
+    """The card from ``{"baseline": (name, arch, record or None), "CBAM": (...)}``: no model is loaded
+    (``python -m cbam_viz model-card`` prints it for the README from the manifest alone)."""
+    base_arch, cbam_arch = models["baseline"][1], models["CBAM"][1]
+    lines = [f"### Pair `{pair_name}`: {base_arch} vs {cbam_arch}", ""]
+    records = {role: record for role, (_, _, record) in models.items()}
     if not any(records.values()):
         return "\n".join(lines + ["Untrained: random weights, for trying the app only. Their numbers mean nothing."])
     lines += _side_by_side(models, records)
@@ -80,7 +91,7 @@ def choice_sentence(training: dict[str, Any] | None) -> str | None:
 
 # ------------------------------------------------------------------------------------ parts
 
-def _side_by_side(models: dict, records: dict) -> list[str]:
+def _side_by_side(models: Mapping[str, tuple], records: dict) -> list[str]:
     """The two models in one table; a row appears when at least one model has a value for it."""
     def row(label: str, value) -> list[str]:
         cells = [value(r) if r is not None else None for r in records.values()]
@@ -91,8 +102,8 @@ def _side_by_side(models: dict, records: dict) -> list[str]:
     base = records["baseline"]
     n_val = next((r.metrics.get("val_n") for r in records.values() if r is not None and r.metrics.get("val_n")), None)
     val = f"val top-1 ({n_val:,} images)" if n_val else "val top-1"
-    header = " | ".join(f"{role}: `{m.name}`" + ("" if records[role] else " (untrained)")
-                        for role, m in models.items())
+    header = " | ".join(f"{role}: `{name}`" + ("" if records[role] else " (untrained)")
+                        for role, (name, _, _) in models.items())
     out = [f"| | {header} |", "|---|---|---|"]
     out += row("architecture", lambda r: r.arch)
     out += row("parameters", lambda r: f"{r.num_params:,}" + (

@@ -210,3 +210,24 @@ def test_cli_pair_reports_the_paired_difference_and_the_flip_average(setup, tmp_
     assert metrics["val_top1"] == 0.5  # the plain figure is kept; the flip average sits beside it
     assert "val_hflip_top1" in metrics and "--hflip" in metrics["hflip_eval_command"]
     assert metrics["val_hflip_paired_difference"]["n"] == 12
+
+
+def test_model_card_command_prints_what_evaluate_stored_without_loading_weights(setup, tmp_path, capsys):
+    """The README's card comes from the manifest: after `evaluate --update-manifest` it carries the
+    paired difference; the weights files are not read (removed here), only the records."""
+    weights, data = setup
+    assert main(["evaluate", "--weights", str(weights), "--pair", "tiny", "--data", str(data), "--no-progress",
+                 "--update-manifest"]) == 0
+    for f in weights.glob("*.safetensors"):
+        f.unlink()
+    capsys.readouterr()
+    out = tmp_path / "card.md"
+    assert main(["model-card", "--weights", str(weights), "--out", str(out)]) == 0  # the only pair is the default
+    card = out.read_text()
+    top1 = read_manifest(weights)["models"]["resnet18_tiny"]["metrics"]["val_top1"]
+    assert card.startswith("### Pair `tiny`: resnet18 vs resnet18_cbam")
+    assert f"| val top-1 (12 images) | **{100 * top1:.2f} %** |" in card
+    assert "**CBAM − baseline on val**" in card and "on the same 12 images" in card
+    assert "| red thing |" in card  # per-class rows by class name
+    assert main(["model-card", "--weights", str(weights), "--pair", "nope"]) == 2
+    assert "known: tiny" in capsys.readouterr().err
