@@ -41,8 +41,8 @@ def records_card(pair_name: str, models: Mapping[str, tuple[str, str, WeightReco
     if base is not None and cbam is not None:
         for key, label in (("val_paired_difference", "CBAM − baseline on val"),
                            ("val_hflip_paired_difference", "With flip averaging (reported only; the app does not flip)")):
-            diff = base.metrics.get(key) or cbam.metrics.get(key)
-            if isinstance(diff, dict):
+            diff = base.metrics.get(key)  # evaluate stores one difference in both records of the pair
+            if isinstance(diff, dict) and diff == cbam.metrics.get(key):
                 lines += ["", f"**{label}**: {paired_sentence(diff)}"]
     lines += [""] + _choice_and_recipe(records)
     per_class = _per_class_table(records)

@@ -146,6 +146,8 @@ def test_the_model_card_puts_both_models_side_by_side_with_the_paired_difference
     other = replace(pair, cbam=replace(pair.cbam, record=replace(cbam, recipe={**recipe, "epochs": 90})))
     card = app_views.model_card_markdown(other)
     assert "- Recipe (baseline): epochs=100" in card and "- Recipe (CBAM): epochs=90" in card
+    retrained = replace(pair, cbam=replace(pair.cbam, record=replace(cbam, metrics={"val_top1": 0.9})))
+    assert "CBAM − baseline" not in app_views.model_card_markdown(retrained)  # one record's old difference
 
 
 def test_unsure_prediction_names_the_known_classes(tiny_pair, image):
