@@ -313,22 +313,29 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
     controls = [pair, method, target, layer, alpha]
     demo.load(on_load, outputs=[pair, examples, quality_md, quality_fig, q_metric, q_method, q_direction, q_note,
                                 method_md, pair_md, target, layer, about_md], api_visibility="private")
+    # The answers about the shown result (downloads, a clicked point, the gate ablation: seconds each)
+    # are cancelled when another result is shown, so a late one never lands under the new photo.
+    about_result = [
+        downloads_btn.click(build_downloads, inputs=[current, items_state], outputs=[downloads],
+                            api_visibility="private"),
+        probe_img.select(probe, inputs=[current], outputs=[probe_plot, probe_md], api_visibility="private",
+                         show_progress="hidden"),
+        # ~25 forwards: one at a time, so that explanations keep the cores.
+        ablate_btn.click(ablate, inputs=[current], outputs=[ablation_plot, ablation_table, ablation_md],
+                         api_visibility="private", concurrency_limit=1, concurrency_id="research"),
+    ]
     examples.click(load_example, inputs=[examples], outputs=[image], api_visibility="private",
-                   show_progress="hidden").then(explain_example, inputs=[examples, *controls], outputs=explained,
-                                                api_visibility="private")
+                   show_progress="hidden", cancels=about_result).then(
+        explain_example, inputs=[examples, *controls], outputs=explained, api_visibility="private")
     pair.change(on_pair_change, inputs=[pair], outputs=[pair_md, target, layer, about_md],
                 api_visibility="private")
     method.change(on_method_change, inputs=[method], outputs=[method_md], api_visibility="private", queue=False)
     # show_progress "full" (the default): the queue position while waiting, gr.Progress steps while running.
     run.click(explain_ui, inputs=[image, files, *controls], outputs=explained, api_name="explain_ui",
-              api_visibility="undocumented", preprocess=False)
-    picker.change(show_item, inputs=[picker, items_state], outputs=[status, *view], api_visibility="private")
-    downloads_btn.click(build_downloads, inputs=[current, items_state], outputs=[downloads], api_visibility="private")
-    probe_img.select(probe, inputs=[current], outputs=[probe_plot, probe_md], api_visibility="private",
-                     show_progress="hidden")
-    # ~25 forwards: one at a time, so that explanations keep the cores.
-    ablate_btn.click(ablate, inputs=[current], outputs=[ablation_plot, ablation_table, ablation_md],
-                     api_visibility="private", concurrency_limit=1, concurrency_id="research")
+              api_visibility="undocumented", preprocess=False, cancels=about_result)
+    # ``input``: a person's pick; Explain and the examples set the picker with the view already filled.
+    picker.input(show_item, inputs=[picker, items_state], outputs=[status, *view], api_visibility="private",
+                 cancels=about_result)
     api_button.click(explain_api, inputs=[image, method, target, layer, alpha, pair],
                      outputs=[api_summary, api_base, api_cbam, api_composite, api_attention, api_files],
                      api_name="explain", preprocess=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -28,7 +29,7 @@ from PIL import Image
 
 from cbam_viz import service
 from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET
-from cbam_viz.messages import UserFacingError, classes_sentence
+from cbam_viz.messages import UserFacingError, classes_sentence, escape_markdown
 from cbam_viz.model_card import choice_sentence, model_card_markdown
 from cbam_viz.outputs import atomic_write_bytes
 from cbam_viz.pair import pair_names
@@ -44,6 +45,7 @@ __all__ = [
     "ABLATION_COLUMNS", "choice_sentence",
 ]
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 QUALITY_DOC = ROOT / "docs" / "explanation_quality.md"
 QUALITY_FIGURE = ROOT / "docs" / "explanation_quality" / "summary.png"
@@ -149,7 +151,7 @@ def timings_line(timings) -> str:
 
 def status_markdown(warnings, failures) -> str:
     lines = [f"> **Note:** {w}" for w in warnings]
-    lines += [f"> **Skipped {name}:** {reason}" for name, reason in failures]
+    lines += [f"> **Skipped {escape_markdown(name)}:** {escape_markdown(reason)}" for name, reason in failures]
     return "\n\n".join(lines)
 
 
@@ -437,8 +439,13 @@ def pair_view(pair_name: str | None) -> PairView:
     except UserFacingError as err:
         return PairView(f"> **Error:** {err}", None, None, f"> **Error:** {err}", error=str(err))
     info = service.describe_pair(pair)
+    try:
+        card = model_card_markdown(pair)
+    except Exception:  # noqa: BLE001  a malformed manifest record must not keep the page from loading
+        log.exception("model card of pair %r failed", pair.name)
+        card = "> The model card could not be drawn from this pair's manifest records (see the server log)."
     return PairView(pair_markdown(info), Choices(info.targets, AUTO_TARGET), Choices(info.layer_choices, AUTO_LAYER),
-                    model_card_markdown(pair))
+                    card)
 
 
 @dataclass(frozen=True)

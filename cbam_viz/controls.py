@@ -23,7 +23,7 @@ import numpy as np
 from torch import nn
 
 from cbam_viz.cam import default_layer, list_methods, resolve_layer
-from cbam_viz.messages import UserFacingError
+from cbam_viz.messages import SHOWN_CLASSES, UserFacingError
 
 __all__ = [
     "AUTO_TARGET", "AUTO_LAYER", "DEFAULT_METHOD", "Controls", "list_methods", "block_names", "check_method",
@@ -36,7 +36,6 @@ AUTO_TARGET = "auto (predicted class)"
 AUTO_LAYER = "auto (last block)"
 DEFAULT_METHOD = "gradcam"
 _BLOCK_RE = re.compile(r"^layer\d+\.\d+$")
-_SHOWN_CLASSES = 20
 
 
 def _is_auto(value, sentinel: str) -> bool:
@@ -90,7 +89,7 @@ def check_target(target, classes: Sequence[str], class_ids: Sequence[str] = ()) 
         if not name.isdigit():
             close = difflib.get_close_matches(name, classes, n=3, cutoff=0.6)
             hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close else
-                    f"the classes are: {', '.join(classes[:_SHOWN_CLASSES])}{', ...' if n > _SHOWN_CLASSES else ''}.")
+                    f"the classes are: {', '.join(classes[:SHOWN_CLASSES])}{', ...' if n > SHOWN_CLASSES else ''}.")
             raise UserFacingError(f"Unknown target class {target!r}; {hint}")
         target = int(name)
     index = int(target)

@@ -9,9 +9,10 @@ callers of :func:`cbam_viz.explain.explain` keep catching a wrong method, target
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
-__all__ = ["UserFacingError", "classes_sentence", "first_sentence", "format_error"]
+__all__ = ["UserFacingError", "SHOWN_CLASSES", "classes_sentence", "escape_markdown", "first_sentence", "format_error"]
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,28 @@ def first_sentence(err: BaseException | str, limit: int = 300) -> str:
     return text if text.endswith((".", "!", "?")) else text + "."
 
 
+#: How many class names a sentence lists (an ImageNet pair knows 1,000: the page would drown in them).
+SHOWN_CLASSES = 20
+
+
 def classes_sentence(classes: Sequence[str]) -> str:
-    """"The models only know these N classes: a, b, c" (no full stop: callers go on or add one)."""
-    return f"The models only know these {len(classes)} classes: {', '.join(classes)}"
+    """"The models only know these N classes: a, b, c" (no full stop: callers go on or add one).
+
+    Up to :data:`SHOWN_CLASSES` names; a longer list ends with how many more there are.
+    """
+    if len(classes) <= SHOWN_CLASSES:
+        return f"The models only know these {len(classes)} classes: {', '.join(classes)}"
+    return (f"The models only know these {len(classes):,} classes: {', '.join(classes[:SHOWN_CLASSES])} "
+            f"and {len(classes) - SHOWN_CLASSES:,} more")
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()!<>|#~])")
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` shown literally in Markdown: a file name such as ``[Sign in](https:x).jpg`` (legal on
+    Linux and macOS, and any client can send one) must not become a link on someone's page."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
 
 
 def format_error(err: BaseException) -> str:

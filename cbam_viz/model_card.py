@@ -11,6 +11,7 @@ an untrained pair says so, a foreign pair (the ImageNet one) shows what its reco
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,8 +43,9 @@ def records_card(pair_name: str, models: Mapping[str, tuple[str, str, WeightReco
         for key, label in (("val_paired_difference", "CBAM − baseline on val"),
                            ("val_hflip_paired_difference", "With flip averaging (reported only; the app does not flip)")):
             diff = base.metrics.get(key)  # evaluate stores one difference in both records of the pair
-            if isinstance(diff, dict) and diff == cbam.metrics.get(key):
-                lines += ["", f"**{label}**: {paired_sentence(diff)}"]
+            sentence = paired_sentence(diff) if isinstance(diff, dict) and diff == cbam.metrics.get(key) else None
+            if sentence:
+                lines += ["", f"**{label}**: {sentence}"]
     lines += [""] + _choice_and_recipe(records)
     per_class = _per_class_table(records)
     if per_class:
@@ -51,20 +53,30 @@ def records_card(pair_name: str, models: Mapping[str, tuple[str, str, WeightReco
     return "\n".join(lines)
 
 
-def paired_sentence(diff: dict[str, Any]) -> str:
-    """``evaluate``'s paired difference in one sentence: points, interval, discordant images, McNemar."""
+def paired_sentence(diff: dict[str, Any]) -> str | None:
+    """``evaluate``'s paired difference in one sentence: points, interval, discordant images, McNemar.
+
+    None without a difference; a field that is missing or not a number is left out (a hand-edited
+    manifest must not take the page down).
+    """
+    def num(key):
+        v = diff.get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    if num("cbam_minus_baseline") is None:
+        return None
     text = f"{100 * diff['cbam_minus_baseline']:+.2f} points"
     ci = diff.get("ci95")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2:
-        boot = f", {diff['n_boot']:,} resamples" if diff.get("n_boot") else ""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        boot = f", {num('n_boot'):,} resamples" if num("n_boot") else ""
         text += f", 95 % paired bootstrap interval [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]{boot}"
-    if "n" in diff:
-        text += f", on the same {diff['n']:,} images"
-    if "only_cbam_right" in diff and "only_baseline_right" in diff:
-        text += (f"; {diff['only_cbam_right']} images only CBAM gets right, {diff['only_baseline_right']} only "
+    if num("n") is not None:
+        text += f", on the same {num('n'):,} images"
+    if num("only_cbam_right") is not None and num("only_baseline_right") is not None:
+        text += (f"; {num('only_cbam_right')} images only CBAM gets right, {num('only_baseline_right')} only "
                  f"the baseline")
-    if "mcnemar_p" in diff:
-        text += f"; two-sided exact McNemar p = {diff['mcnemar_p']:.2g}"
+    if num("mcnemar_p") is not None:
+        text += f"; two-sided exact McNemar p = {num('mcnemar_p'):.2g}"
     return text + "."
 
 
@@ -119,7 +131,7 @@ def _side_by_side(models: Mapping[str, tuple], records: dict) -> list[str]:
     out += row("epochs, wall time", lambda r: _epochs_and_time(r.training))
     out += row("data", lambda r: r.training.get("data") or _training_files(r.training))
     out += row("software", lambda r: f"torch {r.training['torch']}" if r.training.get("torch") else None)
-    out += row("weights file", lambda r: f"`{r.file}`" + (f" (sha256 `{r.sha256[:12]}…`)" if r.sha256 else ""))
+    out += row("weights file", lambda r: f"`{_file_name(r.file)}`" + (f" (sha256 `{r.sha256[:12]}…`)" if r.sha256 else ""))
     return out
 
 
@@ -127,7 +139,7 @@ def _choice_and_recipe(records: dict) -> list[str]:
     trained = {role: r for role, r in records.items() if r is not None}
     out = []
     choices = {role: choice_sentence(r.training) for role, r in trained.items()}
-    if len(set(choices.values())) == 1 and None not in choices.values():
+    if len(choices) == 2 and len(set(choices.values())) == 1 and None not in choices.values():
         out.append(f"- Shipped as (both): {next(iter(choices.values()))}")
     else:
         out += [f"- Shipped as ({role}): {c}" for role, c in choices.items() if c]
@@ -188,6 +200,11 @@ def _training_files(training: dict[str, Any]) -> str | None:
     if held is None:
         return None
     return "every training file" if held == 0 else f"training files but {held} held out"
+
+
+def _file_name(file: str) -> str:
+    """A URL as it is; a local path by its name only (the page must not show the server's folders)."""
+    return file if "://" in file else PurePath(file).name
 
 
 def _pct(value, *, bold: bool = False) -> str | None:

@@ -159,7 +159,8 @@ def npz_arrays(explanation, image=None) -> dict[str, np.ndarray]:
 def safe_stem(name: str) -> str:
     """A file-name stem safe on every OS, from an upload's name."""
     stem = Path(name).stem if name else "image"
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
+    stem = re.sub(r"\.{2,}", ".", stem).strip("._") or "image"  # no "..": result ids refuse it
     return stem[:80]
 
 

@@ -157,6 +157,22 @@ def test_view_components_match_the_layout(app):
     assert type(app.view[V["ablation_table"]]).__name__ == "Dataframe"
 
 
+def test_showing_another_result_cancels_the_answers_about_the_previous_one(app):
+    """A slow gate ablation or download started on photo 1 must not land under photo 2: Explain, an
+    example and the picker cancel them (Gradio adds a cancel step to each of those events)."""
+    deps = app.demo.get_config_file()["dependencies"]
+
+    def ids(component, event):
+        return [d["id"] for d in deps if [component._id, event] in [list(t) for t in d["targets"]]]
+
+    slow = {*ids(app.ablate_btn, "click"), *ids(app.downloads_btn, "click"), *ids(app.probe_img, "select")}
+    assert len(slow) == 3
+    for component, event in ((app.run, "click"), (app.picker, "input"), (app.examples, "click")):
+        cancelling = [set(d["cancels"]) for d in deps
+                      if d["id"] in ids(component, event) and d.get("cancels")]
+        assert cancelling == [slow], (component, event)
+
+
 def _item_stub() -> dict:
     return {"labels": {"baseline": {}, "cbam": {}}, "photo": "p.jpg",
             "overlays": {"baseline": "b.jpg", "cbam": "c.jpg"},

@@ -425,3 +425,52 @@ def test_spatial_value_at_a_point(use_pair, image, tmp_path):
     assert all(values[b] == pytest.approx(float(m[-1, 0])) for b, m in maps.items())  # bottom-left cell
     with pytest.raises(UserFacingError, match="inside the photo"):
         service.spatial_at(r.result_id, -1, 5, root=tmp_path)
+
+
+def test_a_file_name_with_dots_keeps_its_result_usable(use_service_pair, tmp_path):
+    """`2024..05..01.jpg` gave a result id with "..", which every later button refused."""
+    assert ".." not in outputs.safe_stem("2024..05..01.jpg") and outputs.safe_stem("..") == "image"
+    batch = service.explain_files([make_image(tmp_path / "photo.png")], names=["2024..05..01.jpg"],
+                                  out_root=tmp_path / "out")
+    values = service.spatial_at(batch.results[0].result_id, 5, 5, root=tmp_path / "out")
+    assert len(values) == len(block_names(use_service_pair.cbam.model))
+
+
+def test_page_text_stays_readable_and_inert():
+    from cbam_viz.messages import classes_sentence
+
+    many = classes_sentence([f"class {i}" for i in range(1000)])  # an ImageNet pair
+    assert many.startswith("The models only know these 1,000 classes: class 0, class 1") and len(many) < 400
+    assert many.endswith("class 19 and 980 more")
+    status = app_views.status_markdown([], [("[Sign in again](https:evil.com).jpg", "not an image")])
+    assert "](" not in status and r"\[Sign in again\]" in status
+
+
+def test_a_broken_record_costs_the_card_not_the_page(monkeypatch, use_service_pair):
+    from cbam_viz.model_card import paired_sentence
+
+    assert paired_sentence({"n": 3}) is None  # no difference: no sentence
+    assert paired_sentence({"cbam_minus_baseline": 0.01, "mcnemar_p": None}) == "+1.00 points."
+
+    def broken(pair):
+        raise KeyError("cbam_minus_baseline")
+
+    monkeypatch.setattr(app_views, "model_card_markdown", broken)
+    view = app_views.pair_view(None)
+    assert "could not be drawn" in view.card and view.error is None and view.targets is not None
+
+
+def test_the_card_of_a_half_trained_or_foreign_pair_claims_nothing_for_the_other_model():
+    from dataclasses import replace
+
+    from cbam_viz.weights import WeightRecord
+
+    rec = WeightRecord(name="r", file="/srv/secret/folder/RN50_CBAM.pth", arch="resnet18_cbam", sha256="",
+                       num_params=2, classes=[{"id": "n0", "name": "tench"}], mean=[0.5] * 3, std=[0.5] * 3,
+                       input_size=64, training={"selection": {"weights": "ema", "input_size": 64}})
+    pair = make_service_pair("t", trained=True)
+    pair = replace(pair, baseline=replace(pair.baseline, trained=False), cbam=replace(pair.cbam, record=rec))
+    card = app_views.model_card_markdown(pair)
+    assert "- Shipped as (CBAM): EMA weights at 64 px" in card and "(both)" not in card
+    assert "`RN50_CBAM.pth`" in card and "/srv/secret" not in card  # the server's folders stay private
+    assert "(untrained)" in card
