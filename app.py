@@ -77,20 +77,25 @@ def _pair_outputs(view: views.PairView) -> tuple:
     return view.markdown, _update(view.targets), _update(view.layers), view.card
 
 
-def on_load():
-    """Fill the page once it is open: pairs, examples, the quality tab, the chosen pair's parts."""
-    page = _run(views.page_view)
+def on_load(pair_name=None, method=None, target=None, layer=None, result_id=None):
+    """Fill the page once it is open: pairs, examples, the quality tab, the chosen pair's parts.
+
+    Takes the controls' values and the shown result as the page opened: a shared link restores the
+    result, and the page reopens with the controls that made it.
+    """
+    page = _run(views.page_view, method, pair_name=pair_name, target=target, layer=layer, result_id=result_id)
     return (_update(page.pairs), gr.Dataset(samples=[[path] for path, _ in page.examples],
                                             sample_labels=[caption for _, caption in page.examples],
                                             visible=bool(page.examples)),
             page.quality_markdown, gr.update(value=page.quality_figure, visible=page.quality_figure is not None),
             _update(page.quality_metrics), _update(page.quality_methods), _update(page.quality_directions),
-            page.quality_note, page.method_note, *_pair_outputs(page.pair))
+            page.quality_note, page.method, page.method_note, *_pair_outputs(page.pair))
 
 
-def on_pair_change(pair_name: str):
-    """Fill the pair-dependent parts of the page (classes, layers, warnings, model card)."""
-    return _pair_outputs(views.pair_view(pair_name))
+def on_pair_change(pair_name: str, target=None, layer=None):
+    """Fill the pair-dependent parts of the page (classes, layers, warnings, model card); the target
+    and layer stay where the pair offers them."""
+    return _pair_outputs(views.pair_view(pair_name, target=target, layer=layer))
 
 
 def on_method_change(method: str):
@@ -311,8 +316,10 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
             timings_line, timings, current, downloads, probe_plot, probe_md, ablation_plot, ablation_table, ablation_md]
     explained = [items_state, picker, status, *view]
     controls = [pair, method, target, layer, alpha]
-    demo.load(on_load, outputs=[pair, examples, quality_md, quality_fig, q_metric, q_method, q_direction, q_note,
-                                method_md, pair_md, target, layer, about_md], api_visibility="private")
+    # preprocess=False: a shared link restores the pair's value before on_load gives the dropdown its choices.
+    demo.load(on_load, inputs=[pair, method, target, layer, current], preprocess=False,
+              outputs=[pair, examples, quality_md, quality_fig, q_metric, q_method, q_direction, q_note, method,
+                       method_md, pair_md, target, layer, about_md], api_visibility="private")
     # The answers about the shown result (downloads, a clicked point, the gate ablation: seconds each)
     # are cancelled when another result is shown, so a late one never lands under the new photo.
     about_result = [
@@ -327,7 +334,7 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
     examples.click(load_example, inputs=[examples], outputs=[image], api_visibility="private",
                    show_progress="hidden", cancels=about_result).then(
         explain_example, inputs=[examples, *controls], outputs=explained, api_visibility="private")
-    pair.change(on_pair_change, inputs=[pair], outputs=[pair_md, target, layer, about_md],
+    pair.change(on_pair_change, inputs=[pair, target, layer], outputs=[pair_md, target, layer, about_md],
                 api_visibility="private")
     method.change(on_method_change, inputs=[method], outputs=[method_md], api_visibility="private", queue=False)
     # show_progress "full" (the default): the queue position while waiting, gr.Progress steps while running.

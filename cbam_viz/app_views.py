@@ -432,8 +432,12 @@ class PairView:
     error: str | None = None
 
 
-def pair_view(pair_name: str | None) -> PairView:
-    """What depends on the chosen pair; never raises (an unloadable pair is said in the page)."""
+def pair_view(pair_name: str | None, *, target: str | None = None, layer: str | None = None) -> PairView:
+    """What depends on the chosen pair; never raises (an unloadable pair is said in the page).
+
+    ``target`` and ``layer`` (the controls' current values) are kept where the pair offers them, so a
+    shared link reopens with its own controls and a pair switch keeps what still applies; else auto.
+    """
     try:
         pair = service.get_pair(pair_name)
     except UserFacingError as err:
@@ -444,8 +448,8 @@ def pair_view(pair_name: str | None) -> PairView:
     except Exception:  # noqa: BLE001  a malformed manifest record must not keep the page from loading
         log.exception("model card of pair %r failed", pair.name)
         card = "> The model card could not be drawn from this pair's manifest records (see the server log)."
-    return PairView(pair_markdown(info), Choices(info.targets, AUTO_TARGET), Choices(info.layer_choices, AUTO_LAYER),
-                    card)
+    return PairView(pair_markdown(info), Choices(info.targets, target if target in info.targets else AUTO_TARGET),
+                    Choices(info.layer_choices, layer if layer in info.layer_choices else AUTO_LAYER), card)
 
 
 @dataclass(frozen=True)
@@ -460,22 +464,46 @@ class PageView:
     method_note: str = ""
     quality_metrics: Choices = field(default_factory=lambda: Choices([], None))
     quality_directions: Choices = field(default_factory=lambda: Choices([], None))
+    method: str = "gradcam"     # the CAM method the page shows (a shared link's, else as it opened)
 
 
-def page_view(method: str | None = "gradcam") -> PageView:
-    """Everything the page loads once it is open (nothing of it is read at import)."""
+def page_view(method: str | None = "gradcam", *, pair_name: str | None = None, target: str | None = None,
+              layer: str | None = None, result_id: str | None = None) -> PageView:
+    """Everything the page loads once it is open (nothing of it is read at import).
+
+    The controls' values as the page opened are kept where they still apply: the pair if the manifest
+    has it, target and layer if that pair offers them (:func:`pair_view`). A shared link also brings
+    its result's id: then the controls are those that made that result (read from its JSON), since
+    the page only learns a dropdown's value when an event sends it.
+    """
+    method, pair_name, target, layer = _controls_of_result(result_id) or (method, pair_name, target, layer)
     pairs = pair_names()
+    chosen = pair_name if pair_name in pairs else pairs[0]
     report, note = quality_report()
     from cbam_viz.quality.view import DIRECTIONS, method_choices, metric_choices
 
     methods = method_choices(report) if report else ["gradcam"]
     metrics = metric_choices()
-    return PageView(pairs=Choices(pairs, pairs[0]), examples=examples(), quality_markdown=quality_markdown(),
+    return PageView(pairs=Choices(pairs, chosen), examples=examples(), quality_markdown=quality_markdown(),
                     quality_figure=quality_figure(), quality_methods=Choices(methods, methods[0]),
-                    quality_note=note, pair=pair_view(pairs[0]), method_note=method_note(method),
+                    quality_note=note, pair=pair_view(chosen, target=target, layer=layer),
+                    method_note=method_note(method or "gradcam"), method=method or "gradcam",
                     quality_metrics=Choices(metrics, "energy" if any(k == "energy" for _, k in metrics) else
                                             metrics[0][1]),
                     quality_directions=Choices(list(DIRECTIONS), next(iter(DIRECTIONS))))
+
+
+def _controls_of_result(result_id: str | None) -> tuple[str, str, str, str] | None:
+    """(method, pair, target, layer) as they made result ``result_id``; None for no or a gone result."""
+    if not result_id:
+        return None
+    try:
+        summary = service.load_result(result_id).summary
+    except UserFacingError:
+        return None
+    request = summary.get("target_request")
+    target = request["label"] if isinstance(request, dict) else AUTO_TARGET
+    return summary.get("method"), summary.get("pair"), target, summary.get("layer")
 
 
 def example_image(index: int | None) -> str | None:

@@ -45,7 +45,7 @@ from typing import Any
 from PIL import Image
 
 from cbam_viz import outputs, render, zerogpu
-from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, block_names, check_controls
+from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, block_names, check_controls, check_target
 from cbam_viz.explain import Explanation, ModelExplanation, Prediction, explain
 from cbam_viz.faithfulness import pair_confidence_drop
 from cbam_viz.messages import UserFacingError, classes_sentence, first_sentence, format_error
@@ -406,6 +406,10 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
                                                       unsure_margin=unsure_margin)]
     summary = _summary(name=name, image=image, original_size=original_size, explanation=explanation,
                        pair=pair, info=info, alpha=alpha, warnings=warnings, timings=timings)
+    # What was asked for (auto: each model explains its own prediction), so a shared link can reopen
+    # the page with the controls that made this result.
+    asked = None if controls.target is None else check_target(controls.target, pair.cbam.classes, pair.cbam.class_ids)
+    summary["target_request"] = None if asked is None else {"index": asked, "label": pair.cbam.classes[asked]}
     if drops is not None:
         summary["faithfulness"] = faithfulness_summary(drops)
     return Analysis(name=name, image=image, original_size=original_size, explanation=explanation,

@@ -111,8 +111,8 @@ class _Select:
     ("explain_api", "api_explain", ("img", "gradcam", "auto", "layer3.1", 0.3, "pair")),
     ("info_api", "api_info", ("pair",)),
     ("show_differences", "quality_differences", ("energy", "gradcam", "CBAM better", 3)),
-    ("on_pair_change", "pair_view", ("pair",)),
-    ("on_load", "page_view", ()),
+    ("on_pair_change", "pair_view", ("pair", "church", "layer3.1")),
+    ("on_load", "page_view", ("pair", "gradcam++", "church", "layer3.1")),
     ("load_example", "example_image", (2,)),
 ])
 def test_each_event_function_is_one_library_call(app, monkeypatch, handler, view, args):
@@ -133,7 +133,7 @@ def test_each_event_function_is_one_library_call(app, monkeypatch, handler, view
 
     monkeypatch.setattr(app_views, view, recorder)
     monkeypatch.setattr(app_views, "pair_view", recorder if view == "pair_view" else
-                        lambda name: app_views.PairView("md", None, None, "card"))
+                        lambda name, **kw: app_views.PairView("md", None, None, "card"))
     getattr(app, handler)(*args)
     assert len(calls) == 1
     flat = [*calls[0][0], *calls[0][1].values()]
@@ -383,11 +383,39 @@ def test_errors_reach_the_page_as_one_sentence(app, use_service_pair, tmp_path):
         app.show_item("", [])
 
 
+def test_a_shared_link_reopens_with_its_controls_and_a_pair_switch_keeps_what_applies(app, use_service_pair):
+    """A deep link restores pair, method, target and layer before the page loads; the load keeps them
+    (it used to reset them to the first pair and auto), and an unknown value falls back to auto."""
+    pairs, *_, method, method_md, _, target, layer, _ = app.on_load("untrained", "scorecam", "church", "layer3.1")
+    assert pairs["value"] == "untrained" and method == "scorecam" and method_md == app_views.method_note("scorecam")
+    assert (target["value"], layer["value"]) == ("church", "layer3.1")
+    pairs, *_, target, layer, _ = app.on_load("gone-pair", None, "zebra", "layer9.9")
+    assert pairs["value"] == pairs["choices"][0] and (target["value"], layer["value"]) == (app.AUTO_TARGET,
+                                                                                             app.AUTO_LAYER)
+    _, target, layer, _ = app.on_pair_change("untrained", "church", "layer2.0")
+    assert (target["value"], layer["value"]) == ("church", "layer2.0")
+
+
+def test_a_shared_results_controls_come_from_the_result_itself(app, use_service_pair, upload):
+    """The page learns a dropdown's value only when an event sends it, so a link restores the result
+    id and the page takes the controls that made that result from its JSON."""
+    _, _, _, *shown = app.explain_ui(upload, None, use_service_pair.name, "gradcam++", "church", "layer3.1", 0.5)
+    rid = shown[V["current"]]
+    pairs, *_, method, _, _, target, layer, _ = app.on_load(None, "gradcam", app.AUTO_TARGET, app.AUTO_LAYER, rid)
+    assert (method, target["value"], layer["value"]) == ("gradcam++", "church", "layer3.1")
+    _, _, _, *shown = app.explain_ui(upload, None, use_service_pair.name, "gradcam", app.AUTO_TARGET, app.AUTO_LAYER,
+                                     0.5)
+    *_, target, layer, _ = app.on_load(None, "scorecam", "church", None, shown[V["current"]])
+    assert target["value"] == app.AUTO_TARGET and layer["value"] == "layer4.1"  # auto, and the block it resolved to
+    *_, method, _, _, target, _, _ = app.on_load(None, "scorecam", "church", None, "req-gone/00_x")
+    assert (method, target["value"]) == ("scorecam", "church")  # a result that is gone: the page's own values
+
+
 def test_page_load_fills_the_page(app, use_service_pair):
     import gradio as gr
 
-    (pairs, examples, quality_md, quality_fig, q_metric, q_method, q_direction, q_note, method_md, pair_md, target,
-     layer, card) = app.on_load()
+    (pairs, examples, quality_md, quality_fig, q_metric, q_method, q_direction, q_note, method, method_md, pair_md,
+     target, layer, card) = app.on_load()
     from cbam_viz.quality.view import DIRECTIONS, metric_choices
 
     assert q_metric["choices"] == metric_choices() and q_metric["value"] == "energy"
@@ -397,7 +425,7 @@ def test_page_load_fills_the_page(app, use_service_pair):
     assert "Pointing game" in quality_md and "![" not in quality_md
     assert q_method["value"] in q_method["choices"]
     assert f"`{use_service_pair.name}`" in pair_md and "Untrained" in card
-    assert method_md == app_views.method_note("gradcam")
+    assert method == "gradcam" and method_md == app_views.method_note("gradcam")
     assert target["choices"] == [app.AUTO_TARGET, *use_service_pair.cbam.classes] and layer["value"] == app.AUTO_LAYER
     if app_views.examples():
         assert app.load_example(0) == app_views.examples()[0][0]

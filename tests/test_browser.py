@@ -361,8 +361,10 @@ def test_gate_ablation_button(page):
 
 
 def test_deep_link_reopens_the_result(page, app):
-    """The share button makes a link; opening it shows the same CAMs, and the downloads still build from it."""
+    """The share button makes a link; opening it shows the same CAMs with the controls that made them
+    (the explain flow left a non-default method and target), and the downloads still build from it."""
     shown = {i: cam_overlay(page, i) for i in ("cam_baseline", "cam_cbam")}
+    controls = {e: comp(page, e).locator("input[role=combobox]").input_value() for e in ("cam_method", "target_class")}
     share = page.get_by_role("button", name=re.compile("Share this result"))
     with page.expect_response(lambda r: "gradio_api/deep_link" in r.url, timeout=60_000) as resp:
         share.click()
@@ -377,6 +379,8 @@ def test_deep_link_reopens_the_result(page, app):
         for elem_id, srcs in shown.items():
             assert [_pixels(other, s) for s in cam_overlay(other, elem_id)] == [_pixels(page, s) for s in srcs], \
                 f"{elem_id}: the deep link shows another picture"
+        reopened = {e: comp(other, e).locator("input[role=combobox]").input_value() for e in controls}
+        assert reopened == controls, "the deep link reopened with other controls than the result's"
         other.locator("#downloads_button").click()
         comp(other, "downloads").locator("a[href]").first.wait_for(timeout=RESULT_TIMEOUT_MS)
     finally:
