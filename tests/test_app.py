@@ -151,6 +151,7 @@ V = {name: i for i, name in enumerate(("base_label", "base_cam", "cbam_label", "
 def test_view_components_match_the_layout(app):
     """explain_ui's values line up with the components it fills (a new component cannot shift them silently)."""
     assert len(app.view) == len(V) == len(app_views._components(_item_stub()))
+    assert app_views._components(_item_stub())[app_views._TIMINGS_LINE_AT] == "the timings line"
     assert {type(app.view[V[k]]).__name__ for k in ("base_cam", "cbam_cam", "compare")} == {"ImageSlider"}
     assert type(app.view[V["channel"]]).__name__ == "LinePlot" and type(app.view[V["probe_plot"]]).__name__ == "BarPlot"
     assert type(app.view[V["ablation_plot"]]).__name__ == "BarPlot"
@@ -177,7 +178,7 @@ def _item_stub() -> dict:
     return {"labels": {"baseline": {}, "cbam": {}}, "photo": "p.jpg",
             "overlays": {"baseline": "b.jpg", "cbam": "c.jpg"},
             "faithfulness": None, "faithfulness_md": "", "sheet": None, "channel": {"layer1.0": [0.5]},
-            "timings_line": "", "timings_md": "", "result_id": "req-x/00_a"}
+            "timings_line": "the timings line", "timings_md": "", "result_id": "req-x/00_a"}
 
 
 def _open_size(path) -> tuple[int, int]:
@@ -187,9 +188,10 @@ def _open_size(path) -> tuple[int, int]:
 
 def test_explain_and_picker_in_process(app, use_service_pair, upload, tmp_path):
     second = {"path": str(make_image(tmp_path / "b.jpg", size=(64, 64), seed=3)), "orig_name": "b.jpg"}
-    items, picker, status, *shown = app.explain_ui(upload, [second], None, "gradcam", app.AUTO_TARGET,
+    broken = {"path": str(make_broken_image(tmp_path / "holiday.png")), "orig_name": "holiday.png"}
+    items, picker, status, *shown = app.explain_ui(upload, [second, broken], None, "gradcam", app.AUTO_TARGET,
                                                    app.AUTO_LAYER, 0.5)
-    assert [it["name"] for it in items] == ["my street.png", "b.jpg"]
+    assert [it["name"] for it in items] == ["my street.png", "b.jpg"] and "Skipped holiday.png" in status
     assert picker["choices"] and picker["visible"] is True and picker["value"] == "1. my street.png"
     labels = shown[V["base_label"]]
     assert set(labels) <= set(use_service_pair.cbam.classes)
@@ -207,6 +209,7 @@ def test_explain_and_picker_in_process(app, use_service_pair, upload, tmp_path):
     assert "untrained" in status  # the untrained pair is said plainly
     assert shown[V["downloads"]] is None  # built on demand
     status2, *shown2 = app.show_item("2. b.jpg", items)
+    assert "Skipped holiday.png" in status2  # the batch's skipped file is still said on its other images
     assert _open_size(shown2[V["base_cam"]][1]) == (64, 64)
     assert shown2[V["current"]] == items[1]["result_id"] != items[0]["result_id"]
 
@@ -303,7 +306,9 @@ def test_examples_answer_from_the_cache_after_their_first_use(app, use_service_p
     app_views._EXAMPLE_CACHE.clear()
     first = app.explain_example(0, None, "gradcam", app.AUTO_TARGET, app.AUTO_LAYER, 0.5)
     second = app.explain_example(0, None, "gradcam", app.AUTO_TARGET, app.AUTO_LAYER, 0.5)
-    assert len(calls) == 1 and first[3:] == second[3:]
+    t = 3 + V["timings_line"]  # the cached answer says so instead of repeating the first run's time
+    assert len(calls) == 1 and first[3:t] + first[t + 1:] == second[3:t] + second[t + 1:]
+    assert "Answered from the example cache" in second[t] and "Answered" not in first[t]
     app.explain_example(0, None, "gradcam", app.AUTO_TARGET, app.AUTO_LAYER, 0.3)  # other controls: computed
     assert len(calls) == 2
     for f in Path(first[0][0]["photo"]).parent.iterdir():  # the request folder was cleaned up
