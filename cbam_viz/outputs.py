@@ -215,7 +215,7 @@ def new_request_dir(root: str | os.PathLike | None = None) -> Path:
 
 
 #: The id of one image's result: its request folder and its own folder in it (``req-abc/00_street``).
-RESULT_ID = re.compile(r"^req-[A-Za-z0-9_]+/\d{2}_[A-Za-z0-9._-]+$")
+RESULT_ID = re.compile(r"^req-[A-Za-z0-9_]+/\d{2,}_[A-Za-z0-9._-]+$")  # 00_<stem>, 100_<stem>...
 
 
 def result_dir(result_id: str, root: str | os.PathLike | None = None) -> Path:

@@ -771,7 +771,7 @@ def load_result(result_id: str, *, root: str | os.PathLike | None = None) -> Sav
         UserFacingError: a malformed id, results that are gone, or a folder without its JSON and npz.
     """
     folder = outputs.result_dir(result_id, root)
-    stem = folder.name[3:]  # "00_<stem>"
+    stem = folder.name.split("_", 1)[1]  # "00_<stem>" (three digits from the 101st image)
     json_path, npz_path = folder / f"{stem}.json", folder / f"{stem}.npz"
     try:
         summary = json.loads(json_path.read_text(encoding="utf-8"))

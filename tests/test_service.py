@@ -474,3 +474,11 @@ def test_the_card_of_a_half_trained_or_foreign_pair_claims_nothing_for_the_other
     assert "- Shipped as (CBAM): EMA weights at 64 px" in card and "(both)" not in card
     assert "`RN50_CBAM.pth`" in card and "/srv/secret" not in card  # the server's folders stay private
     assert "(untrained)" in card
+
+
+def test_the_hundred_and_first_image_of_a_request_has_a_usable_result_id(tmp_path):
+    """Folders are numbered 00_, 01_, ... 99_, then 100_: a large CBAM_VIZ_MAX_IMAGES must not break ids."""
+    (tmp_path / "req-a" / "100_photo").mkdir(parents=True)
+    assert outputs.result_dir("req-a/100_photo", tmp_path) == tmp_path / "req-a" / "100_photo"
+    with pytest.raises(UserFacingError):
+        outputs.result_dir("req-a/1_photo", tmp_path)
