@@ -267,6 +267,7 @@ def _components(item: dict) -> tuple:
 
 _TIMINGS_LINE_AT = 10  # where _components puts item["timings_line"]
 
+
 @dataclass(frozen=True)
 class ExplainView:
     items: list[dict]      # every image's item_view, for the picker
