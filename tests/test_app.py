@@ -471,7 +471,8 @@ def test_explain_endpoint_end_to_end(tmp_path):
         doc = json.loads(open(by_suffix["json"]).read())
         assert doc == summary
         assert set(doc) == {"image", "pair", "method", "layer", "alpha", "models", "warnings", "timings", "metadata",
-                            "faithfulness"}
+                            "faithfulness", "target_request"}
+        assert doc["target_request"] is None  # auto: each model explains its own prediction
         assert {"load_pair", "open_image", "explain", "faithfulness", "render", "total", "write_files"} <= set(
             doc["timings"])
         with np.load(by_suffix["npz"]) as z:
