@@ -115,9 +115,9 @@ def examples() -> tuple[tuple[str, str], ...]:
         if not path.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()):
             try:
                 EXAMPLES_DIR.mkdir(parents=True, exist_ok=True)
-                copy = EXAMPLES_DIR / path.name
-                if not copy.is_file():
-                    atomic_write_bytes(copy, path.read_bytes())
+                copy, data = EXAMPLES_DIR / path.name, path.read_bytes()
+                if not copy.is_file() or copy.read_bytes() != data:  # a copy left by an older version: replaced
+                    atomic_write_bytes(copy, data)
                 path = copy
             except OSError:
                 continue  # a read-only temp folder: do without this example
@@ -391,7 +391,8 @@ def ablation_view(result_id: str) -> tuple[Any, Any, str]:
     where = f"{worst['gate']} gate{'s' if every else ''} of {'every block' if every else worst['block']}"
     text = (f"Each row sets a gate to 1 (no attention) in one block, or in all blocks. The largest fall of the "
             f"CBAM model's top-1 probability: {worst['prob_change']:+.2f} with the {where} switched off. "
-            "Near 0 everywhere: on this photo the attention is not used.")
+            "Near 0 everywhere: on this photo the attention is not used. (The CAM agreement column compares "
+            "Grad-CAM of the predicted class, whatever method the page shows.)")
     return plot, table, text
 
 

@@ -10,6 +10,7 @@ import ast
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +316,22 @@ def test_examples_answer_from_the_cache_after_their_first_use(app, use_service_p
         f.unlink()
     app.explain_example(0, None, "gradcam", app.AUTO_TARGET, app.AUTO_LAYER, 0.5)
     assert len(calls) == 3
+
+
+def test_an_example_copy_left_by_an_older_version_is_replaced(monkeypatch, tmp_path):
+    from cbam_viz import examples as examples_module
+
+    source = tmp_path / "site-packages" / "ex.png"
+    source.parent.mkdir()
+    source.write_bytes(b"new picture")
+    monkeypatch.setattr(examples_module, "list_examples",
+                        lambda: [types.SimpleNamespace(path=str(source), caption="ex")])
+    monkeypatch.setattr(app_views, "EXAMPLES_DIR", tmp_path / "copies")
+    monkeypatch.setattr(app_views.tempfile, "gettempdir", lambda: str(tmp_path / "copies"))
+    (tmp_path / "copies").mkdir()
+    (tmp_path / "copies" / "ex.png").write_bytes(b"old picture")
+    [(path, caption)] = app_views.examples.__wrapped__()  # the function, not the process's cached answer
+    assert Path(path).read_bytes() == b"new picture" and caption == "ex"
 
 
 def test_sanity_flag_beside_the_method(tmp_path, monkeypatch):
