@@ -321,7 +321,8 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
               outputs=[pair, examples, quality_md, quality_fig, q_metric, q_method, q_direction, q_note, method,
                        method_md, pair_md, target, layer, about_md], api_visibility="private")
     # The answers about the shown result (downloads, a clicked point, the gate ablation: seconds each)
-    # are cancelled when another result is shown, so a late one never lands under the new photo.
+    # are cancelled when another result is shown, so a late one never lands under the new photo
+    # (the cancelled work itself finishes in its thread: Gradio cannot stop a running function).
     about_result = [
         downloads_btn.click(build_downloads, inputs=[current, items_state], outputs=[downloads],
                             api_visibility="private"),

@@ -331,8 +331,8 @@ def example_view(index: int | None, *, pair_name=None, method="gradcam", target=
         with _EXAMPLE_LOCK:
             _EXAMPLE_CACHE.move_to_end(key)
         # The result is the first run's; its timings are not what this click cost.
-        item = {**cached.items[0], "timings_line": "**Answered from the example cache**: computed once, "
-                + cached.items[0]["timings_line"].replace("**", "").replace("Took", "then it took", 1)}
+        first = cached.items[0]["timings_line"].replace("**", "").replace("Took", "the first run took", 1)
+        item = {**cached.items[0], "timings_line": f"**Answered from the example cache** ({first.rstrip('.')})."}
         shown = (*cached.shown[:_TIMINGS_LINE_AT], item["timings_line"], *cached.shown[_TIMINGS_LINE_AT + 1:])
         return dataclasses.replace(cached, items=[item, *cached.items[1:]], shown=shown)
     view = explain_view(path, None, pair_name=pair_name, method=method, target=target, layer=layer, alpha=alpha,
@@ -513,7 +513,7 @@ def _controls_of_result(result_id: str | None) -> tuple[str, str, str, str] | No
         return None
     request = summary.get("target_request")
     target = request["label"] if isinstance(request, dict) else AUTO_TARGET
-    return summary.get("method"), summary.get("pair"), target, summary.get("layer")
+    return summary.get("method"), summary.get("pair"), target, summary.get("layer_request") or AUTO_LAYER
 
 
 def example_image(index: int | None) -> str | None:

@@ -27,7 +27,7 @@ from cbam_viz.messages import SHOWN_CLASSES, UserFacingError
 
 __all__ = [
     "AUTO_TARGET", "AUTO_LAYER", "DEFAULT_METHOD", "Controls", "list_methods", "block_names", "check_method",
-    "check_target", "check_layer", "check_alpha", "check_controls",
+    "check_target", "check_layer", "check_alpha", "check_controls", "is_auto",
 ]
 
 #: Value of the target control meaning "explain the class each model predicts".
@@ -38,7 +38,8 @@ DEFAULT_METHOD = "gradcam"
 _BLOCK_RE = re.compile(r"^layer\d+\.\d+$")
 
 
-def _is_auto(value, sentinel: str) -> bool:
+def is_auto(value, sentinel: str) -> bool:
+    """Whether a control asks for its automatic choice: None, "", "auto" or its dropdown label."""
     return value is None or (isinstance(value, str) and (value.strip().lower() in ("", "auto") or value == sentinel))
 
 
@@ -73,7 +74,7 @@ def check_target(target, classes: Sequence[str], class_ids: Sequence[str] = ()) 
         UserFacingError: an index out of range, an unknown name (the sentence suggests close
             names, or lists the classes), or a value that is neither an index nor a name.
     """
-    if _is_auto(target, AUTO_TARGET):
+    if is_auto(target, AUTO_TARGET):
         return None
     classes, n = list(classes), len(classes)
     if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer, str)):
@@ -109,7 +110,7 @@ def check_layer(layer: str | nn.Module | None, *models: nn.Module) -> str:
         raise TypeError("check_layer needs at least one model")
     if isinstance(layer, nn.Module):
         layer = resolve_layer(models[0], layer)[0]
-    if _is_auto(layer, AUTO_LAYER):
+    if is_auto(layer, AUTO_LAYER):
         return default_layer(models[0])
     name = str(layer).strip()
     for model in models:

@@ -419,7 +419,7 @@ def ablate_dataset(
 def markdown_report(report: Mapping[str, Any]) -> str:
     """The ``ablate-gates`` table: accuracy of each ablation and its drop with a 95 % interval."""
     m = report["model"]
-    replaced = "1 (gate off)" if report["constant"] == "one" else "its mean over these same images"
+    replaced = "1 (gate off)" if report["constant"] == "one" else "its dataset mean (over these same images unless given)"
     lines = [f"## Gate ablation: {m['name']}", "",
              f"{report['n']} images from `{report['data']}` at {m['input_size']} px. Each row replaces a "
              f"CBAM gate by {replaced}. Intact top-1: **{100 * report['intact_top1']:.1f} %**. Drop = intact − "

@@ -45,7 +45,7 @@ from typing import Any
 from PIL import Image
 
 from cbam_viz import outputs, render, zerogpu
-from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, block_names, check_controls, check_target
+from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, block_names, check_controls, check_target, is_auto
 from cbam_viz.explain import Explanation, ModelExplanation, Prediction, explain
 from cbam_viz.faithfulness import pair_confidence_drop
 from cbam_viz.messages import UserFacingError, classes_sentence, first_sentence, format_error
@@ -308,30 +308,18 @@ def analyse(
         raise UserFacingError(format_error(err)) from err
 
 
-def _worker_ref(pair):
-    """What a ``zerogpu.gpu`` function is given for ``pair``: its name when :func:`get_pair` serves
-    these very models under it, else the pair itself (a caller's own pair, e.g. in tests).
-
-    On a ZeroGPU Space the arguments are pickled into a GPU worker process: models passed there
-    would arrive as CPU copies, while a name makes the worker take the models of its own (forked)
-    cache, which ``spaces`` has placed on the GPU.
-    """
-    try:
-        served = get_pair(pair.name)
-    except UserFacingError:
-        return pair
-    return pair.name if (served.baseline is pair.baseline and served.cbam is pair.cbam) else pair
-
-
 @zerogpu.gpu
 def _model_work(image: Image.Image, pair, *, method: str, target, layer: str | None,
                 faithfulness: bool) -> tuple[Explanation, dict | None, dict[str, float]]:
     """Every forward of one request, on each model's one lock: the explanation, then the faithfulness.
 
     The function of a request that needs the accelerator: on a Hugging Face ZeroGPU Space it
-    runs with a GPU attached (:func:`cbam_viz.zerogpu.gpu`), a plain call elsewhere. ``pair``: a
-    :class:`~cbam_viz.pair.ModelPair` or, from :func:`_worker_ref`, the name of a served one. It
-    returns numpy arrays and CPU tensors only, which can leave a GPU worker process.
+    runs with a GPU attached (:func:`cbam_viz.zerogpu.gpu`), a plain call elsewhere. ``pair``: the
+    name of a pair :func:`get_pair` serves, or a caller's own :class:`~cbam_viz.pair.ModelPair`. On a
+    ZeroGPU Space the arguments are pickled into a GPU worker process: models passed there would
+    arrive as CPU copies, while a name makes the worker take the models of its own (forked) cache,
+    which ``spaces`` has placed on the GPU. It returns numpy arrays and CPU tensors only, which
+    can leave a GPU worker process.
     """
     if isinstance(pair, str):
         pair = get_pair(pair)
@@ -378,7 +366,8 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
              faithfulness, pictures) -> Analysis:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if pair is None:
+    served = pair is None  # a pair get_pair serves goes to a GPU worker by name (see _model_work)
+    if served:
         pair = get_pair(pair_name)
     timings["load_pair"] = time.perf_counter() - t0
     info = describe_pair(pair)
@@ -391,7 +380,7 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
     original_size = source.size if isinstance(source, Image.Image) else _original_size(source, image)
     timings["open_image"] = time.perf_counter() - t
 
-    explanation, drops, model_timings = _model_work(image, _worker_ref(pair), method=controls.method,
+    explanation, drops, model_timings = _model_work(image, pair.name if served else pair, method=controls.method,
                                                     target=controls.target, layer=controls.layer,
                                                     faithfulness=faithfulness)
     timings.update(model_timings)
@@ -410,6 +399,7 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
     # the page with the controls that made this result.
     asked = None if controls.target is None else check_target(controls.target, pair.cbam.classes, pair.cbam.class_ids)
     summary["target_request"] = None if asked is None else {"index": asked, "label": pair.cbam.classes[asked]}
+    summary["layer_request"] = None if is_auto(layer, AUTO_LAYER) else controls.layer  # None: the last block
     if drops is not None:
         summary["faithfulness"] = faithfulness_summary(drops)
     return Analysis(name=name, image=image, original_size=original_size, explanation=explanation,
@@ -695,8 +685,9 @@ def explain_files(
             what = f"{controls.method}, both models" + (" (many passes)" if is_slow_method(controls.method) else "")
             progress(i / n, f"image {i + 1} of {n}: {display}: {what}")
         try:
-            analysis = analyse(source, pair=pair, method=controls.method, target=controls.target,
-                               layer=controls.layer, alpha=controls.alpha, name=display, pictures=pictures)
+            # The pair by name and the controls as asked (auto stays auto in the result's JSON).
+            analysis = analyse(source, pair_name=pair.name, method=controls.method, target=target, layer=layer,
+                               alpha=controls.alpha, name=display, pictures=pictures)
             if progress is not None:
                 progress((i + 0.9) / n, f"image {i + 1} of {n}: {display}: writing the pictures")
             stem = outputs.unique_stem(outputs.safe_stem(display), used)
@@ -846,7 +837,7 @@ def ablate_result(result_id: str, *, constant: str = "one", root: str | os.PathL
     saved = load_result(result_id, root=root)
     pair = get_pair(saved.summary["pair"])
     try:
-        return _ablation_work(_worker_ref(pair), saved.image, constant=constant, layer=saved.summary.get("layer"))
+        return _ablation_work(pair.name, saved.image, constant=constant, layer=saved.summary.get("layer"))
     except UserFacingError:
         raise
     except Exception as err:  # noqa: BLE001  one sentence for the person

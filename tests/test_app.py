@@ -428,7 +428,7 @@ def test_a_shared_results_controls_come_from_the_result_itself(app, use_service_
     _, _, _, *shown = app.explain_ui(upload, None, use_service_pair.name, "gradcam", app.AUTO_TARGET, app.AUTO_LAYER,
                                      0.5)
     *_, target, layer, _ = app.on_load(None, "scorecam", "church", None, shown[V["current"]])
-    assert target["value"] == app.AUTO_TARGET and layer["value"] == "layer4.1"  # auto, and the block it resolved to
+    assert (target["value"], layer["value"]) == (app.AUTO_TARGET, app.AUTO_LAYER)  # auto stays auto
     *_, method, _, _, target, _, _ = app.on_load(None, "scorecam", "church", None, "req-gone/00_x")
     assert (method, target["value"]) == ("scorecam", "church")  # a result that is gone: the page's own values
 
@@ -488,8 +488,8 @@ def test_explain_endpoint_end_to_end(tmp_path):
         doc = json.loads(open(by_suffix["json"]).read())
         assert doc == summary
         assert set(doc) == {"image", "pair", "method", "layer", "alpha", "models", "warnings", "timings", "metadata",
-                            "faithfulness", "target_request"}
-        assert doc["target_request"] is None  # auto: each model explains its own prediction
+                            "faithfulness", "target_request", "layer_request"}
+        assert doc["target_request"] is None and doc["layer_request"] is None  # auto: as asked
         assert {"load_pair", "open_image", "explain", "faithfulness", "render", "total", "write_files"} <= set(
             doc["timings"])
         with np.load(by_suffix["npz"]) as z:

@@ -83,6 +83,6 @@ def test_the_gpu_worker_gets_the_served_pair_by_name_and_a_callers_own_pair_as_i
     assert rows and [(n, p) for n, p, _ in seen] == [("_model_work", "tiny"), ("_ablation_work", "tiny")]
     assert all(size < 100_000 for *_, size in seen)  # a name and a small photo, no models
 
-    own = make_service_pair("mine", trained=False)  # not what get_pair serves: it goes as itself
+    own = make_service_pair("mine", trained=False)  # a caller's own pair goes as itself
     service.analyse(make_image(80, 60), pair=own)
     assert seen[-1][1] is own
