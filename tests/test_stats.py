@@ -53,3 +53,16 @@ def test_max_box_acc_stat_on_threshold_curves():
     worse = np.array([[0.9, 0.1, 0.1], [0.1, 0.1, 0.8]])
     d = paired_bootstrap(ious, worse, stat=max_box_acc_stat(0.5), n_boot=300)
     assert d.value == pytest.approx(0.5)
+
+
+def test_resamples_drawn_in_chunks_match_one_index_matrix():
+    """Chunking bounds memory only: every chunk size gives the draws of one (n_boot, n) matrix."""
+    from cbam_viz.quality.stats import _resampled_stats, mean_stat
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random(101), rng.random(101)
+    idx = np.random.default_rng(7).integers(0, 101, size=(250, 101))
+    for chunk_bytes in (1, 8 * 101 * 3, 64 << 20):
+        boots_a, boots_b = _resampled_stats(mean_stat, (a, b), 250, 7, chunk_bytes=chunk_bytes)
+        np.testing.assert_array_equal(boots_a, a[idx].mean(axis=1))
+        np.testing.assert_array_equal(boots_b, b[idx].mean(axis=1))
