@@ -128,6 +128,8 @@ def warm_up(pair_name: str | None = None) -> float:
     t = time.perf_counter()
     try:
         analyse(Image.new("RGB", (64, 64), (128, 128, 128)), pair_name=pair_name, name="warm-up")
+    except UserFacingError as err:  # already said once (get_pair logs a failed load with its traceback)
+        log.warning("warm-up skipped: %s", err)
     except Exception:  # noqa: BLE001
         log.exception("warm-up failed (the app still serves)")
     return time.perf_counter() - t

@@ -482,3 +482,21 @@ def test_the_hundred_and_first_image_of_a_request_has_a_usable_result_id(tmp_pat
     assert outputs.result_dir("req-a/100_photo", tmp_path) == tmp_path / "req-a" / "100_photo"
     with pytest.raises(UserFacingError):
         outputs.result_dir("req-a/1_photo", tmp_path)
+
+
+def test_warm_up_of_a_corrupted_pair_logs_one_traceback(tmp_path, monkeypatch, caplog):
+    """A pair that fails to load is logged once with its traceback (by get_pair); warm-up adds one
+    plain line instead of a second traceback, and never raises: the app must start anyway."""
+    import logging
+
+    from cbam_viz.pair import WEIGHTS_DIR_ENV, clear_cache
+    from tests.bad_inputs import TEST_PAIR, write_test_weights
+
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(write_test_weights(tmp_path / "weights", corrupt="flip")))
+    clear_cache()
+    with caplog.at_level(logging.WARNING, logger="cbam_viz"):
+        assert service.warm_up(TEST_PAIR) >= 0
+    clear_cache()
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "loading pair" in tracebacks[0].getMessage()
+    assert any(r.levelno == logging.WARNING and r.getMessage().startswith("warm-up skipped") for r in caplog.records)
