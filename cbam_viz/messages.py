@@ -61,11 +61,13 @@ def format_error(err: BaseException) -> str:
         return first_sentence(err)
     if isinstance(err, MemoryError):
         return "The server ran out of memory on this image; try a smaller image or fewer at once."
-    if isinstance(err, KeyError):
+    if isinstance(err, (KeyError, ValueError)):
+        # The request path turns what a person can fix into UserFacingError; a plain ValueError or
+        # KeyError got past those checks, so it is logged (a bug must not hide behind a polite
+        # sentence) while its sentence, which usually says what was wrong, still reaches the page.
+        log.warning("%s while explaining, not turned into a user-facing message", type(err).__name__, exc_info=err)
         # str(KeyError("x")) is "'x'": the message is its first argument.
-        return first_sentence(str(err.args[0]) if err.args else type(err).__name__)
-    if isinstance(err, ValueError):
-        return first_sentence(err)
+        return first_sentence(str(err.args[0]) if isinstance(err, KeyError) and err.args else err)
     if isinstance(err, OSError) and err.errno is not None:
         return f"A file could not be read or written: {first_sentence(err)}"
     log.error("unexpected error while explaining", exc_info=err)

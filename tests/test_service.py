@@ -249,6 +249,19 @@ def test_format_error_hides_tracebacks():
     assert "memory" in format_error(MemoryError())
 
 
+def test_format_error_logs_what_the_checks_did_not_turn_into_a_user_error(caplog):
+    """A person's mistake (UserFacingError) is only shown; a plain ValueError / KeyError that got past
+    the request checks is shown by its sentence and logged with its traceback, so a bug is seen."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="cbam_viz"):
+        assert format_error(UserFacingError("Choose a class the models know.")) == "Choose a class the models know."
+        assert not caplog.records
+        assert format_error(KeyError("layer9")) == "layer9."
+        assert format_error(ValueError("operands could not be broadcast")) == "operands could not be broadcast."
+    assert [r.exc_info[0] for r in caplog.records] == [KeyError, ValueError]
+
+
 def test_pair_names_always_offer_the_untrained_pair():
     assert pair_names()[-1] == "untrained"
 
