@@ -200,6 +200,19 @@ def train_size_at(recipe: Recipe, epoch: int) -> int:
     return size
 
 
+#: Steps between two progress-bar updates (each reads the running loss back from the device).
+_POSTFIX_EVERY = 20
+
+
+def _epoch_sums(losses: list[torch.Tensor], hits: list[torch.Tensor], sizes: list[int]) -> tuple[float, int]:
+    """(sum of loss x batch size, correct predictions) over the steps so far: one device read."""
+    if not losses:
+        return 0.0, 0
+    loss_values = torch.stack(losses).float().cpu().tolist()
+    correct = int(torch.stack(hits).sum().cpu())
+    return sum(value * n for value, n in zip(loss_values, sizes)), correct
+
+
 def _lr_at(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     """Linear warm-up, then cosine decay to zero, as a pure function of the step."""
     total = recipe.epochs * steps_per_epoch
@@ -440,8 +453,12 @@ def train(
         gen = torch.Generator().manual_seed(recipe.seed * 100_003 + epoch)
         order = torch.randperm(len(train_ds), generator=gen)
         t0 = time.perf_counter()
-        seen = correct = 0
-        loss_sum = 0.0
+        seen = 0
+        # Per-step loss and hits stay on the device: reading them (.item()) every step would make a
+        # GPU wait for each step to finish. They are read for the progress bar every
+        # _POSTFIX_EVERY steps and summed once at the end of the epoch, in the order a per-step
+        # float sum would add them (the logged figures stay the same to the last digit).
+        step_losses, step_hits, step_sizes = [], [], []
         bar = tqdm(range(steps_per_epoch), desc=f"{arch} ep {epoch + 1}/{recipe.epochs} {size}px",
                    disable=not progress, dynamic_ncols=True)
         for i in bar:
@@ -455,14 +472,18 @@ def train(
             if ema is not None:
                 ema.update(step)
             seen += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            loss_sum += loss.item() * len(y)
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{seen / elapsed:.0f}")
+            step_losses.append(loss.detach())
+            step_hits.append((logits.argmax(1) == y).sum())
+            step_sizes.append(len(y))
+            if progress and i % _POSTFIX_EVERY == 0:
+                loss_sum, correct = _epoch_sums(step_losses, step_hits, step_sizes)
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{seen / elapsed:.0f}")
             steps_this_call += 1
             if max_steps is not None and steps_this_call >= max_steps:
                 break
         bar.close()
+        loss_sum, correct = _epoch_sums(step_losses, step_hits, step_sizes)
         epoch_time = time.perf_counter() - t0
         if max_steps is not None and steps_this_call >= max_steps and i < steps_per_epoch - 1:
             # A partial epoch is not checkpointed: a resumed run redoes it from its start.

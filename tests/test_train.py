@@ -470,3 +470,19 @@ def test_cli_refuses_a_bad_mixing_alpha(flag, value, tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "none"), flag, value, "--runs", str(tmp_path)])
     assert rc == 2 and flag in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_epoch_sums_read_once_equal_the_per_step_float_sum():
+    """The loop keeps each step's loss on the device and sums at the end: the logged figures must be
+    those a per-step ``loss.item() * len(y)`` sum gives, to the last digit (logs are compared across runs)."""
+    from cbam_viz.train import _epoch_sums
+
+    gen = torch.Generator().manual_seed(0)
+    losses = [torch.rand((), generator=gen) * 3 for _ in range(50)]
+    hits = [torch.randint(0, 9, (), generator=gen) for _ in range(50)]
+    sizes = [8] * 49 + [5]
+    expected = 0.0
+    for loss, n in zip(losses, sizes):
+        expected += loss.item() * n
+    assert _epoch_sums(losses, hits, sizes) == (expected, sum(int(h) for h in hits))
+    assert _epoch_sums([], [], []) == (0.0, 0)
