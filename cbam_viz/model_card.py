@@ -96,8 +96,8 @@ def choice_sentence(training: dict[str, Any] | None) -> str | None:
     score = f" (the pair's mean held-out top-1: {100 * mean:.2f} %)" if isinstance(mean, (int, float)) else ""
     files = f"{images} held-out training files" if images else "held-out training files"
     if isinstance(carried, dict):
-        return (f"{what}, as pair `{carried.get('pair')}` chose on its {files}{score}; this model was then "
-                f"trained with the same recipe on every training file, val untouched")
+        return (f"{what}, as pair `{carried.get('pair')}` chose on its {files}{score}; then trained again with "
+                f"the same recipe on every training file, val untouched")
     return f"{what}, chosen on {files}, never on val{score}"
 
 
