@@ -101,7 +101,7 @@ def test_the_model_card_says_how_weights_and_size_were_chosen(carried):
     assert "mean held-out top-1: 90.33 %" in card
     if carried:
         assert "as pair `resnet18-imagenette` chose on its 729 held-out training files" in card
-        assert "trained with the same recipe on every training file" in card
+        assert "then trained again with the same recipe on every training file" in card
     else:
         assert "chosen on 729 held-out training files, never on val" in card
     assert app_views.choice_sentence({"holdout_images": 0}) is None  # a run that chose nothing says nothing
