@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 from cbam_viz import service
-from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET
+from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, DEFAULT_METHOD
 from cbam_viz.messages import UserFacingError, classes_sentence, escape_markdown
 from cbam_viz.model_card import choice_sentence, model_card_markdown
 from cbam_viz.outputs import atomic_write_bytes
@@ -265,7 +265,9 @@ def _components(item: dict) -> tuple:
     )
 
 
-_TIMINGS_LINE_AT = 10  # where _components puts item["timings_line"]
+# Where _components puts item["timings_line"]: a cached example swaps only that value and keeps
+# the rest (the channel plot's frame is not rebuilt).
+_TIMINGS_LINE_AT = 10
 
 
 @dataclass(frozen=True)
@@ -487,6 +489,7 @@ def page_view(method: str | None = "gradcam", *, pair_name: str | None = None, t
     the page only learns a dropdown's value when an event sends it.
     """
     method, pair_name, target, layer = _controls_of_result(result_id) or (method, pair_name, target, layer)
+    method = method or DEFAULT_METHOD
     pairs = pair_names()
     chosen = pair_name if pair_name in pairs else pairs[0]
     report, note = quality_report()
@@ -497,7 +500,7 @@ def page_view(method: str | None = "gradcam", *, pair_name: str | None = None, t
     return PageView(pairs=Choices(pairs, chosen), examples=examples(), quality_markdown=quality_markdown(),
                     quality_figure=quality_figure(), quality_methods=Choices(methods, methods[0]),
                     quality_note=note, pair=pair_view(chosen, target=target, layer=layer),
-                    method_note=method_note(method or "gradcam"), method=method or "gradcam",
+                    method_note=method_note(method), method=method,
                     quality_metrics=Choices(metrics, "energy" if any(k == "energy" for _, k in metrics) else
                                             metrics[0][1]),
                     quality_directions=Choices(list(DIRECTIONS), next(iter(DIRECTIONS))))

@@ -142,20 +142,21 @@ class Controls:
     target: int | str | None     # None: each model's predicted class; else resolvable by both models
     layer: str                   # a dotted module name both models have
     alpha: float
+    cbam_target: int | None = None  # the target's index in the CBAM model's classes (None: auto)
 
 
 def check_controls(pair, *, method=DEFAULT_METHOD, target=None, layer=None, alpha=0.5) -> Controls:
     """Every control checked against both models of ``pair``, before any image is opened.
 
     The target stays as given (a name is resolved by each model, whose class lists may differ);
-    auto becomes None.
+    auto becomes None; ``cbam_target`` is its index among the CBAM model's classes.
 
     Raises:
         UserFacingError: the first wrong control, naming the value and the valid choices.
     """
     method = check_method(method)
-    for m in (pair.baseline, pair.cbam):
-        resolved = check_target(target, m.classes, m.class_ids)
-    target = None if resolved is None else (target.strip() if isinstance(target, str) else int(target))
+    check_target(target, pair.baseline.classes, pair.baseline.class_ids)
+    cbam_target = check_target(target, pair.cbam.classes, pair.cbam.class_ids)
+    target = None if cbam_target is None else (target.strip() if isinstance(target, str) else int(target))
     return Controls(method=method, target=target, layer=check_layer(layer, pair.cbam.model, pair.baseline.model),
-                    alpha=check_alpha(alpha))
+                    alpha=check_alpha(alpha), cbam_target=cbam_target)

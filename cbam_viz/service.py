@@ -45,7 +45,7 @@ from typing import Any
 from PIL import Image
 
 from cbam_viz import outputs, render, zerogpu
-from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, block_names, check_controls, check_target, is_auto
+from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, block_names, check_controls, is_auto
 from cbam_viz.explain import Explanation, ModelExplanation, Prediction, explain
 from cbam_viz.faithfulness import pair_confidence_drop
 from cbam_viz.messages import UserFacingError, classes_sentence, first_sentence, format_error
@@ -399,7 +399,7 @@ def _analyse(source, *, pair, pair_name, method, target, layer, alpha, name, uns
                        pair=pair, info=info, alpha=alpha, warnings=warnings, timings=timings)
     # What was asked for (auto: each model explains its own prediction), so a shared link can reopen
     # the page with the controls that made this result.
-    asked = None if controls.target is None else check_target(controls.target, pair.cbam.classes, pair.cbam.class_ids)
+    asked = controls.cbam_target
     summary["target_request"] = None if asked is None else {"index": asked, "label": pair.cbam.classes[asked]}
     summary["layer_request"] = None if is_auto(layer, AUTO_LAYER) else controls.layer  # None: the last block
     if drops is not None:

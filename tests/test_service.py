@@ -177,6 +177,9 @@ def test_target_by_name_or_index_string(tiny_pair, image):
     by_name = service.analyse(image, pair=tiny_pair, target="church")
     by_index = service.analyse(image, pair=tiny_pair, target="1")
     assert by_name.explanation.cbam.target_label == by_index.explanation.cbam.target_label == "church"
+    # what was asked, for a shared link: the same class, whichever way it was named
+    assert by_name.summary["target_request"] == by_index.summary["target_request"] == {"index": 1, "label": "church"}
+    assert service.analyse(image, pair=tiny_pair).summary["target_request"] is None  # auto
 
 
 def test_bad_image_is_a_clear_sentence_without_server_path(tiny_pair, tmp_path):
