@@ -32,7 +32,17 @@ from cbam_viz.holdout import WEIGHT_KINDS, choose_for_pair, holdout_scores
 from cbam_viz.train import Recipe, TrainResult, export, json_differences, recipe_differences
 from cbam_viz.weights import WeightRecord, read_manifest, sha256_file, update_manifest
 
-__all__ = ["Half", "holdout_digest", "read_half", "carried_settings", "export_runs"]
+__all__ = ["Half", "holdout_digest", "read_half", "carried_settings", "export_runs", "backbone_of"]
+
+_ATTENTION_SUFFIXES = ("_cbam", "_se", "_bam")
+
+
+def backbone_of(arch: str) -> str:
+    """``resnet18_se`` -> ``resnet18``: the plain network an attention twin is built on."""
+    for suffix in _ATTENTION_SUFFIXES:
+        if arch.endswith(suffix):
+            return arch[: -len(suffix)]
+    return arch
 
 
 def holdout_digest(files: Sequence[str]) -> str:
@@ -134,13 +144,15 @@ def carried_settings(weights_dir: str | os.PathLike, *, recipe: Recipe, archs: S
         records = [WeightRecord(**manifest["models"][pairs[pair][role]]) for role in ("baseline", "cbam")]
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{where}: no readable pair in its manifest ({err})") from None
-    if not set(archs) <= {r.arch for r in records}:
+    backbones = {backbone_of(r.arch) for r in records}
+    if not {backbone_of(a) for a in archs} <= backbones:
         raise ValueError(f"{where}: pair {pair!r} is {' and '.join(r.arch for r in records)}, not "
                          f"{', '.join(archs)}: its choice was made for other models")
     for rec in records:
         saved = Recipe.from_json(rec.recipe)
         selection = rec.training.get("selection")
-        if saved.holdout <= 0 or not isinstance(selection, dict) or not {"weights", "input_size"} <= set(selection):
+        chose = saved.holdout > 0 or (saved.holdout == 0 and isinstance(selection, dict) and "carried_from" in selection)
+        if not chose or not isinstance(selection, dict) or not {"weights", "input_size"} <= set(selection):
             raise ValueError(f"{where}: {rec.name} held no files out, so it made no held-out choice to carry over")
         diffs = [d for d in recipe_differences(saved, recipe) if not d.startswith("holdout:")]
         if diffs:
@@ -152,6 +164,16 @@ def carried_settings(weights_dir: str | os.PathLike, *, recipe: Recipe, archs: S
     if any(c != choices[0] for c in choices) or any(r.input_size != choices[0]["input_size"] for r in records):
         raise ValueError(f"{where}: the records of pair {pair!r} disagree on their held-out choice")
     chosen = choices[0]
+    if "carried_from" in chosen:  # a final pair: pass on the choice it carried, and say whence it came
+        origin = chosen["carried_from"]
+        newcomers = sorted(set(archs) - {r.arch for r in records})
+        return {"weights": chosen["weights"], "input_size": chosen["input_size"],
+                "rule": f"carried over from pair {pair!r} (trained on every training file), which carried it from "
+                        f"pair {origin.get('pair')!r}'s choice on its {origin.get('holdout_images')} held-out training "
+                        f"files; this run trained on every training file with the same recipe"
+                        + (f" ({', '.join(newcomers)}: same backbone, other attention)" if newcomers else ""),
+                "carried_from": {"pair": pair, "records": {r.name: r.sha256 for r in records}, "holdout": 0.0,
+                                 "holdout_images": 0, "via": origin}}
     images = records[0].training.get("holdout_images")
     return {"weights": chosen["weights"], "input_size": chosen["input_size"],
             "rule": f"carried over from pair {pair!r}, which chose it on its {images} held-out training files; "

@@ -1,0 +1,45 @@
+"""Squeeze-and-Excitation (Hu et al., CVPR 2018, arXiv 1709.01507): channel attention only.
+
+Squeeze = global average pool; excitation = FC (C -> C/r) - ReLU - FC (C/r -> C) - sigmoid, with
+the FCs as 1x1 convolutions and the keys ``fc1`` / ``fc2`` of timm's ``SEModule``, so an
+SE-ResNet checkpoint in that (torchvision-style) layout loads as it is. Placed where CBAM sits (on
+the residual branch after the last BN, before the add), so SE-ResNet and CBAM-ResNet differ only
+in the gate: SE has no max-pooled descriptor and no spatial gate.
+
+The sigmoid is the named submodule ``gate`` (``layer3.1.se.gate``): it *returns* the channel map
+``(B, C, 1, 1)``, so a forward hook captures the attention exactly as it was used.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SqueezeExcite", "SEGate"]
+
+
+class SEGate(nn.Sigmoid):
+    """The sigmoid of an SE module, a class of its own so attention recording finds it by type."""
+
+    attention_kind = "channel"
+
+
+class SqueezeExcite(nn.Module):
+    """``x * sigmoid(fc2(relu(fc1(avgpool(x)))))``; the reduction ratio ``r`` is honoured."""
+
+    def __init__(self, channels: int, *, reduction: int = 16, hidden: int | None = None) -> None:
+        super().__init__()
+        if hidden is None:
+            if reduction < 1:
+                raise ValueError(f"SE reduction ratio must be >= 1, got {reduction}")
+            hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(f"SE gate: {channels} channels cannot be reduced by a ratio of {reduction} "
+                             f"(the hidden layer would have 0 units); use a ratio <= {channels}")
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.gate = SEGate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeezed = x.mean(dim=(2, 3), keepdim=True)
+        return x * self.gate(self.fc2(self.act(self.fc1(squeezed))))
