@@ -1,0 +1,120 @@
+"""Sanity check (cascading randomisation): the stored ``passes`` is the rule applied to the stored
+numbers (and can be False), every number equals a recomputation from the randomised copies, and
+the dataset report holds the per-image values of the images it read."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cbam_viz.cam import compute_cams
+from cbam_viz.preprocess import open_image, to_model_batch
+from cbam_viz.sanity import (
+    PASS_THRESHOLD, STAGES, SanityResult, _summary, cascading_randomization, markdown_report, rank_correlation,
+    sanity_check, sanity_dataset, sanity_flags, ssim,
+)
+from conftest import make_model, make_pair
+from tests.synthetic import make_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYER = "layer2.1"  # 8 x 8 at a 32 px input: CAMs with structure, cheap passes
+
+
+def _constructed() -> SanityResult:
+    n = len(STAGES)
+    stuck = np.full((n, 3), 0.9)  # the map survives randomisation: fails
+    good = np.linspace(0.8, 0.1, n)[:, None] + np.array([[0.0, 0.05, -0.05]])  # passes
+    return SanityResult("m", ("stuck", "good"), STAGES, ssim={"stuck": stuck * 0.5, "good": good * 0.5},
+                        rank={"stuck": stuck, "good": good}, layer="layer4.1")
+
+
+def test_stored_passes_is_the_rule_on_the_stored_numbers():
+    result = _constructed()
+    summary = _summary(result, n_boot=200, seed=0)
+    verdicts = {}
+    for m, stored in summary["methods"].items():
+        last = stored["rank_correlation"][-1]["value"]
+        assert stored["passes"] is (last < PASS_THRESHOLD), m
+        verdicts[m] = stored["passes"]
+        for i, iv in enumerate(stored["rank_correlation"]):
+            assert iv["value"] == pytest.approx(result.rank[m][i].mean()) and iv["n"] == 3
+        for i, iv in enumerate(stored["ssim"]):
+            assert iv["value"] == pytest.approx(result.ssim[m][i].mean())
+    assert verdicts == {"stuck": False, "good": True}
+    assert summary["n"] == 3 and summary["steps"] == list(STAGES) and summary["name"] == "m"
+    text = markdown_report({"pair": "p", "data": "d", "pass_threshold": PASS_THRESHOLD, "seconds": 1.0,
+                            "settings": {"torch_threads": 1},
+                            "models": {"cbam": {**summary, "trained": True}}})
+    assert "stuck: **FAILS**" in text and "good: passes" in text
+
+
+def test_flags_rows_and_concat_follow_the_numbers():
+    result = _constructed()
+    flags = sanity_flags(result)
+    assert flags == {"stuck": False, "good": True}
+    assert sanity_flags(result, threshold=0.95) == {"stuck": True, "good": True}
+    nan_last = SanityResult("m", ("a",), STAGES, ssim={"a": np.zeros((7, 2))},
+                            rank={"a": np.vstack([np.zeros((6, 2)), [[np.nan, 0.2]]])}, layer="l")
+    assert sanity_flags(nan_last) == {"a": True}  # NaN images are left out of the mean
+    rows = result.rows()
+    assert [(r["step"], r["method"]) for r in rows[:3]] == [(STAGES[0], "stuck"), (STAGES[0], "good"),
+                                                            (STAGES[1], "stuck")]
+    assert rows[1]["rank_correlation"] == pytest.approx(round(result.rank["good"][0].mean(), 4))
+    assert rows[-1]["ssim"] == pytest.approx(round(result.ssim["good"][-1].mean(), 4))
+    both = SanityResult.concat([result, _constructed()])
+    assert both.n_images == 6 and both.rank["good"].shape == (len(STAGES), 6)
+    np.testing.assert_array_equal(both.rank["good"][:, 3:], result.rank["good"])
+    assert SanityResult("m", (), (), {}, {}, "l").n_images == 0
+
+
+def test_every_number_equals_a_recomputation_from_the_randomised_copies():
+    model = make_model("resnet18_cbam", seed=4)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    result = sanity_check(model, x, methods=("gradcam", "layercam"), layer=LAYER, seed=5, model_name="tiny",
+                          keep_cams=True)
+    assert result.steps == STAGES and result.methods == ("gradcam", "layercam") and result.layer == LAYER
+    originals = {m: compute_cams(model, x, method=m, layer=LAYER) for m in result.methods}
+    targets = originals["gradcam"].targets
+    for i, (stage, randomised) in enumerate(cascading_randomization(model, seed=5)):
+        for m in result.methods:
+            cams = compute_cams(randomised, x, method=m, layer=LAYER, targets=targets).cams
+            for j in range(2):
+                assert result.ssim[m][i, j] == pytest.approx(ssim(originals[m].cams[j], cams[j]), abs=1e-9)
+                assert result.rank[m][i, j] == pytest.approx(rank_correlation(originals[m].cams[j], cams[j]),
+                                                             abs=1e-9)
+                np.testing.assert_allclose(result.cams[m][i + 1, j], cams[j], atol=1e-6)
+    for m in result.methods:
+        np.testing.assert_allclose(result.cams[m][0], np.stack(originals[m].cams), atol=1e-6)
+        assert result.cams[m].shape == (1 + len(STAGES), 2, 32, 32)
+    assert (result.rank["gradcam"] < 0.999).any()
+    other_seed = sanity_check(model, x, methods=("gradcam",), layer=LAYER, seed=6)
+    assert not np.allclose(other_seed.rank["gradcam"], result.rank["gradcam"])
+    assert sanity_check(model, x, methods=("gradcam",), layer=LAYER, seed=5).cams == {}
+    with pytest.raises(ValueError):
+        sanity_check(model, x, methods=())
+
+
+def test_dataset_report_holds_the_values_of_the_images_it_read(tmp_path):
+    pair = make_pair(32)
+    data = make_image_folder(tmp_path / "val", pair.cbam.class_ids, per_class=2, size=(36, 30))
+    report = sanity_dataset(pair, data, methods=("gradcam",), layer=LAYER, batch_size=4, workers=1, seed=2,
+                            n_boot=100, progress=False)
+    assert list(report["models"]) == ["baseline", "cbam"] and report["pass_threshold"] == PASS_THRESHOLD
+    assert report["settings"]["methods"] == ["gradcam"] and report["settings"]["seed"] == 2
+    files = sorted(data.glob("*/*.png"))
+    for role, stored in report["models"].items():
+        loaded = getattr(pair, role)
+        assert stored["name"] == loaded.name and stored["n"] == 6 and stored["input_size"] == 32
+        assert stored["trained"] is False and stored["layer"] == LAYER
+        x = to_model_batch([open_image(f) for f in files], 32, loaded.mean, loaded.std)
+        direct = sanity_check(loaded.model, x, methods=("gradcam",), layer=LAYER, seed=2)
+        g = stored["methods"]["gradcam"]
+        for i in range(len(STAGES)):
+            assert g["rank_correlation"][i]["value"] == pytest.approx(direct.rank["gradcam"][i].mean(), abs=1e-6)
+            assert g["ssim"][i]["value"] == pytest.approx(direct.ssim["gradcam"][i].mean(), abs=1e-6)
+        assert g["passes"] is (g["rank_correlation"][-1]["value"] < PASS_THRESHOLD)
+        assert g["passes"] == sanity_flags(direct)["gradcam"]
+    smaller = sanity_dataset(pair, data, methods=("gradcam",), layer=LAYER, max_images=3, workers=1, n_boot=50,
+                             progress=False)
+    assert smaller["models"]["cbam"]["n"] == 3
