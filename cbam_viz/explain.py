@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cbam_viz import ood
 from cbam_viz.cam import compute_cams, list_methods
 from cbam_viz.controls import check_layer, check_method, check_target
 from cbam_viz.pair import LoadedModel, ModelPair
@@ -42,6 +43,8 @@ class ModelExplanation:
     channel_attention: dict[str, np.ndarray]  # "layer1.0" -> (C,) float32   (empty for baseline)
     spatial_attention: dict[str, np.ndarray]  # "layer1.0" -> (h, w) float32 in [0,1] (feature-map size)
     timings: dict[str, float]                 # seconds: "forward_backward", "cam", ...
+    # {"method", "score", "threshold", "flagged"} from the same forward (cbam_viz.ood.assess)
+    out_of_distribution: dict | None = None
 
     @property
     def top1(self) -> Prediction:
@@ -174,9 +177,12 @@ def _per_image_targets(target, n: int, m: LoadedModel) -> list[int | None]:
 
 
 def _explain_batch(rgb, batch, m: LoadedModel, *, method, targets, layer, topk, preprocess_s) -> list[ModelExplanation]:
-    with m.lock:  # the model's one lock, around all of its work (compute_cams re-enters it)
+    # The model's one lock, around all of its work (compute_cams re-enters it); the pooled
+    # features of the same forward feed the out-of-distribution score (no extra pass).
+    with m.lock, ood.penultimate_features(m.model) as features:
         result = compute_cams(m.model, batch, method=method, layer=layer, targets=targets,
                               sizes=[im.size for im in rgb])
+    ood_results = ood.assess(m.ood, features, result.logits)
     probs = torch.softmax(result.logits, dim=1)
     k = min(topk, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
@@ -201,5 +207,6 @@ def _explain_batch(rgb, batch, m: LoadedModel, *, method, targets, layer, topk, 
             channel_attention=channel,
             spatial_attention=spatial,
             timings=timings,
+            out_of_distribution=ood_results[i],
         ))
     return out

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cbam_viz.data import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
+from cbam_viz.ood import load_stats
 from cbam_viz.weights import WEIGHTS_DIR_ENV, WeightRecord, load_record, read_manifest, resolve_weights_dir
 
 __all__ = [
@@ -98,6 +99,7 @@ class LoadedModel:
     trained: bool             # False when no weights were found: the UI says so plainly
     record: WeightRecord | None
     device: torch.device
+    ood: Any = None           # cbam_viz.ood.OODStats, or NoStats saying why not (None: not looked for)
 
     @property
     def num_classes(self) -> int:
@@ -262,6 +264,7 @@ def load_model(
             trained=True,
             record=record,
             device=device,
+            ood=load_stats(record, weights_dir, model),
         )
 
     return _cached(key, build)

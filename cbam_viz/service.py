@@ -44,7 +44,7 @@ from typing import Any
 
 from PIL import Image
 
-from cbam_viz import outputs, render, zerogpu
+from cbam_viz import ood, outputs, render, zerogpu
 from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, block_names, check_controls, is_auto
 from cbam_viz.explain import Explanation, ModelExplanation, Prediction, explain
 from cbam_viz.faithfulness import pair_confidence_drop
@@ -243,7 +243,10 @@ class Analysis:
 
 
 def _prediction_warnings(explanation, info: PairInfo, *, unsure_prob: float, unsure_margin: float) -> list[str]:
-    out, unsure = [], []
+    trained = {"baseline": info.baseline_trained, "CBAM": info.cbam_trained}  # untrained: already warned
+    out = ood.warning({t: getattr(explanation, r).out_of_distribution for r, t in (("baseline", "baseline"),
+                       ("cbam", "CBAM")) if trained[t]}, classes_sentence(info.classes))
+    unsure = []
     for role, title in (("baseline", "baseline"), ("cbam", "CBAM")):
         preds = getattr(explanation, role).predictions
         if not preds:
@@ -449,6 +452,7 @@ def _model_summary(m, loaded) -> dict[str, Any]:
         "target": {"index": int(m.target), "label": m.target_label},
         "timings": {k: float(v) for k, v in m.timings.items()},
         "attention_blocks": list(m.spatial_attention),
+        "out_of_distribution": m.out_of_distribution,  # cbam_viz.ood.assess: score, threshold, flagged
     }
 
 
