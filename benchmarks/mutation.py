@@ -122,7 +122,14 @@ class Mutant:
     col: int
     function: str
     description: str
+    end_line: int = 0                 # last line of the mutated expression
+    function_lines: tuple[int, int] = (0, 0)  # first and last line of the enclosing function
 
+
+# Keyword arguments that only style a figure or a progress bar: a changed font size is no wrong
+# number, and no test should pin it. Their values are not mutated.
+COSMETIC_KEYWORDS = frozenset({"fontsize", "labelsize", "pad", "fraction", "figsize", "desc", "unit", "disable",
+                               "progress"})
 
 _BINOPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
            ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd}
@@ -135,12 +142,14 @@ def _sites(node: ast.AST) -> list[tuple[ast.AST, str, object]]:
     """Every (node, description, change) one mutation can make below ``node``, in source order.
 
     Skipped: docstrings, f-strings (messages), the arguments of ``raise`` (error wording),
-    annotations and decorators, string constants (names and wording).
+    annotations and decorators, string constants (names and wording), :data:`COSMETIC_KEYWORDS`.
     """
     out: list[tuple[ast.AST, str, object]] = []
 
     def visit(n: ast.AST) -> None:
         if isinstance(n, (ast.JoinedStr, ast.Raise)):
+            return
+        if isinstance(n, ast.keyword) and n.arg in COSMETIC_KEYWORDS:
             return
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
             body = n.body
@@ -209,7 +218,8 @@ def list_mutants(module: str) -> list[Mutant]:
     mutants = []
     for qual, fn in _functions(tree, names):
         for node, desc, _ in _sites(fn):
-            mutants.append(Mutant(module, len(mutants), node.lineno, node.col_offset, qual, desc))
+            mutants.append(Mutant(module, len(mutants), node.lineno, node.col_offset, qual, desc,
+                                  node.end_lineno or node.lineno, (fn.lineno, fn.end_lineno or fn.lineno)))
     return mutants
 
 
@@ -276,9 +286,46 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(self.code, module.__dict__)
 
 
-def run_tests(module: str, code, tests: tuple[str, ...], timeout: float) -> tuple[str, float]:
-    """Fork; in the child import ``code`` as ``module`` and run ``tests``. ``(status, seconds)``:
-    status ``killed`` (a test failed), ``survived``, or ``timeout`` (counted as killed)."""
+class _LineRecorder:
+    """pytest plugin: which lines of one file each test executes (its own thread and new threads)."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.lines: dict[str, set[int]] = {}
+        self.current: set[int] = set()
+
+    def _trace(self, frame, event, arg):
+        if frame.f_code.co_filename != self.filename:
+            return None
+        current = self.current
+
+        def local(frame, event, arg):
+            if event == "line":
+                current.add(frame.f_lineno)
+            return local
+
+        current.add(frame.f_lineno)
+        return local
+
+    def pytest_runtest_protocol(self, item, nextitem):
+        import threading
+
+        self.current = self.lines.setdefault(item.nodeid, set())
+        sys.settrace(self._trace)
+        threading.settrace(self._trace)
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        import threading
+
+        sys.settrace(None)
+        threading.settrace(None)
+
+
+def run_tests(module: str, code, tests: tuple[str, ...], timeout: float,
+              record: Path | None = None) -> tuple[str, float]:
+    """Fork; in the child import ``code`` as ``module`` and run ``tests`` (files or test ids).
+    ``(status, seconds)``: status ``killed`` (a test failed), ``survived``, or ``timeout``
+    (counted as killed). ``record``: write ``{test id: [lines of module run]}`` there as JSON."""
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # child
@@ -292,8 +339,11 @@ def run_tests(module: str, code, tests: tuple[str, ...], timeout: float) -> tupl
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
+            plugins = [_LineRecorder(str(_source_path(module)))] if record else []
             rc = pytest.main([*tests, "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
-                              "-p", "no:randomly", "--no-header", "-W", "ignore"])
+                              "-p", "no:randomly", "--no-header", "-W", "ignore"], plugins=plugins)
+            if record:
+                record.write_text(json.dumps({k: sorted(v) for k, v in plugins[0].lines.items()}))
         finally:
             os._exit(int(rc))
     deadline = t0 + timeout
@@ -307,6 +357,17 @@ def run_tests(module: str, code, tests: tuple[str, ...], timeout: float) -> tupl
             os.waitpid(pid, 0)
             return "timeout", time.perf_counter() - t0
         time.sleep(0.05)
+
+
+def covering_tests(m: Mutant, coverage: dict[str, list[int]], files: tuple[str, ...]) -> tuple[str, ...]:
+    """The tests that run the mutated lines, in collection order; else those that run the
+    enclosing function (a default argument: its line runs at import); else every test file."""
+    lines = set(range(m.line, m.end_line + 1))
+    chosen = [t for t, ran in coverage.items() if lines & set(ran)]
+    if not chosen:
+        lo, hi = m.function_lines
+        chosen = [t for t, ran in coverage.items() if any(lo <= x <= hi for x in ran)]
+    return tuple(chosen) or files
 
 
 def _preload() -> None:
@@ -328,22 +389,31 @@ def _done(out: Path | None) -> dict[tuple[str, int], dict]:
     return {(r["module"], r["index"]): r for r in rows}
 
 
-def run_module(module: str, out: Path | None, *, timeout_factor: float = 4.0, limit: int | None = None) -> None:
+def run_module(module: str, out: Path | None, *, timeout_factor: float = 4.0, limit: int | None = None,
+               retry: bool = False) -> None:
+    import tempfile
+
     _, tests = TARGETS[module]
     tests = tuple(t for t in tests if (ROOT / t).exists())
-    status, base = run_tests(module, None, tests, timeout=1800)
-    print(f"{module}: tests {' '.join(tests)} pass unmutated: {status == 'survived'} ({base:.0f} s)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "coverage.json"
+        status, base = run_tests(module, None, tests, timeout=3600, record=record)
+        coverage = json.loads(record.read_text()) if record.exists() else {}
+    print(f"{module}: {len(coverage)} tests of {' '.join(tests)} pass unmutated: {status == 'survived'} "
+          f"({base:.0f} s, traced)", flush=True)
     if status != "survived":
         raise SystemExit(f"the tests of {module} fail without any mutant: fix them first")
     done = _done(out)
     mutants = list_mutants(module)[:limit]
     for m in mutants:
-        if (module, m.index) in done:
+        if (module, m.index) in done and not (retry and done[(module, m.index)]["status"] == "survived"):
             continue
-        result, seconds = run_tests(module, mutated_code(module, m.index), tests,
+        chosen = covering_tests(m, coverage, tests)
+        result, seconds = run_tests(module, mutated_code(module, m.index), chosen,
                                     timeout=max(60.0, timeout_factor * base))
-        row = {**asdict(m), "status": result, "seconds": round(seconds, 1)}
-        print(f"  #{m.index:3d} {m.function}:{m.line} {m.description}: {result} ({seconds:.0f} s)", flush=True)
+        row = {**asdict(m), "status": result, "seconds": round(seconds, 1), "tests": len(chosen)}
+        print(f"  #{m.index:3d} {m.function}:{m.line} {m.description}: {result} ({seconds:.0f} s, "
+              f"{len(chosen)} tests)", flush=True)
         if out is not None:
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -397,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bugs", nargs="*", help="run the planted bugs (all, or those named) instead")
     p.add_argument("--summary", type=Path, help="print the table of a results file and exit")
     p.add_argument("--limit", type=int, help="at most this many mutants per module (a smoke run)")
+    p.add_argument("--retry-survivors", action="store_true", help="run the survivors in --out again (new tests)")
     args = p.parse_args(argv)
     os.chdir(ROOT)
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -419,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bugs is not None:
         return run_bugs(args.bugs)
     for m in modules:
-        run_module(m, args.out, limit=args.limit)
+        run_module(m, args.out, limit=args.limit, retry=args.retry_survivors)
     if args.out:
         print(summary(args.out))
     return 0

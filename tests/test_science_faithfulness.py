@@ -117,6 +117,7 @@ def test_flat_cam_removes_a_seeded_random_set():
     cam = np.zeros((6, 6), np.float32)
     a, b, c = removal_mask(cam, 0.5, seed=0), removal_mask(cam, 0.5, seed=0), removal_mask(cam, 0.5, seed=1)
     assert np.array_equal(a, b) and not np.array_equal(a, c) and a.sum() == 18
+    assert np.array_equal(removal_mask(cam, 0.5), a)  # the default seed is 0: published scores repeat
 
 
 def test_check_cam_and_resize_cam():
@@ -205,3 +206,5 @@ def test_pair_confidence_drop_scores_each_member_with_its_own_cam_and_class(tiny
         assert d.prob_before == pytest.approx(ref.prob_before, abs=1e-5)
         assert d.prob_after == pytest.approx(ref.prob_after, abs=1e-6)
         assert torch.equal(d.perturbed, ref.perturbed)
+    default = pair_confidence_drop(image, explanation, tiny_pair)
+    assert {(d.fraction, d.imputer) for d in default.values()} == {(0.2, "blur")}
