@@ -38,13 +38,31 @@ class UnsafeCheckpointError(RuntimeError):
 #                input). It needs a model built with ``cbam_config=SIMPLIFIED``.
 # --------------------------------------------------------------------------------------------
 
-LAYOUTS = ("native", "official", "simplified")
+#   "official_bam" the official BAM code (same repository, MODELS/bam.py): "bamN.channel_att.gate_c.
+#                gate_c_fc_0", "...gate_c_bn_1", "...gate_c_fc_final", "bamN.spatial_att.gate_s.
+#                gate_s_conv_reduce0" ... "gate_s_conv_final". It joins the branches by a product.
+# SE-ResNets in timm's layout ("layerX.Y.se.fc1/fc2") are "native".
+# --------------------------------------------------------------------------------------------
+
+LAYOUTS = ("native", "official", "simplified", "official_bam")
 
 _OFFICIAL_RENAMES = (
     (".cbam.ChannelGate.mlp.1.", ".cbam.channel.mlp.0."),
     (".cbam.ChannelGate.mlp.3.", ".cbam.channel.mlp.2."),
     (".cbam.SpatialGate.spatial.conv.", ".cbam.spatial.conv."),
     (".cbam.SpatialGate.spatial.bn.", ".cbam.spatial.bn."),
+)
+_OFFICIAL_BAM_RENAMES = (
+    (".channel_att.gate_c.gate_c_fc_0.", ".channel.fc1."),
+    (".channel_att.gate_c.gate_c_bn_1.", ".channel.bn."),
+    (".channel_att.gate_c.gate_c_fc_final.", ".channel.fc2."),
+    (".spatial_att.gate_s.gate_s_conv_reduce0.", ".spatial.reduce."),
+    (".spatial_att.gate_s.gate_s_bn_reduce0.", ".spatial.reduce_bn."),
+    (".spatial_att.gate_s.gate_s_conv_di_0.", ".spatial.dilated1."),
+    (".spatial_att.gate_s.gate_s_bn_di_0.", ".spatial.dilated1_bn."),
+    (".spatial_att.gate_s.gate_s_conv_di_1.", ".spatial.dilated2."),
+    (".spatial_att.gate_s.gate_s_bn_di_1.", ".spatial.dilated2_bn."),
+    (".spatial_att.gate_s.gate_s_conv_final.", ".spatial.final."),
 )
 _SIMPLIFIED_RENAMES = (
     (".ca.fc.0.weight", ".cbam.channel.mlp.0.weight"),
@@ -82,6 +100,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         import pickle
 
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        # torch.save writes a zip (PK..) or, before torch 1.6, a binary pickle (protocol 2+: 0x80).
+        # Anything else is no checkpoint, even where it happens to parse as a text-protocol pickle.
+        if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+            raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -89,11 +113,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             import re
 
             text = str(e)
-            found = re.search(r"Unsupported [^.\n]*", text)
-            detail = found.group(0).strip() if found else ""
-            if "Unsupported global" not in text:
-                raise ValueError(f"{path} is not a readable PyTorch checkpoint "
-                                 f"(weights_only unpickler: {detail or 'rejected'})") from None
+            # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module such as os,
+            # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked".
+            found = re.search(r"unsupported global[^\n]*", text, re.IGNORECASE)
+            detail = found.group(0).strip().rstrip(".") if found else ""
+            if not found:
+                unsupported = re.search(r"Unsupported [^.\n]*", text)
+                raise ValueError(f"{path} is not a readable PyTorch checkpoint (weights_only unpickler: "
+                                 f"{unsupported.group(0).strip() if unsupported else 'rejected'})") from None
             raise UnsafeCheckpointError(
                 f"refusing to load {path}: it is a pickle that would create arbitrary Python objects "
                 f"(and could run code), so torch.load(weights_only=True) rejected it ({detail}). "
@@ -126,6 +153,8 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
     for k in state:
         if ".cbam.ChannelGate." in k or ".cbam.SpatialGate." in k:
             return "official"
+        if ".channel_att.gate_c." in k or ".spatial_att.gate_s." in k:
+            return "official_bam"
         if ".ca.fc" in k or ".sa.conv1." in k:
             return "simplified"
     return "native"
@@ -147,7 +176,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], *, layout: str | None = N
         raise ValueError(f"unknown checkpoint layout {layout!r}; known: {LAYOUTS}")
     if layout == "native":
         return dict(state)
-    renames = _OFFICIAL_RENAMES if layout == "official" else _SIMPLIFIED_RENAMES
+    renames = {"official": _OFFICIAL_RENAMES, "official_bam": _OFFICIAL_BAM_RENAMES}.get(layout, _SIMPLIFIED_RENAMES)
     out = {}
     for k, v in state.items():
         new = k
@@ -162,7 +191,8 @@ def convert_state_dict(state: dict[str, torch.Tensor], *, layout: str | None = N
 
 
 def infer_model_kwargs(state: dict[str, torch.Tensor], *, layout: str | None = None) -> dict[str, Any]:
-    """Builder options a converted-or-not state dict implies: ``num_classes`` and ``cbam_config``.
+    """Builder options a converted-or-not state dict implies: ``num_classes``, ``cbam_config``,
+    ``se_reduction`` / ``se_divisor``, ``bam_config`` and ``stem`` (``"cifar"`` for a 3x3 first conv).
 
     The CBAM reduction ratio is read from the first channel MLP (``C // hidden``), so a
     checkpoint made with a ratio other than 16 still loads.
@@ -185,7 +215,36 @@ def infer_model_kwargs(state: dict[str, torch.Tensor], *, layout: str | None = N
             if not any(k.endswith(".cbam.spatial.bn.weight") for k in conv):
                 base = SIMPLIFIED
         kwargs["cbam_config"] = replace(base, reduction=max(1, channels // hidden))
+    if conv.get("conv1.weight") is not None and conv["conv1.weight"].shape[-1] == 3:
+        kwargs["stem"] = "cifar"
+    se = _se_options(conv)
+    if se:
+        kwargs["se_reduction"], kwargs["se_divisor"] = se
+    bam = conv.get("bam1.channel.fc1.weight")
+    if bam is not None:
+        from cbam_viz.models.bam import BAMConfig
+
+        kwargs["bam_config"] = BAMConfig(reduction=max(1, bam.shape[1] // bam.shape[0]),
+                                         join="product" if layout == "official_bam" else "sum")
     return kwargs
+
+
+def _se_options(conv: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(reduction, divisor) that give every SE block of ``conv`` its hidden width, or None without SE.
+
+    The paper's ``C // r`` is tried first, then timm's rounding to multiples of 8 (``make_divisible``).
+    """
+    from cbam_viz.models.se import se_hidden
+
+    shapes = [v.shape[:2] for k, v in conv.items() if k.endswith(".se.fc1.weight")]
+    if not shapes:
+        return None
+    hidden, channels = shapes[0]
+    for reduction, divisor in ((max(1, channels // hidden), 1), (16, 8), (max(1, channels // hidden), 8)):
+        if all(se_hidden(c, reduction, divisor) == h for h, c in shapes):
+            return reduction, divisor
+    raise ValueError(f"the SE blocks' hidden widths {[int(h) for h, _ in shapes]} follow no reduction ratio "
+                     f"this loader knows (C // r, or timm's multiples of 8)")
 
 
 def _layout_hint(model: nn.Module, layout: str) -> str:
@@ -241,8 +300,10 @@ def load_any(arch: str, path: str | os.PathLike, *, num_classes: int | None = No
     inferred = infer_model_kwargs(raw)
     if num_classes is not None:
         inferred["num_classes"] = num_classes
-    if not arch.endswith("_cbam"):
-        inferred.pop("cbam_config", None)
+    for suffix, option in (("_cbam", "cbam_config"), ("_se", "se_reduction"), ("_se", "se_divisor"),
+                           ("_bam", "bam_config")):
+        if not arch.endswith(suffix):
+            inferred.pop(option, None)
     inferred.update(kwargs)
     model = create_model(arch, **inferred)
     load_checkpoint_into(model, path)

@@ -438,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "training are kept in the exported record)")
     t.set_defaults(func=_cmd_train)
 
+    from cbam_viz.cli_models import add_parsers as add_model_parsers
+
+    add_model_parsers(sub)  # add-model, add-lineup
+
     e = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion of shipped weights")
     e.add_argument("--weights", help="folder holding manifest.json and the safetensors files (default: "
                                       "$CBAM_VIZ_WEIGHTS_DIR, else the repository's weights/)")

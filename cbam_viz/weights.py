@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cbam_viz.outputs import atomic_write_bytes, atomic_write_text
+from cbam_viz.resources import SHIPPED_ROOT
 
 __all__ = [
     "WeightRecord", "ChecksumError", "sha256_file", "read_manifest", "update_manifest", "save_safetensors",
@@ -26,7 +27,7 @@ __all__ = [
     "resolve_weights_dir",
 ]
 
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS_DIR = SHIPPED_ROOT / "weights"  # the checkout's weights/, else the installed copy
 #: Folder of ``manifest.json`` and the weight files when none is passed (read at each call, so the
 #: app, the CLI run from any folder, and tests can point elsewhere without code changes).
 WEIGHTS_DIR_ENV = "CBAM_VIZ_WEIGHTS_DIR"
@@ -65,6 +66,10 @@ class WeightRecord:
     recipe: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # A variant's builder options as JSON (cbam_viz.models.options); {} = the registered default.
+    arch_options: dict[str, Any] = field(default_factory=dict)
+    # Where a model added with `add-model` came from (file name, sha256, layout detected).
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -99,8 +104,12 @@ def read_manifest(weights_dir: str | os.PathLike | None = None) -> dict[str, Any
 
 def update_manifest(weights_dir: str | os.PathLike, *, record: WeightRecord | None = None,
                     metrics: tuple[str, dict[str, Any]] | None = None,
-                    pair: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Add or replace a record, merge metrics into one, or set a pair; written atomically."""
+                    pair: tuple[str, dict[str, Any]] | None = None,
+                    lineup: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Add or replace a record, merge metrics into one, or set a pair or a lineup; written atomically.
+
+    A pair or lineup marked ``"default": True`` takes the mark from every other one of its kind.
+    """
     weights_dir = Path(weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
     data = read_manifest(weights_dir)
@@ -112,7 +121,17 @@ def update_manifest(weights_dir: str | os.PathLike, *, record: WeightRecord | No
             raise KeyError(f"no model {name!r} in {weights_dir / MANIFEST_NAME}")
         data["models"][name].setdefault("metrics", {}).update(values)
     if pair is not None:
+        if pair[1].get("default"):
+            for other in data["pairs"].values():
+                if isinstance(other, dict):
+                    other["default"] = False
         data["pairs"][pair[0]] = pair[1]
+    if lineup is not None:
+        lineups = data.setdefault("lineups", {})
+        if lineup[1].get("default"):
+            for other in lineups.values():
+                other["default"] = False
+        lineups[lineup[0]] = lineup[1]
     atomic_write_text(weights_dir / MANIFEST_NAME, json.dumps(data, indent=2) + "\n")
     return data
 
@@ -183,7 +202,9 @@ def load_record(record: WeightRecord, weights_dir: str | os.PathLike | None = No
             f"weights file {path} is corrupted or was replaced: sha256 {digest[:12]}... "
             f"but the manifest records {record.sha256[:12]}..."
         )
-    model = create_model(record.arch, num_classes=record.num_classes)
+    from cbam_viz.models.options import options_to_kwargs
+
+    model = create_model(record.arch, num_classes=record.num_classes, **options_to_kwargs(record.arch_options))
     load_state_strict(model, load_file(str(path)), path)
     return model.eval()
 

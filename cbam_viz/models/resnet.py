@@ -23,7 +23,7 @@ from .bam import PAPER as BAM_PAPER
 from .cbam import CBAM, OFFICIAL, CBAMConfig
 from .se import SqueezeExcite
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "STEMS"]
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -35,12 +35,13 @@ def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 
 
 def _add_block_attention(block: nn.Module, channels: int, cbam_config: CBAMConfig | None,
-                         se_reduction: int | None) -> None:
+                         se_reduction: int | None, se_divisor: int = 1) -> None:
     """Give ``block`` its ``cbam`` and ``se`` submodules (``None`` when absent; at most one is set)."""
     if cbam_config is not None and se_reduction is not None:
         raise ValueError("a block takes one attention module: CBAM or SE, not both")
     block.cbam = CBAM(channels, cbam_config) if cbam_config is not None else None
-    block.se = SqueezeExcite(channels, reduction=se_reduction) if se_reduction is not None else None
+    block.se = (SqueezeExcite(channels, reduction=se_reduction, divisor=se_divisor)
+                if se_reduction is not None else None)
 
 
 class BasicBlock(nn.Module):
@@ -54,6 +55,7 @@ class BasicBlock(nn.Module):
         downsample: nn.Module | None = None,
         cbam_config: CBAMConfig | None = None,
         se_reduction: int | None = None,
+        se_divisor: int = 1,
     ) -> None:
         super().__init__()
         self.conv1 = _conv3x3(inplanes, planes, stride)
@@ -63,7 +65,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
-        _add_block_attention(self, planes, cbam_config, se_reduction)
+        _add_block_attention(self, planes, cbam_config, se_reduction, se_divisor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -87,6 +89,7 @@ class Bottleneck(nn.Module):
         downsample: nn.Module | None = None,
         cbam_config: CBAMConfig | None = None,
         se_reduction: int | None = None,
+        se_divisor: int = 1,
     ) -> None:
         super().__init__()
         width = planes
@@ -99,7 +102,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU()
         self.downsample = downsample
         self.stride = stride
-        _add_block_attention(self, planes * self.expansion, cbam_config, se_reduction)
+        _add_block_attention(self, planes * self.expansion, cbam_config, se_reduction, se_divisor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -113,8 +116,15 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+STEMS = ("imagenet", "cifar")
+
+
 class ResNet(nn.Module):
-    """torchvision's ImageNet ResNet (7x7 stem, max-pool, four stages, global average pool, fc)."""
+    """torchvision's ImageNet ResNet (7x7 stem, max-pool, four stages, global average pool, fc).
+
+    ``stem="cifar"`` swaps the stem for the one CIFAR networks use (3x3 conv, stride 1, no
+    max-pool), as the official CBAM/BAM code builds for 32-px images; the rest is unchanged.
+    """
 
     def __init__(
         self,
@@ -125,17 +135,27 @@ class ResNet(nn.Module):
         cbam_config: CBAMConfig | None = None,
         se_reduction: int | None = None,
         bam_config: BAMConfig | None = None,
+        se_divisor: int = 1,
+        stem: str = "imagenet",
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
         self.cbam_config = cbam_config
         self.se_reduction = se_reduction
+        self.se_divisor = se_divisor
         self.bam_config = bam_config
+        self.stem = stem
         self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:  # CIFAR (the official CBAM/BAM code's non-ImageNet network): 3x3, stride 1, no max-pool
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
@@ -157,7 +177,7 @@ class ResNet(nn.Module):
                 _conv1x1(self.inplanes, planes * block.expansion, stride),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        attn = {"cbam_config": self.cbam_config, "se_reduction": self.se_reduction}
+        attn = {"cbam_config": self.cbam_config, "se_reduction": self.se_reduction, "se_divisor": self.se_divisor}
         layers = [block(self.inplanes, planes, stride, downsample, **attn)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, **attn) for _ in range(1, blocks)]

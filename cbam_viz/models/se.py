@@ -14,7 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SqueezeExcite", "SEGate"]
+__all__ = ["SqueezeExcite", "SEGate", "se_hidden"]
+
+
+def se_hidden(channels: int, reduction: int, divisor: int = 1) -> int:
+    """Width of the excitation's hidden layer: ``channels // reduction`` (the paper), or, with
+    ``divisor > 1``, rounded to a multiple of it and at least it, as timm's ``SEModule`` does
+    (``make_divisible(C / r, 8)``: 64 channels -> 8, not 4), so timm checkpoints load."""
+    if divisor == 1:
+        return channels // reduction
+    return max(divisor, int(channels / reduction + divisor / 2) // divisor * divisor)
 
 
 class SEGate(nn.Sigmoid):
@@ -26,12 +35,11 @@ class SEGate(nn.Sigmoid):
 class SqueezeExcite(nn.Module):
     """``x * sigmoid(fc2(relu(fc1(avgpool(x)))))``; the reduction ratio ``r`` is honoured."""
 
-    def __init__(self, channels: int, *, reduction: int = 16, hidden: int | None = None) -> None:
+    def __init__(self, channels: int, *, reduction: int = 16, divisor: int = 1) -> None:
         super().__init__()
-        if hidden is None:
-            if reduction < 1:
-                raise ValueError(f"SE reduction ratio must be >= 1, got {reduction}")
-            hidden = channels // reduction
+        if reduction < 1 or divisor < 1:
+            raise ValueError(f"SE reduction ratio and divisor must be >= 1, got {reduction}, {divisor}")
+        hidden = se_hidden(channels, reduction, divisor)
         if hidden < 1:
             raise ValueError(f"SE gate: {channels} channels cannot be reduced by a ratio of {reduction} "
                              f"(the hidden layer would have 0 units); use a ratio <= {channels}")
