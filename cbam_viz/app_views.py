@@ -34,6 +34,7 @@ from cbam_viz.messages import UserFacingError, classes_sentence, escape_markdown
 from cbam_viz.model_card import choice_sentence, model_card_markdown
 from cbam_viz.outputs import atomic_write_bytes
 from cbam_viz.pair import pair_names
+from cbam_viz.resources import SHIPPED_ROOT
 
 __all__ = [
     "QUALITY_DOC", "QUALITY_FIGURE", "QUALITY_PLACEHOLDER", "Choices", "PairView", "PageView", "ExplainView",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = SHIPPED_ROOT  # the checkout, else the installed package's copies (cbam_viz.resources)
 QUALITY_DOC = ROOT / "docs" / "explanation_quality.md"
 QUALITY_FIGURE = ROOT / "docs" / "explanation_quality" / "summary.png"
 QUALITY_PLACEHOLDER = "Explanation quality: not measured yet."

@@ -22,13 +22,14 @@ from cbam_viz.data import load_rgb
 from cbam_viz.quality.metrics import METRICS, per_image_text
 from cbam_viz.quality.report import load_report, most_different_images, record_cams
 from cbam_viz.render import PLACEHOLDER_GREY, photo_placeholder, render_comparison
+from cbam_viz.resources import SHIPPED_ROOT
 
 __all__ = [
     "DEFAULT_REPORT_DIR", "DIRECTIONS", "PLACEHOLDER_GREY", "REPORT_ENV", "DATA_ENV", "differing_images",
     "find_photo", "load_app_report", "method_choices", "metric_choices", "record_image", "render_record",
 ]
 
-DEFAULT_REPORT_DIR = Path(__file__).resolve().parents[2] / "docs" / "explanation_quality"
+DEFAULT_REPORT_DIR = SHIPPED_ROOT / "docs" / "explanation_quality"
 #: The report the tab shows instead of the shipped one.
 REPORT_ENV = "CBAM_VIZ_QUALITY_REPORT"
 #: Where the evaluated photos are on this machine, if not where the report found them.
