@@ -31,7 +31,9 @@ from torch import nn
 
 from cbam_viz.data import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
 from cbam_viz.ood import load_stats
-from cbam_viz.weights import WEIGHTS_DIR_ENV, WeightRecord, load_record, read_manifest, resolve_weights_dir
+from cbam_viz.weights import (
+    WEIGHTS_DIR_ENV, WeightRecord, load_record, read_manifest, resolve_weights_dir, weights_dirs,
+)
 
 __all__ = [
     "LoadedModel", "ModelPair", "ModelLoadError", "list_pairs", "default_pair_name", "load_pair",
@@ -348,13 +350,21 @@ def untrained_pair(*, device=None) -> ModelPair:
 # ------------------------------------------------------------------------------------- pairs
 
 
+def _pair_index(weights_dir) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """pair name -> (its folder, its spec) over every weights folder (:func:`weights_dirs`), first wins."""
+    index: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for folder in weights_dirs(weights_dir):
+        for name, spec in read_manifest(folder)["pairs"].items():
+            index.setdefault(name, (folder, spec))
+    return index
+
+
 def _pairs(weights_dir) -> dict[str, dict[str, Any]]:
-    return read_manifest(weights_dir)["pairs"]
+    return {name: spec for name, (_, spec) in _pair_index(weights_dir).items()}
 
 
 def list_pairs(weights_dir: str | os.PathLike | None = None) -> list[str]:
     """Pair names in manifest order, the default first; empty when there is no manifest."""
-    weights_dir = weights_dir_default(weights_dir)
     pairs = _pairs(weights_dir)
     default = default_pair_name(weights_dir)
     return ([default] if default else []) + [p for p in pairs if p != default]
@@ -389,8 +399,8 @@ def pair_unavailable_reason(name: str, weights_dir: str | os.PathLike | None = N
 
 
 def default_pair_name(weights_dir: str | os.PathLike | None = None) -> str | None:
-    """The pair marked ``"default": true``, else the first one; None without pairs."""
-    weights_dir = weights_dir_default(weights_dir)
+    """The pair marked ``"default": true`` (in the first folder that marks one), else the first one;
+    None without pairs."""
     pairs = _pairs(weights_dir)
     for name, spec in pairs.items():
         if isinstance(spec, dict) and spec.get("default"):
@@ -424,22 +434,20 @@ def load_pair(
             file, ``.model_name``/``.file``/``.pair`` say which. Other pairs may still load.
     """
     device = select_device(device)
-    weights_dir = weights_dir_default(weights_dir)
     if name == UNTRAINED_PAIR:
         return untrained_pair(device=device)
-    pairs = _pairs(weights_dir)
+    index = _pair_index(weights_dir)
+    pairs = {n: spec for n, (_, spec) in index.items()}
     if name == IMAGENET_PAIR and name not in pairs:
-        return imagenet_pair(weights_dir=weights_dir, device=device)
+        return imagenet_pair(weights_dir=weights_dir_default(weights_dir), device=device)
     if name is None:
         name = default_pair_name(weights_dir)
         if name is None:
             return untrained_pair(device=device)
     if name not in pairs:
-        raise KeyError(
-            f"no pair {name!r} in {Path(weights_dir) / 'manifest.json'}; known pairs: "
-            f"{', '.join(pairs) or 'none'}"
-        )
-    spec = pairs[name]
+        where = ", ".join(str(f / "manifest.json") for f in weights_dirs(weights_dir))
+        raise KeyError(f"no pair {name!r} in {where}; known pairs: {', '.join(pairs) or 'none'}")
+    weights_dir, spec = index[name]
     loaded = {}
     for role in ("baseline", "cbam"):
         model_name = spec.get(role) if isinstance(spec, dict) else None
@@ -466,7 +474,6 @@ def load_available_pairs(
     """
     loaded: dict[str, ModelPair] = {}
     errors: dict[str, str] = {}
-    weights_dir = weights_dir_default(weights_dir)
     names = list_pairs(weights_dir)
     for name in names:
         try:

@@ -24,7 +24,7 @@ from cbam_viz.resources import SHIPPED_ROOT
 __all__ = [
     "WeightRecord", "ChecksumError", "sha256_file", "read_manifest", "update_manifest", "save_safetensors",
     "load_record", "load_state_strict", "recast_record", "DEFAULT_WEIGHTS_DIR", "WEIGHTS_DIR_ENV",
-    "resolve_weights_dir",
+    "resolve_weights_dir", "weights_dirs",
 ]
 
 DEFAULT_WEIGHTS_DIR = SHIPPED_ROOT / "weights"  # the checkout's weights/, else the installed copy
@@ -39,10 +39,20 @@ def resolve_weights_dir(weights_dir: str | os.PathLike | None = None) -> Path:
     ``weights_dir`` if given, else ``$CBAM_VIZ_WEIGHTS_DIR``, else the repository's ``weights/``
     (found from this file, not from the current directory).
     """
-    if weights_dir is not None:
-        return Path(weights_dir)
-    env = os.environ.get(WEIGHTS_DIR_ENV, "").strip()
-    return Path(env) if env else DEFAULT_WEIGHTS_DIR
+    return weights_dirs(weights_dir)[0]
+
+
+def weights_dirs(weights_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Every folder models are read from, in order (the first is the one written to).
+
+    ``weights_dir`` or ``$CBAM_VIZ_WEIGHTS_DIR`` may name several folders as a path-separator
+    list (``/models:/app/weights`` on Linux), so a person's own models appear beside the shipped
+    ones; a name found in an earlier folder hides the same name in a later one. Without either,
+    the repository's ``weights/``.
+    """
+    text = str(weights_dir) if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV, "").strip()
+    folders = [Path(part) for part in text.split(os.pathsep) if part.strip()] if text else []
+    return folders or [DEFAULT_WEIGHTS_DIR]
 MANIFEST_NAME = "manifest.json"
 
 
