@@ -57,7 +57,13 @@ TARGETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
         ("stage_modules", "_seeded", "cascading_randomization", "_gaussian_1d", "ssim", "_average_ranks",
          "rank_correlation", "n_images", "rows", "concat", "sanity_check", "sanity_image", "sanity_flags",
          "_summary", "sanity_dataset"),
-        ("tests/test_science_sanity.py", "tests/test_sanity.py")),
+        # test_sanity.py's 128 px three-method cascade and CLI run would cost minutes per mutant.
+        # The cheap tests first: a mutant stops at its first failing test.
+        ("tests/test_sanity.py::test_metrics_against_known_values",
+         "tests/test_sanity.py::test_stem_is_conv1_and_bn1", "tests/test_sanity.py::test_flags_on_constructed_results",
+         "tests/test_science_sanity.py",
+         "tests/test_sanity.py::test_the_cascade_is_cumulative_seeded_and_leaves_the_original_untouched",
+         "tests/test_sanity.py::test_one_call_for_the_app_keeps_the_cams")),
     "cbam_viz.channel_profiles": (
         ("blocks", "accumulate_profiles", "profile_dataset", "_profile_correlation", "_class_variance_ratio",
          "block_similarity", "chance_variance_ratio", "similarity_rows", "profiles_figure", "profiles_image",
@@ -394,7 +400,7 @@ def run_module(module: str, out: Path | None, *, timeout_factor: float = 4.0, li
     import tempfile
 
     _, tests = TARGETS[module]
-    tests = tuple(t for t in tests if (ROOT / t).exists())
+    tests = tuple(t for t in tests if (ROOT / t.split("::")[0]).exists())
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "coverage.json"
         status, base = run_tests(module, None, tests, timeout=3600, record=record)
@@ -427,7 +433,7 @@ def run_bugs(names: list[str] | None) -> int:
         if names and name not in names:
             continue
         _, tests = TARGETS[module]
-        tests = tuple(t for t in tests if (ROOT / t).exists())
+        tests = tuple(t for t in tests if (ROOT / t.split("::")[0]).exists())
         if module not in clean:  # a bug only counts as caught by tests that pass without it
             if run_tests(module, None, tests, timeout=1800)[0] != "survived":
                 raise SystemExit(f"the tests of {module} fail without any bug: fix them first")

@@ -11,7 +11,7 @@ from cbam_viz.cam import compute_cams
 from cbam_viz.preprocess import open_image, to_model_batch
 from cbam_viz.sanity import (
     PASS_THRESHOLD, STAGES, SanityResult, _summary, cascading_randomization, markdown_report, rank_correlation,
-    sanity_check, sanity_dataset, sanity_flags, ssim,
+    sanity_check, sanity_dataset, sanity_flags, ssim, stage_modules,
 )
 from conftest import make_model, make_pair
 from tests.synthetic import make_image_folder
@@ -68,6 +68,14 @@ def test_flags_rows_and_concat_follow_the_numbers():
     assert SanityResult("m", (), (), {}, {}, "l").n_images == 0
 
 
+def test_a_model_missing_any_one_stage_is_refused_by_name():
+    for stage in STAGES[:-1]:
+        model = make_model("resnet18", seed=0)
+        delattr(model, stage)
+        with pytest.raises(ValueError, match=f"has no {stage}"):
+            stage_modules(model)
+
+
 def test_every_number_equals_a_recomputation_from_the_randomised_copies():
     model = make_model("resnet18_cbam", seed=4)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
@@ -118,3 +126,4 @@ def test_dataset_report_holds_the_values_of_the_images_it_read(tmp_path):
     smaller = sanity_dataset(pair, data, methods=("gradcam",), layer=LAYER, max_images=3, workers=1, n_boot=50,
                              progress=False)
     assert smaller["models"]["cbam"]["n"] == 3
+
