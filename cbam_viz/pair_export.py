@@ -252,6 +252,16 @@ def export_runs(results: Mapping[str, TrainResult], *, recipe: Recipe, classes: 
                          training_extra={"half": kind, "holdout_digest": digest})
             lines.append(f"exported half {rec.file} ({rec.sha256[:12]}) to {weights_dir}")
         return [*lines, _pair_it_later(weights_dir)]
+    if len(archs) == 1 and settings is not None and f"{archs[0]}_{name}" not in settings["carried_from"]["records"]:
+        # A new member of the family (SE or BAM beside a ResNet / CBAM pair): nothing to pair it
+        # with, so it ships whole, with the choice its pair carried.
+        (arch, result), = results.items()
+        rec = export(result, arch=arch, recipe=recipe, classes=classes, weights_dir=weights_dir,
+                     name=f"{arch}_{name}", weights=settings["weights"], input_size=settings["input_size"],
+                     selection=dict(settings))
+        return [f"exported {rec.file} ({rec.sha256[:12]}, {settings['weights']} weights at {rec.input_size} px as "
+                f"carried from pair {settings['carried_from']['pair']}) to {weights_dir}; show it beside the pair "
+                f"with add-lineup"]
     if len(archs) == 1 and settings is not None:
         (arch, result), = results.items()
         kind = settings["weights"]

@@ -251,3 +251,38 @@ def test_a_final_run_that_cannot_carry_the_choice_is_refused_before_training(dat
     assert cli.main(_args(dataset, tmp_path, *[a for a in args if a != "--no-export"], *export)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not out.exists()
+
+
+def _finalise(manifest):  # the chosen pair, as a final pair that carried its own choice would record it
+    for rec in manifest["models"].values():
+        selection = rec["training"]["selection"]
+        carried = {"pair": "resnet18-tiny", "records": {n: "0" * 64 for n in manifest["models"]}, "holdout": 0.25,
+                   "holdout_images": 6, "holdout_top1": selection.get("holdout_top1")}
+        rec["training"]["selection"] = {"weights": selection["weights"], "input_size": selection["input_size"],
+                                        "rule": "carried over", "carried_from": carried}
+        rec["recipe"]["holdout"] = 0.0
+
+
+@pytest.mark.parametrize("arch", ["resnet18_se", "resnet18_bam"])
+def test_a_new_member_takes_the_final_pairs_carried_choice_and_ships_whole(dataset, chosen, tmp_path, capsys, arch):
+    """SE and BAM beside a final pair: the recipe and the (weights, size) of the pair, one record each."""
+    final = _edited_copy(chosen, tmp_path / "final", _finalise)
+    out = tmp_path / "member"
+    assert cli.main(_args(dataset, tmp_path, "--arch", arch, *FINAL, "--settings-from", str(final),
+                          "--export", str(out))) == 0
+    assert "show it beside the pair with add-lineup" in capsys.readouterr().out
+    models = read_manifest(out)["models"]
+    assert set(models) == {f"{arch}_tiny"}  # whole, not a half waiting for a partner
+    rec = WeightRecord(**models[f"{arch}_tiny"])
+    assert rec.input_size == 40 and rec.training["weights"] == "ema" and rec.recipe["holdout"] == 0
+    carried = rec.training["selection"]["carried_from"]
+    assert carried["pair"] == "resnet18-tiny" and carried["via"]["holdout_images"] == 6
+    assert f"{arch}: same backbone, other attention" in rec.training["selection"]["rule"]
+    load_record(rec, out)
+
+
+def test_a_new_member_of_another_depth_is_refused(dataset, chosen, tmp_path, capsys):
+    final = _edited_copy(chosen, tmp_path / "final", _finalise)
+    assert cli.main(_args(dataset, tmp_path, "--arch", "resnet34_se", *FINAL, "--settings-from", str(final),
+                          "--export", str(tmp_path / "w"))) == 2
+    assert "is resnet18 and resnet18_cbam, not resnet34_se" in capsys.readouterr().err
