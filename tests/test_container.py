@@ -2,7 +2,8 @@
 
 ``../shared/tools/container-smoke.sh`` (beside the repo, as in CI) builds the image, starts it and
 waits for HTTP; its ``SMOKE_CMD`` hook then runs ``tests/e2e_helpers.py client-smoke``, which sends
-one generated picture to ``/explain`` with ``gradio_client`` and checks the returned images.
+one generated picture to ``/explain`` with ``gradio_client`` and checks the returned images, and
+``tests/container_mount.py``, which serves a user's own models folder mounted into a second container.
 
 On a machine with the local wheel mirrors (/opt/pypi, /opt/pypi-more) they are mounted read-only
 into the build and listed in ``PIP_EXTRA_INDEX_URL``, so torch and the CUDA wheels come from disk.
@@ -66,7 +67,9 @@ def test_container_builds_serves_and_explains():
     require(podman_available() or can_install, "podman is missing and cannot be installed (not root)")
 
     log = artifacts_dir("logs") / "container-smoke.log"
-    smoke = f"{shlex.quote(sys.executable)} {shlex.quote(str(REPO_ROOT / 'tests' / 'e2e_helpers.py'))} client-smoke"
+    python = shlex.quote(sys.executable)
+    smoke = (f"{python} {shlex.quote(str(REPO_ROOT / 'tests' / 'e2e_helpers.py'))} client-smoke && "
+             f"{python} {shlex.quote(str(REPO_ROOT / 'tests' / 'container_mount.py'))} {shlex.quote(IMAGE_TAG)}")
     env = {
         **os.environ,
         "HOST_PORT": str(free_port()),
@@ -96,6 +99,7 @@ def test_container_builds_serves_and_explains():
     print(f"container smoke: {elapsed:.0f}s, log {log}")
     assert proc.returncode == 0, f"container-smoke.sh exited {proc.returncode}; log {log}:\n{tail}"
     assert "SMOKE OK" in text and "client-smoke: OK" in text, f"smoke did not run to the end:\n{tail}"
+    assert "mount-smoke: OK" in text, f"a user's mounted models folder was not served:\n{tail}"
 
     # The image itself: non-root, lean (no repo clutter), and how big it is. container-smoke.sh
     # wrote the podman config this host needs (runc, lowered rlimits); use it too.
