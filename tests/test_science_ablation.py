@@ -77,6 +77,22 @@ def test_default_grid_and_mean_constant(gated, x):
                                (p.gather(1, top) - p0.gather(1, top))[:, 0].double().numpy(), atol=1e-6)
 
 
+def test_gate_means_of_one_image_and_of_none(gated, x):
+    one = gate_means(gated, [x[:1]])
+    with record_attention(gated) as maps, torch.no_grad():
+        gated(x[:1])
+    torch.testing.assert_close(one["layer3.1"]["channel"], maps["layer3.1"]["channel"][0])
+    with pytest.raises(ValueError, match="no images"):
+        gate_means(gated, [])
+
+
+def test_ablate_image_default_rows_are_every_block_and_gate_then_all_blocks():
+    loaded = make_loaded("resnet18_cbam", input_size=32, seed=1)
+    rows = ablate_image(loaded, make_image(40, 30, seed=6), layer="layer2.1")
+    assert [(r["block"], r["gate"]) for r in rows] == ablation_grid(loaded.model)
+    assert rows[-1]["block"] == ALL_BLOCKS
+
+
 def test_ablate_image_rows_equal_plain_forwards_of_the_apps_input(gated):
     loaded = make_loaded("resnet18_cbam", seed=1)
     loaded.model.load_state_dict(gated.state_dict())
@@ -151,6 +167,11 @@ def test_dataset_accuracies_drops_and_prob_changes_equal_a_plain_loop(partly_rig
     assert any(abs(v) > 1e-3 for v in change.values())
     assert report["model"] == {"name": loaded.name, "arch": loaded.arch, "trained": False, "input_size": 32}
     assert report["settings"]["max_images"] is None and report["settings"]["batch_size"] == 5
+    default, _ = ablate_dataset(loaded, root, progress=False)  # one batch of 32, 2000 resamples, seed 0
+    assert {k: default["settings"][k] for k in ("n_boot", "seed", "batch_size")} == {
+        "n_boot": 2000, "seed": 0, "batch_size": 32}
+    for a, b in zip(default["rows"], report["rows"]):  # the batching changes no number
+        assert a["top1"] == b["top1"] and a["mean_prob_change"] == pytest.approx(b["mean_prob_change"], abs=1e-6)
 
 
 def test_dataset_mean_ablation_uses_the_means_of_the_same_images(partly_right, tmp_path):

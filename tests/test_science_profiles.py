@@ -103,6 +103,9 @@ def test_similarity_edge_cases():
     gap = ChannelProfiles(("a", "b", "c"), ("a", "b", "c"), counts, {"x": m}, {"x": sq})
     corr = np.corrcoef(m[[0, 2]])[0, 1]
     assert block_similarity(gap)["x"]["profile_correlation"] == pytest.approx(corr)
+    kept = ChannelProfiles(("a", "c"), ("a", "c"), counts[[0, 2]], {"x": m[[0, 2]]}, {"x": sq[[0, 2]]})
+    ratio = block_similarity(gap)["x"]["class_variance_ratio"]
+    assert np.isfinite(ratio) and ratio == pytest.approx(block_similarity(kept)["x"]["class_variance_ratio"])
     assert chance_variance_ratio(gap) == pytest.approx(1 / 6)
     one = ChannelProfiles(("a",), ("a",), np.array([1]), {"x": m[:1]}, {"x": sq[:1]})
     assert np.isnan(block_similarity(one)["x"]["profile_correlation"]) and np.isnan(chance_variance_ratio(one))
