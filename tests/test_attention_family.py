@@ -133,3 +133,41 @@ def test_options_of_another_attention_are_refused():
         create_model("resnet18_cbam", se_reduction=8)
     with pytest.raises(ValueError, match="bam_config"):
         create_model("resnet18_se", bam_config=BAMConfig())
+
+
+def test_record_attention_captures_se_and_bam_gates_by_name():
+    from cbam_viz.attention import attention_gates, record_attention
+
+    se = create_model("resnet18_se", num_classes=3).eval()
+    assert [(o, k) for o, k, _ in attention_gates(se)][:2] == [("layer1.0", "channel"), ("layer1.1", "channel")]
+    x = _x(2, 3, 64, 64)
+    with torch.no_grad(), record_attention(se) as maps:
+        se(x)
+    assert set(maps) == {f"layer{i}.{j}" for i in range(1, 5) for j in range(2)}
+    assert set(maps["layer3.1"]) == {"channel"} and maps["layer3.1"]["channel"].shape == (2, 256)
+    seen = []
+    handle = se.layer3[1].se.gate.register_forward_hook(lambda m, a, out: seen.append(out) and None)
+    with torch.no_grad():
+        se(x)
+    handle.remove()
+    torch.testing.assert_close(maps["layer3.1"]["channel"], seen[0].flatten(1))
+
+    bam = _randomize_bn(create_model("resnet18_bam", num_classes=3))
+    with torch.no_grad(), record_attention(bam) as maps:
+        bam(x)
+    assert set(maps) == {"bam1", "bam2", "bam3"}
+    m = maps["bam2"]
+    assert set(m) == {"channel", "spatial", "channel_branch", "spatial_branch"}
+    assert m["channel"].shape == (2, 128) and m["spatial"].shape == (2, 8, 8) and m["spatial_branch"].shape == (2, 8, 8)
+    joint = torch.sigmoid(m["channel_branch"][:, :, None, None] + m["spatial_branch"][:, None])
+    torch.testing.assert_close(m["spatial"], joint.mean(1))
+    torch.testing.assert_close(m["channel"], joint.mean((2, 3)))
+    assert not any(mod._forward_hooks for mod in bam.modules())
+
+
+def test_record_attention_of_cbam_is_unchanged_by_the_family():
+    from cbam_viz.attention import attention_gates, cbam_gates
+
+    cbam = create_model("resnet18_cbam", num_classes=3)
+    assert attention_gates(cbam) == cbam_gates(cbam)
+    assert attention_gates(create_model("resnet18", num_classes=3)) == []
