@@ -105,11 +105,15 @@ def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     return float(roc_auc_score(y, np.r_[inside, outside]))
 
 
-def compare(loaded, data: Path, *, cache_dir: Path | None = None, progress: bool = False) -> dict:
-    """Every score of one model: AUROC, flagged shares and per-image scores (JSON-ready)."""
+def compare(loaded, data: Path, *, cache_dir: Path | None = None, per_class: tuple = (None, None),
+            progress: bool = False) -> dict:
+    """Every score of one model: AUROC, flagged shares and per-image scores (JSON-ready).
+
+    ``per_class``: (train, val) caps per class, as :func:`cbam_viz.ood_fit.fit_record` takes them.
+    """
     kw = {"cache_dir": cache_dir, "progress": progress}
-    train = split_features(loaded, data / "train", **kw)
-    val = split_features(loaded, data / "val", **kw)
+    train = split_features(loaded, data / "train", per_class=per_class[0], **kw)
+    val = split_features(loaded, data / "val", per_class=per_class[1], **kw)
     sets = {"packaged": packaged_images(), "generated": generated_images()}
     outside = {}
     for group, images in sets.items():
@@ -157,11 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="weights folder (default: the repository's weights/)")
     p.add_argument("--cache", type=Path, default=None, help="keep the extracted features here for re-runs")
     p.add_argument("--out", type=Path, default=None, help="write the full results (JSON) here")
+    p.add_argument("--train-per-class", type=int, help="fit on at most N images per class (default: all)")
+    p.add_argument("--val-per-class", type=int, help="calibrate on at most N images per class (default: all)")
+    p.add_argument("--model", choices=["baseline", "cbam"], action="append", help="only this member (repeatable)")
     args = p.parse_args(argv)
     from cbam_viz.pair import load_pair
 
     pair = load_pair(args.pair, weights_dir=args.weights, device="cpu")
-    results = [compare(m, args.data, cache_dir=args.cache, progress=True) for m in (pair.baseline, pair.cbam)]
+    caps = (args.train_per_class, args.val_per_class)
+    results = [compare(getattr(pair, role), args.data, cache_dir=args.cache, per_class=caps, progress=True)
+               for role in (args.model or ("baseline", "cbam"))]
     print(markdown(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,11 +54,13 @@ def extract(model: torch.nn.Module, images: Sequence[str | os.PathLike | Image.I
 
 
 def split_features(loaded, folder: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                   batch_size: int = 64, progress: bool = False) -> dict[str, torch.Tensor]:
+                   per_class: int | None = None, batch_size: int = 64, progress: bool = False
+                   ) -> dict[str, torch.Tensor]:
     """``{"features", "logits", "labels"}`` of an ImageFolder split, labels in the record's class order.
 
     Class folders are matched to the record's class ids (WordNet ids); a folder that is not one of
-    them is an error. With ``cache_dir`` the result is kept there, keyed by the weights' sha256 and
+    them is an error. ``per_class``: at most that many images of each class, evenly spread over its
+    sorted files (a cheaper fit on a busy CPU); None: all. With ``cache_dir`` the result is kept there, keyed by the weights' sha256 and
     the folder's fingerprint, so fitting and the comparison share one pass over the data.
 
     Raises:
@@ -71,12 +73,14 @@ def split_features(loaded, folder: str | os.PathLike, *, cache_dir: str | os.Pat
     if unknown:
         raise ValueError(f"class folders {unknown[:5]} of {folder} are not classes of {loaded.name!r} "
                          f"(it knows {', '.join(loaded.class_ids[:10])})")
-    labels = torch.tensor([loaded.class_ids.index(scan.classes[i]) for i in scan.labels])
+    files, labels = _subsample(scan, per_class)
+    labels = torch.tensor([loaded.class_ids.index(scan.classes[i]) for i in labels])
     sha = loaded.record.sha256[:16] if loaded.record is not None else loaded.name
-    cache = Path(cache_dir) / f"{sha}_{loaded.input_size}_{scan.fingerprint()}.pt" if cache_dir else None
+    key = f"{sha}_{loaded.input_size}_{scan.fingerprint()}_{per_class or 'all'}"
+    cache = Path(cache_dir) / f"{key}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         return torch.load(cache, weights_only=True)
-    feats, logits = extract(loaded.model, [scan.root / f for f in scan.files], input_size=loaded.input_size,
+    feats, logits = extract(loaded.model, [scan.root / f for f in files], input_size=loaded.input_size,
                             mean=loaded.mean, std=loaded.std, batch_size=batch_size, progress=progress,
                             desc=f"{loaded.name} {Path(folder).name}")
     out = {"features": feats, "logits": logits, "labels": labels}
@@ -86,8 +90,23 @@ def split_features(loaded, folder: str | os.PathLike, *, cache_dir: str | os.Pat
     return out
 
 
+def _subsample(scan, per_class: int | None) -> tuple[list[str], list[int]]:
+    """Files and labels of a scan, at most ``per_class`` of each class, evenly spread (deterministic)."""
+    if per_class is None:
+        return list(scan.files), list(scan.labels)
+    files, labels = [], []
+    for c in range(len(scan.classes)):
+        own = [f for f, lab in zip(scan.files, scan.labels) if lab == c]
+        step = max(1.0, len(own) / per_class)
+        picked = [own[int(i * step)] for i in range(min(per_class, len(own)))]
+        files += picked
+        labels += [c] * len(picked)
+    return files, labels
+
+
 def fit_record(name: str, data: str | os.PathLike, *, weights_dir: str | os.PathLike | None = None,
-               method: str = DEFAULT_METHOD, cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
+               method: str = DEFAULT_METHOD, cache_dir: str | os.PathLike | None = None,
+               per_class: tuple[int | None, int | None] = (None, None), batch_size: int = 64,
                progress: bool = False):
     """Fit record ``name``'s statistics on ``data/train``, threshold on ``data/val``; store them.
 
@@ -98,6 +117,8 @@ def fit_record(name: str, data: str | os.PathLike, *, weights_dir: str | os.Path
     Raises:
         FileNotFoundError: ``data`` lacks a ``train`` or ``val`` folder of images.
         ValueError: an unknown method, or class folders the model does not know.
+
+    ``per_class``: (train, val) caps per class (:func:`split_features`); the default uses every image.
     """
     from cbam_viz.pair import load_model
     from cbam_viz.weights import resolve_weights_dir, update_manifest
@@ -111,15 +132,16 @@ def fit_record(name: str, data: str | os.PathLike, *, weights_dir: str | os.Path
             raise FileNotFoundError(f"{data} has no {split}/ folder (expected DATA/train/<class>/... and DATA/val/...)")
     loaded = load_model(name, weights_dir=weights_dir, device="cpu")
     kw = {"cache_dir": cache_dir, "batch_size": batch_size, "progress": progress}
-    train = split_features(loaded, data / "train", **kw)
-    val = split_features(loaded, data / "val", **kw)
+    train = split_features(loaded, data / "train", per_class=per_class[0], **kw)
+    val = split_features(loaded, data / "val", per_class=per_class[1], **kw)
     stats = ood.fit_stats(method, train["features"], train["labels"], len(loaded.classes))
     stats = ood.calibrate(stats, val["features"], val["logits"])
     record = loaded.record
     file = Path(record.file).name.removesuffix(".safetensors") + ood.STATS_SUFFIX
     sha = ood.save_stats(stats, weights_dir / file)
+    caps = [f"--{s}-per-class={n}" for s, n in zip(("train", "val"), per_class) if n is not None]
     command = shlex.join(["python", "-m", "cbam_viz", "fit-ood", "--data", str(data), "--model", name,
-                          "--method", method])
+                          "--method", method, *caps])
     entry = ood.record_entry(stats, file, sha, fitted_on=f"{len(train['labels'])} training images",
                              calibrated_on=f"{len(val['labels'])} validation images", command=command)
     update_manifest(weights_dir, metrics=(name, {"ood": entry}))
@@ -144,7 +166,8 @@ def _cmd_fit_ood(args) -> int:
             names = [spec[role] for role in ("baseline", "cbam") if spec.get(role)]
         for name in names:
             entry = fit_record(name, args.data, weights_dir=weights_dir, method=args.method, cache_dir=args.cache,
-                               batch_size=args.batch_size, progress=not args.no_progress)
+                               per_class=(args.train_per_class, args.val_per_class), batch_size=args.batch_size,
+                               progress=not args.no_progress)
             print(f"fit-ood: {name}: {entry['method']} threshold {entry['threshold']:.4g} "
                   f"(accepts {entry['accept']:.0%} of {entry['calibrated_on']}), wrote {entry['file']}")
     except (KeyError, ValueError, FileNotFoundError, ModelLoadError) as err:
@@ -165,6 +188,8 @@ def add_parser(sub) -> None:
                    "else the repository's weights/)")
     f.add_argument("--method", default=DEFAULT_METHOD, choices=ood.METHODS, help="the score (default: %(default)s)")
     f.add_argument("--cache", type=Path, help="keep the extracted features here (re-runs skip the forwards)")
+    f.add_argument("--train-per-class", type=int, help="fit on at most N images per class (default: all)")
+    f.add_argument("--val-per-class", type=int, help="set the threshold on at most N per class (default: all)")
     f.add_argument("--batch-size", type=int, default=64)
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_cmd_fit_ood)

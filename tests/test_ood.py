@@ -83,9 +83,10 @@ def test_the_fallback_rule_is_the_apps_unsure_rule():
     from cbam_viz import service
 
     assert (ood.UNSURE_PROB, ood.UNSURE_MARGIN) == (service.UNSURE_PROB, service.UNSURE_MARGIN)
-    logits = torch.tensor([[4.0, 0.0, 0.0], [1.0, 0.9, 0.0], [0.2, 0.0, 0.1]])  # sure, hesitant, under 50 %
+    # sure; just sure (55 %, a 30-point margin); over 50 % but a 12-point margin; a clear margin but under 50 %
+    logits = torch.tensor([[0.9, 0.05, 0.05], [0.55, 0.25, 0.20], [0.52, 0.40, 0.08], [0.45, 0.30, 0.25]]).log()
     out = ood.assess(None, [], logits)
-    assert [r["flagged"] for r in out] == [False, True, True]
+    assert [r["flagged"] for r in out] == [False, False, True, True]
     assert all(r["score"] is None and r["threshold"] is None and "unsure rule" in r["fallback"] for r in out)
 
 
@@ -150,6 +151,16 @@ def test_fit_stores_small_statistics_beside_the_weights_and_loading_checks_them(
     val = ood_fit.split_features(loaded, data / "val")
     assert int((loaded.ood.score(val["features"], val["logits"]) > loaded.ood.threshold).sum()) <= 1
     assert isinstance(load_model("base", weights_dir=weights_dir, device="cpu").ood, ood.NoStats)
+
+
+def test_a_capped_split_takes_evenly_spread_files_of_every_class(tmp_path):
+    from cbam_viz.data import scan_image_folder
+
+    scan = scan_image_folder(_folder(tmp_path / "data", per_class=4) / "train")
+    files, labels = ood_fit._subsample(scan, 2)
+    assert files == ["a/0.png", "a/2.png", "b/0.png", "b/2.png", "c/0.png", "c/2.png"] and labels == [0, 0, 1, 1, 2, 2]
+    assert ood_fit._subsample(scan, 9) == (list(scan.files), list(scan.labels))
+    assert ood_fit._subsample(scan, None) == (list(scan.files), list(scan.labels))
 
 
 def test_explanations_carry_the_score_of_their_own_forward(weights_dir, tmp_path):
@@ -227,6 +238,19 @@ def test_the_result_says_plainly_when_a_photo_is_unlike_the_classes():
     accepted = service.analyse(make_image(), pair=_flagging_pair(1e9), faithfulness=False, pictures=())
     assert not [w for w in accepted.warnings if "unlike the classes" in w or "out-of-distribution" in w]
     assert accepted.summary["models"]["cbam"]["out_of_distribution"]["flagged"] is False
+
+
+def test_page_and_api_carry_the_flag(monkeypatch, tmp_path):
+    from cbam_viz import app_views, service
+
+    monkeypatch.setattr(service, "get_pair", lambda name=None: _flagging_pair(-1e9))
+    path = tmp_path / "photo.png"
+    make_image(64, 48).save(path)
+    view = app_views.explain_view({"path": str(path), "orig_name": "photo.png"}, None)
+    assert view.status.startswith("> **Note:** This photo looks unlike the classes")  # above the predictions
+    assert view.shown[1][1] and view.shown[3][1]  # both heatmaps are still shown, with the caveat
+    summary = app_views.api_explain(str(path))[0]
+    assert summary["models"]["baseline"]["out_of_distribution"]["flagged"] is True
 
 
 def test_a_trained_model_without_statistics_says_it_falls_back():
