@@ -14,8 +14,7 @@ import torch
 import torchvision
 
 from cbam_viz import cli
-from cbam_viz.checkpoints import UnsafeCheckpointError
-from cbam_viz.model_import import add_lineup, add_model, detect, read_classes
+from cbam_viz.model_import import add_model, detect, read_classes
 from cbam_viz.weights import WeightRecord, load_record, read_manifest, save_safetensors
 from cbam_viz.models import create_model
 from tests.foreign_models import RefResNet, official_wrapper, randomize

@@ -1,8 +1,8 @@
 """Checkpoint loading: our safetensors files, torchvision, official CBAM and the simplified snippet.
 
-Each foreign layout is produced here by a small reference network written for the test, with
-the key names of the code it stands for, then saved to ``tmp_path``, loaded into our models and
-compared output for output.
+Each foreign layout is produced by a small reference network written for the tests, with the key
+names of the code it stands for (tests/foreign_models.py), then saved to ``tmp_path``, loaded into
+our models and compared output for output.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cbam_viz.models import SIMPLIFIED, create_model
@@ -20,155 +19,9 @@ from cbam_viz.checkpoints import (
     read_state_dict,
 )
 from cbam_viz.weights import ChecksumError, WeightRecord, load_record, read_manifest, save_safetensors, sha256_file, update_manifest
+from tests.foreign_models import RefResNet, randomize
 
 NUM_CLASSES = 7
-
-
-# ------------------------------------------------------------------ reference: official CBAM code
-class _OfficialBasicConv(nn.Module):
-    """conv + BN (momentum 0.01), as the official ``BasicConv`` with ``relu=False``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)
-        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
-
-
-class _OfficialChannelGate(nn.Module):
-    def __init__(self, c: int, r: int = 16) -> None:
-        super().__init__()
-        # index 0 is a Flatten, so the linears sit at 1 and 3
-        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(c, c // r), nn.ReLU(), nn.Linear(c // r, c))
-
-    def forward(self, x):
-        avg = self.mlp(F.avg_pool2d(x, x.shape[2:]))
-        mx = self.mlp(F.max_pool2d(x, x.shape[2:]))
-        return x * torch.sigmoid(avg + mx)[:, :, None, None]
-
-
-class _OfficialSpatialGate(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.spatial = _OfficialBasicConv()
-
-    def forward(self, x):
-        pooled = torch.cat((x.max(1, keepdim=True)[0], x.mean(1, keepdim=True)), 1)  # max, then mean
-        return x * torch.sigmoid(self.spatial(pooled))
-
-
-class _OfficialCBAM(nn.Module):
-    def __init__(self, c: int, r: int = 16) -> None:
-        super().__init__()
-        self.ChannelGate = _OfficialChannelGate(c, r)
-        self.SpatialGate = _OfficialSpatialGate()
-
-    def forward(self, x):
-        return self.SpatialGate(self.ChannelGate(x))
-
-
-class _SnippetChannelAttention(nn.Module):
-    """The snippet's channel attention: 1x1 convs without bias (keys ``fc.0`` / ``fc.2``)."""
-
-    def __init__(self, c: int, r: int = 16) -> None:
-        super().__init__()
-        self.fc = nn.Sequential(nn.Conv2d(c, c // r, 1, bias=False), nn.ReLU(), nn.Conv2d(c // r, c, 1, bias=False))
-
-    def forward(self, x):
-        return torch.sigmoid(self.fc(F.adaptive_avg_pool2d(x, 1)) + self.fc(F.adaptive_max_pool2d(x, 1)))
-
-
-class _SnippetSpatialAttention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 1, 7, padding=3, bias=False)
-
-    def forward(self, x):
-        pooled = torch.cat([x.mean(1, keepdim=True), x.max(1, keepdim=True)[0]], 1)  # mean, then max
-        return torch.sigmoid(self.conv1(pooled))
-
-
-class _RefBlock(nn.Module):
-    """A residual block (basic or bottleneck) with the attention of one of the two foreign codes."""
-
-    def __init__(self, inplanes, planes, stride, bottleneck: bool, style: str, r: int) -> None:
-        super().__init__()
-        self.bottleneck = bottleneck
-        out = planes * (4 if bottleneck else 1)
-        if bottleneck:
-            self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
-            self.bn3 = nn.BatchNorm2d(out)
-        else:
-            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != out:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-        self.style = style
-        if style == "official":
-            self.cbam = _OfficialCBAM(out, r)
-        else:
-            self.ca = _SnippetChannelAttention(out, r)
-            self.sa = _SnippetSpatialAttention()
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        if self.bottleneck:
-            y = F.relu(self.bn2(self.conv2(y)))
-            y = self.bn3(self.conv3(y))
-        else:
-            y = self.bn2(self.conv2(y))
-        if self.style == "official":
-            y = self.cbam(y)
-        else:
-            y = self.ca(y) * y
-            y = self.sa(y) * y
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(y + identity)
-
-
-class _RefResNet(nn.Module):
-    def __init__(self, layers, *, bottleneck: bool, style: str, r: int = 16, num_classes: int = NUM_CLASSES):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        inplanes = 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
-            blocks = []
-            for j in range(n):
-                blocks.append(_RefBlock(inplanes, planes, 2 if (j == 0 and i > 0) else 1, bottleneck, style, r))
-                inplanes = planes * (4 if bottleneck else 1)
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.fc = nn.Linear(inplanes, num_classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and biases, so every renamed tensor changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.num_batches_tracked.fill_(11)
-            elif isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def _x(size: int = 64, batch: int = 2) -> torch.Tensor:
@@ -181,7 +34,7 @@ def _x(size: int = 64, batch: int = 2) -> torch.Tensor:
     ("resnet50_cbam", [3, 4, 6, 3], True),
 ])
 def test_official_checkpoint_loads_and_matches(tmp_path, arch, layers, bottleneck):
-    ref = _randomize(_RefResNet(layers, bottleneck=bottleneck, style="official"))
+    ref = randomize(RefResNet(layers, bottleneck=bottleneck, style="official"))
     keys = list(ref.state_dict())
     assert "layer1.0.cbam.ChannelGate.mlp.1.weight" in keys
     assert "layer1.0.cbam.SpatialGate.spatial.bn.running_var" in keys
@@ -205,7 +58,7 @@ def test_official_checkpoint_loads_and_matches(tmp_path, arch, layers, bottlenec
 
 @pytest.mark.parametrize("ratio", [16, 8])
 def test_simplified_snippet_checkpoint_loads_and_matches(tmp_path, ratio):
-    ref = _randomize(_RefResNet([2, 2, 2, 2], bottleneck=False, style="simplified", r=ratio))
+    ref = randomize(RefResNet([2, 2, 2, 2], bottleneck=False, style="snippet", r=ratio))
     state = ref.state_dict()
     assert state["layer1.0.ca.fc.0.weight"].shape == (64 // ratio, 64, 1, 1)
     assert "layer1.0.sa.conv1.weight" in state
@@ -224,7 +77,7 @@ def test_simplified_snippet_checkpoint_loads_and_matches(tmp_path, ratio):
 
 
 def test_simplified_checkpoint_via_create_model(tmp_path):
-    ref = _randomize(_RefResNet([2, 2, 2, 2], bottleneck=False, style="simplified"))
+    ref = randomize(RefResNet([2, 2, 2, 2], bottleneck=False, style="snippet"))
     path = tmp_path / "seed.pth"
     torch.save({"state_dict": ref.state_dict()}, path)
     model = create_model("resnet18_cbam", num_classes=NUM_CLASSES, cbam_config=SIMPLIFIED, weights=path).eval()
@@ -234,7 +87,7 @@ def test_simplified_checkpoint_via_create_model(tmp_path):
 
 
 def test_simplified_checkpoint_into_official_model_says_what_to_do(tmp_path):
-    ref = _RefResNet([2, 2, 2, 2], bottleneck=False, style="simplified")
+    ref = RefResNet([2, 2, 2, 2], bottleneck=False, style="snippet")
     path = tmp_path / "seed.pth"
     torch.save(ref.state_dict(), path)
     with pytest.raises(RuntimeError) as err:
@@ -257,7 +110,7 @@ def test_convert_state_dict_reshapes_snippet_mlp():
 
 def test_torchvision_pth_loads_with_inferred_classes(tmp_path):
     tv = pytest.importorskip("torchvision")
-    ref = _randomize(tv.models.resnet18(num_classes=NUM_CLASSES))
+    ref = randomize(tv.models.resnet18(num_classes=NUM_CLASSES))
     path = tmp_path / "resnet18-tv.pth"
     torch.save(ref.state_dict(), path)
     assert detect_layout(read_state_dict(path)) == "native"
