@@ -80,7 +80,9 @@ def method_kind(method: str) -> str:
 
 
 def _check_method(method: str) -> str:
-    key = method.strip().lower() if isinstance(method, str) else method
+    from cbam_viz.method_names import canonical_method
+
+    key = (canonical_method(method, list(_METHODS)) or method) if isinstance(method, str) else method
     if key not in _METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(_METHODS)}")
     return key

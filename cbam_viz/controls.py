@@ -9,7 +9,8 @@ the same sentence (a :class:`~cbam_viz.messages.UserFacingError`, which is a ``V
   (an int, or a string of digits as a text box sends it); a class name (exact, else ignoring
   case); or a class id, e.g. the WordNet id ``n03028079`` of "church".
 * layer: None, ``"auto"`` or :data:`AUTO_LAYER` (the last block of ``layer4``), else a dotted
-  module name that every model has (``layer3.1``; see :func:`block_names` for the usual choices).
+  module name that every model has (``layer3.1``; see :func:`block_names` for the usual choices)
+  whose output is a feature map: the stem, a stage or anything inside one, not ``avgpool`` / ``fc``.
 * alpha: a number from 0 to 1.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from cbam_viz.cam import default_layer, list_methods, resolve_layer
 from cbam_viz.messages import SHOWN_CLASSES, UserFacingError
+from cbam_viz.method_names import canonical_method, close_methods
 
 __all__ = [
     "AUTO_TARGET", "AUTO_LAYER", "DEFAULT_METHOD", "Controls", "list_methods", "block_names", "check_method",
@@ -36,6 +38,8 @@ AUTO_TARGET = "auto (predicted class)"
 AUTO_LAYER = "auto (last block)"
 DEFAULT_METHOD = "gradcam"
 _BLOCK_RE = re.compile(r"^layer\d+\.\d+$")
+#: Layers whose output is a feature map: the stem, the stages and everything inside them.
+_MAP_LAYER_RE = re.compile(r"^(conv1|bn1|relu|maxpool|layer\d+(\..+)?)$")
 
 
 def is_auto(value, sentinel: str) -> bool:
@@ -55,10 +59,13 @@ def check_method(method: str | None) -> str:
         UserFacingError: not a method of :func:`list_methods`.
     """
     methods = list_methods()
-    key = DEFAULT_METHOD if method is None or (isinstance(method, str) and not method.strip()) \
-        else str(method).strip().lower()
-    if key not in methods:
-        raise UserFacingError(f"Unknown CAM method {method!r}; choose one of: {', '.join(methods)}.")
+    if method is None or (isinstance(method, str) and not method.strip()):
+        return DEFAULT_METHOD
+    key = canonical_method(str(method), methods)  # "Grad-CAM++", "GradCAMPlusPlus" -> "gradcam++"
+    if key is None:
+        close = close_methods(str(method), methods)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UserFacingError(f"Unknown CAM method {method!r}; {hint}choose one of: {', '.join(methods)}.")
     return key
 
 
@@ -113,9 +120,15 @@ def check_layer(layer: str | nn.Module | None, *models: nn.Module) -> str:
     if is_auto(layer, AUTO_LAYER):
         return default_layer(models[0])
     name = str(layer).strip()
+    blocks = block_names(models[0])
+    accepted = (f"choose a residual block ({', '.join(blocks[:2])}, ..., {blocks[-1]}), a stage (layer1 ... layer4), "
+                "a module inside a block by its dotted name (e.g. layer3.1.conv2) or the stem (conv1, bn1, relu, "
+                "maxpool)") if blocks else "choose a module of the model by its dotted name"
     for model in models:
         if name not in dict(model.named_modules()):
-            raise UserFacingError(f"Unknown layer {layer!r}; choose a block among: {', '.join(block_names(model))}.")
+            raise UserFacingError(f"Unknown layer {layer!r}; {accepted}.")
+    if blocks and not _MAP_LAYER_RE.match(name):  # avgpool, fc: after the global pooling, no map to look at
+        raise UserFacingError(f"Layer {name!r} has no spatial map (it comes after the global pooling); {accepted}.")
     return name
 
 
