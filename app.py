@@ -32,6 +32,7 @@ import threading
 import gradio as gr
 
 from cbam_viz import app_views as views
+from cbam_viz.colour_scale import colour_scale_html
 from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, list_methods
 from cbam_viz.messages import format_error
 from cbam_viz.service import warm_up
@@ -225,6 +226,7 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
                 cbam_label = gr.Label(num_top_classes=5, label="CBAM: predictions", elem_id="pred_cbam")
                 cbam_cam = gr.ImageSlider(label="CBAM: photo | CAM overlay (drag the bar)", interactive=False,
                                           type="filepath", elem_id="cam_cbam", max_height=420)
+        gr.HTML(colour_scale_html(), elem_id="colour_scale")  # what the heatmaps' colours mean (no file, no matplotlib)
         with gr.Row():
             compare = gr.ImageSlider(label="Baseline CAM | CBAM CAM on the same photo: drag across to compare",
                                      interactive=False, type="filepath", elem_id="cam_compare", scale=3,

@@ -64,10 +64,9 @@ FONT_SIZE = 13
 
 @functools.lru_cache(maxsize=8)
 def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow built without FreeType
-        return ImageFont.load_default()
+    from cbam_viz.colour_scale import caption_font  # DejaVu Sans: Pillow's own font has no "→"
+
+    return caption_font(size)
 
 
 # --------------------------------------------------------------------------------- validation
@@ -215,7 +214,9 @@ def attention_sheet(
         x, y = PAD + c * (tw + PAD), top + r * (th + line_h + PAD)
         draw.text((x, y), _ellipsize(draw, caption, font, tw), fill=TEXT, font=font)
         out.paste(tile, (x, y + line_h))
-    return out
+    from cbam_viz.colour_scale import add_colour_scale
+
+    return add_colour_scale(out, colormap, text="spatial attention: the gate's value, 0 to 1")
 
 
 # ---------------------------------------------------------------------------------- channels
@@ -361,7 +362,9 @@ def composite(
             x, y = PAD + c * (tw + PAD), y0 + r * (th + line_h + PAD)
             out.paste(tile, (x, y))
             draw.text((x, y + th + 2), _ellipsize(draw, caption, font, tw), fill=MUTED, font=font)
-    return out
+    from cbam_viz.colour_scale import add_colour_scale
+
+    return add_colour_scale(out, colormap)  # what red and blue mean, under the heatmaps
 
 
 # ------------------------------------------------------------------ explanation-quality pictures

@@ -123,7 +123,8 @@ def test_attention_sheet_is_every_tile_in_one_picture(explanation):
     tiles = render.attention_gallery(img, explanation.cbam, side=60)
     tw, th = tiles[0][0].size
     assert sheet.mode == "RGB" and sheet.width == render.PAD + 4 * (tw + render.PAD)
-    assert sheet.height > 2 * th and sheet.height < 3 * th + 3 * (render.FONT_SIZE + 4 + render.PAD)  # two rows
+    scale = 60  # the colour bar and its caption under the tiles (cbam_viz.colour_scale)
+    assert sheet.height > 2 * th + scale and sheet.height < 3 * th + 3 * (render.FONT_SIZE + 4 + render.PAD) + scale
     a = np.asarray(sheet)
     y = render.SHEET_TOP + render.FONT_SIZE + 4
     for k in (0, 5):  # tile 0 (row 0) and tile 5 (row 1, column 1) are pasted where they belong
