@@ -18,10 +18,12 @@ from PIL import Image
 from cbam_viz import ood
 from cbam_viz.cam import compute_cams, list_methods
 from cbam_viz.controls import check_layer, check_method, check_target
+from cbam_viz.lineup import Lineup
 from cbam_viz.pair import LoadedModel, ModelPair
 from cbam_viz.preprocess import is_display_rgb, to_model_batch, to_rgb
 
-__all__ = ["Prediction", "ModelExplanation", "Explanation", "explain", "explain_model", "list_methods"]
+__all__ = ["Prediction", "ModelExplanation", "Explanation", "LineupExplanation", "explain", "explain_lineup",
+           "explain_model", "list_methods"]
 
 Target = int | str | None
 
@@ -148,6 +150,53 @@ def explain(
         Explanation(image_size=im.size, method=method, layer=layer_name, baseline=b, cbam=c)
         for im, b, c in zip(rgb, results["baseline"], results["cbam"])
     ]
+
+
+@dataclass(frozen=True, eq=False)
+class LineupExplanation:
+    """One image explained by every member of a lineup; ``models`` in the lineup's order."""
+
+    image_size: tuple[int, int]  # (W, H) of the input image
+    method: str
+    layer: str
+    reference: str
+    models: dict[str, ModelExplanation]
+
+
+def explain_lineup(
+    images: Image.Image | Sequence[Image.Image],
+    lineup: Lineup,
+    *,
+    method: str = "gradcam",
+    target: Target | Sequence[Target] = None,
+    layer: str | None = None,
+    topk: int = 5,
+) -> list[LineupExplanation]:
+    """:func:`explain` for a :class:`~cbam_viz.lineup.Lineup` of 1 to 4 members, one batched pass each.
+
+    Every check (method, a layer every member has, each member's target) is made before any pass;
+    members sharing the preprocessing share one batch. Arguments and errors as in :func:`explain`.
+    """
+    t0 = time.perf_counter()
+    method = check_method(method)
+    rgb = _as_rgb_list(images)
+    layer_name = check_layer(layer, *(m.model for m in lineup.members))
+    targets = {m.name: _per_image_targets(target, len(rgb), m) for m in lineup.members}
+    _check_topk(topk)
+    t_common = time.perf_counter() - t0
+    batches: dict[tuple, torch.Tensor] = {}
+    results = {}
+    for m in lineup.members:
+        t1 = time.perf_counter()
+        key = (m.input_size, tuple(m.mean), tuple(m.std))
+        if key not in batches:
+            batches[key] = to_model_batch(rgb, m.input_size, m.mean, m.std)
+        results[m.name] = _explain_batch(rgb, batches[key], m, method=method, targets=targets[m.name],
+                                         layer=layer_name, topk=int(topk),
+                                         preprocess_s=t_common + time.perf_counter() - t1)
+    return [LineupExplanation(image_size=im.size, method=method, layer=layer_name, reference=lineup.reference,
+                              models={name: per_image[i] for name, per_image in results.items()})
+            for i, im in enumerate(rgb)]
 
 
 def _check_topk(topk) -> None:

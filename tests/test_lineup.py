@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,28 @@ def test_a_lineup_checks_its_own_shape(env):
         Lineup("x", lineup.members[1:], reference="resnet18")
     with pytest.raises(KeyError, match="members: resnet18, resnet18_se"):
         lineup.member("nobody")
+
+
+def test_explain_lineup_gives_each_member_what_explain_model_gives_it(env):
+    from PIL import Image
+
+    from cbam_viz.explain import explain_lineup, explain_model
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    lineup = load_lineup()
+    (result,) = explain_lineup(image, lineup, method="gradcam", layer="layer4.1")
+    assert list(result.models) == list(ARCHS) and result.reference == "resnet18" and result.image_size == (48, 40)
+    for member in lineup.members:
+        (alone,) = explain_model(image, member, method="gradcam", layer="layer4.1")
+        got = result.models[member.name]
+        assert got.predictions == alone.predictions and got.target == alone.target
+        np.testing.assert_allclose(got.cam, alone.cam, atol=1e-6)
+        assert set(got.channel_attention) == set(alone.channel_attention)
+    gates = {name: (set(e.channel_attention), set(e.spatial_attention)) for name, e in result.models.items()}
+    assert gates["resnet18"] == (set(), set())
+    assert gates["resnet18_se"][1] == set() and len(gates["resnet18_se"][0]) == 8  # SE: channel gates only
+    assert gates["resnet18_bam"] == ({"bam1", "bam2", "bam3"}, {"bam1", "bam2", "bam3"})
+    assert len(gates["resnet18_cbam"][0]) == len(gates["resnet18_cbam"][1]) == 8
+    (dog,) = explain_lineup(image, lineup, target=1)
+    assert {e.target for e in dog.models.values()} == {1}
