@@ -396,7 +396,7 @@ def _done(out: Path | None) -> dict[tuple[str, int], dict]:
 
 
 def run_module(module: str, out: Path | None, *, timeout_factor: float = 4.0, limit: int | None = None,
-               retry: bool = False) -> None:
+               retry: bool = False, shard: tuple[int, int] = (0, 1)) -> None:
     import tempfile
 
     _, tests = TARGETS[module]
@@ -410,7 +410,7 @@ def run_module(module: str, out: Path | None, *, timeout_factor: float = 4.0, li
     if status != "survived":
         raise SystemExit(f"the tests of {module} fail without any mutant: fix them first")
     done = _done(out)
-    mutants = list_mutants(module)[:limit]
+    mutants = [m for m in list_mutants(module)[:limit] if m.index % shard[1] == shard[0]]
     for m in mutants:
         if (module, m.index) in done and not (retry and done[(module, m.index)]["status"] == "survived"):
             continue
@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bugs", nargs="*", help="run the planted bugs (all, or those named) instead")
     p.add_argument("--summary", type=Path, help="print the table of a results file and exit")
     p.add_argument("--limit", type=int, help="at most this many mutants per module (a smoke run)")
+    p.add_argument("--shard", default="0/1", help="i/n: only the mutants whose index is i modulo n (parallel runs)")
     p.add_argument("--retry-survivors", action="store_true", help="run the survivors in --out again (new tests)")
     args = p.parse_args(argv)
     os.chdir(ROOT)
@@ -496,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bugs is not None:
         return run_bugs(args.bugs)
     for m in modules:
-        run_module(m, args.out, limit=args.limit, retry=args.retry_survivors)
+        shard = tuple(int(v) for v in args.shard.split("/"))
+        run_module(m, args.out, limit=args.limit, retry=args.retry_survivors, shard=shard)
     if args.out:
         print(summary(args.out))
     return 0

@@ -151,8 +151,13 @@ def _plain_loop(loaded, root, grid, *, constant="one", means=None):
 
 
 def test_dataset_accuracies_drops_and_prob_changes_equal_a_plain_loop(partly_right):
+    import time
+
     loaded, root = partly_right
+    t0 = time.perf_counter()
     report, means = ablate_dataset(loaded, root, batch_size=5, workers=1, n_boot=200, progress=False)
+    wall = time.perf_counter() - t0
+    assert 0 <= report["seconds"] <= wall + 0.01 and report["seconds"] == round(report["seconds"], 2)
     assert means is None and report["n"] == 12 and report["constant"] == "one"
     assert report["intact_top1"] == pytest.approx(8 / 12)
     grid = ablation_grid(loaded.model)

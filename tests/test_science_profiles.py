@@ -13,7 +13,7 @@ from cbam_viz.channel_profiles import (
     ChannelProfiles, accumulate_profiles, block_similarity, chance_variance_ratio, load_profiles, profiles_figure,
     profiles_image, report_json, similarity_rows, write_profiles,
 )
-from conftest import make_model
+from conftest import make_loaded, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,6 +107,8 @@ def test_similarity_edge_cases():
     ratio = block_similarity(gap)["x"]["class_variance_ratio"]
     assert np.isfinite(ratio) and ratio == pytest.approx(block_similarity(kept)["x"]["class_variance_ratio"])
     assert chance_variance_ratio(gap) == pytest.approx(1 / 6)
+    pair = ChannelProfiles(("a", "b"), ("a", "b"), np.array([1, 1]), {"x": m[[0, 2]]}, {"x": sq[[0, 2]]})
+    assert chance_variance_ratio(pair) == 1.0  # one image per class: eta^2 is 1 whatever the gate
     one = ChannelProfiles(("a",), ("a",), np.array([1]), {"x": m[:1]}, {"x": sq[:1]})
     assert np.isnan(block_similarity(one)["x"]["profile_correlation"]) and np.isnan(chance_variance_ratio(one))
     flat = np.full((3, 4), 0.5)
@@ -145,3 +147,30 @@ def test_means_follow_the_labels_in_any_order_and_round_trip(tmp_path):
         for block in means:
             np.testing.assert_array_equal(back.means[block], means[block])
             np.testing.assert_array_equal(back.mean_squares[block], squares[block])
+
+
+def test_profile_dataset_reads_the_folder_in_the_models_class_order(tmp_path):
+    import time
+
+    from cbam_viz.channel_profiles import profile_dataset
+    from cbam_viz.preprocess import open_image, to_model_batch
+    from tests.synthetic import make_image_folder
+
+    loaded = make_loaded("resnet18_cbam", input_size=32, seed=2)
+    data = make_image_folder(tmp_path / "val", ("c0", "c1", "c2"), per_class=2, size=(30, 36))
+    for f in list((data / "c1").iterdir())[:1]:
+        f.unlink()
+    t0 = time.perf_counter()
+    profiles = profile_dataset(loaded, data, batch_size=2, workers=1, progress=False)
+    wall = time.perf_counter() - t0
+    assert profiles.counts.tolist() == [2, 1, 2] and profiles.class_ids == ("c0", "c1", "c2")
+    assert profiles.model_name == loaded.name and profiles.data == str(data)
+    extra = profiles.extra
+    assert (extra["trained"], extra["input_size"], extra["max_images"]) == (False, 32, None)
+    assert 0 <= extra["seconds"] <= wall + 0.01 and extra["seconds"] == round(extra["seconds"], 2)
+    files = sorted(data.glob("*/*.png"))
+    x = to_model_batch([open_image(f) for f in files], 32, loaded.mean, loaded.std)
+    y = torch.tensor([("c0", "c1", "c2").index(f.parent.name) for f in files])
+    _, means, _ = accumulate_profiles(loaded.model, [(x, y)], num_classes=3)
+    for block in means:
+        np.testing.assert_allclose(profiles.means[block], means[block], rtol=1e-5, atol=1e-7)
