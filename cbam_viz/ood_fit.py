@@ -159,11 +159,13 @@ def _cmd_fit_ood(args) -> int:
     try:
         names = list(args.model or [])
         if not names:
+            manifest = read_manifest(weights_dir)
             lineup = args.lineup or default_pair_name(weights_dir)
-            spec = read_manifest(weights_dir)["pairs"].get(lineup) if lineup else None
+            spec = manifest.get("lineups", {}).get(lineup) or manifest["pairs"].get(lineup) if lineup else None
             if not isinstance(spec, dict):
                 raise KeyError(f"no lineup {lineup!r} in {weights_dir / 'manifest.json'}")
-            names = [spec[role] for role in ("baseline", "cbam") if spec.get(role)]
+            # A lineup lists its members; a pair names its baseline and CBAM models.
+            names = list(spec.get("members") or [spec[role] for role in ("baseline", "cbam") if spec.get(role)])
         for name in names:
             entry = fit_record(name, args.data, weights_dir=weights_dir, method=args.method, cache_dir=args.cache,
                                per_class=(args.train_per_class, args.val_per_class), batch_size=args.batch_size,
