@@ -192,6 +192,8 @@ def add_model(checkpoint: str | os.PathLike, *, name: str, weights_dir: str | os
     weights_dir = Path(weights_dir)
     if not NAME_PATTERN.match(name):
         raise ValueError(f"--name {name!r}: use letters, digits, '_', '-' and '.', up to 64 characters")
+    if input_size is not None and not 8 <= int(input_size) <= 2048:
+        raise ValueError(f"--input-size wants a size in pixels from 8 to 2048, got {input_size}")
     _check_weights_dir(weights_dir)
     old = read_manifest(weights_dir)["models"].get(name)
     if old is not None and not replace:

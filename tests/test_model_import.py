@@ -206,6 +206,17 @@ def test_classes_that_do_not_match_fc_rows(folder, capsys):
     assert _manifest_bytes(folder) is None
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--input-size", "-3"], "--input-size wants a size in pixels from 8 to 2048"),
+    (["--std", "0.2,0,0.2"], "--std wants three numbers R,G,B > 0"),
+    (["--arch", "resnet50"], "--arch resnet50: the checkpoint is a resnet18"),
+])
+def test_bad_options_are_refused_before_anything_is_written(folder, capsys, args, message):
+    assert _cli(folder, folder / "tv.pth", "--name", "x", *args) == 2
+    assert message in capsys.readouterr().err and _manifest_bytes(folder) is None
+    assert list((folder / "w").iterdir()) == []
+
+
 def test_a_taken_name_is_refused_unless_replace(folder, capsys):
     assert _cli(folder, folder / "tv.pth", "--name", "mine") == 0
     first = _manifest_bytes(folder)
