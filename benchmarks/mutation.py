@@ -353,16 +353,20 @@ def run_tests(module: str, code, tests: tuple[str, ...], timeout: float,
         finally:
             os._exit(int(rc))
     deadline = t0 + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            rc = os.waitstatus_to_exitcode(status)
-            return ("survived" if rc == 0 else "killed"), time.perf_counter() - t0
-        if time.perf_counter() > deadline:
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                pid = 0
+                rc = os.waitstatus_to_exitcode(status)
+                return ("survived" if rc == 0 else "killed"), time.perf_counter() - t0
+            if time.perf_counter() > deadline:
+                return "timeout", time.perf_counter() - t0
+            time.sleep(0.05)
+    finally:  # a timeout, or this process interrupted: the child's whole group goes too
+        if pid:
             os.killpg(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            return "timeout", time.perf_counter() - t0
-        time.sleep(0.05)
 
 
 def covering_tests(m: Mutant, coverage: dict[str, list[int]], files: tuple[str, ...]) -> tuple[str, ...]:
@@ -493,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m}: {len(list_mutants(m))} mutants")
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` runs the cleanup in run_tests
     _preload()
     if args.bugs is not None:
         return run_bugs(args.bugs)

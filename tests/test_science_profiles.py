@@ -65,10 +65,20 @@ def test_picture_is_the_rendered_figure_and_shows_each_class_minus_the_mean():
         assert ax.get_xlabel().startswith(f"{m.shape[1]} channels")
 
 
-def test_one_block_figure_has_one_panel():
+def test_one_block_figure_has_one_panel_and_default_resolution():
     profiles, _, _ = _per_image(blocks=1)
     fig = profiles_figure(profiles)
-    assert sum(1 for ax in fig.axes if ax.images) == 1
+    assert sum(1 for ax in fig.axes if ax.images) == 1 and all(ax.get_visible() for ax in fig.axes)
+    np.testing.assert_array_equal(np.asarray(profiles_image(profiles)), _render(profiles_figure(profiles), 110))
+
+
+def test_identical_classes_and_long_names():
+    flat = np.tile(np.linspace(0.2, 0.8, 5), (2, 1))  # both classes gated alike: nothing to show
+    long_name = "a class name longer than fourteen letters"
+    same = ChannelProfiles(("a", "b"), (long_name, "b"), np.array([2, 2]), {"x": flat}, {"x": flat ** 2})
+    ax = next(ax for ax in profiles_figure(same).axes if ax.images)
+    assert ax.images[0].get_clim() == pytest.approx((-1e-6, 1e-6), abs=1e-12)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [long_name[:14], "b"]
 
 
 def test_similarity_numbers_equal_direct_formulas():
