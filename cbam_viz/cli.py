@@ -173,7 +173,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     """Explain images or folders of images; write ``<name>.png`` + ``<name>.json`` (+ ``.npz``) each."""
     from tqdm import tqdm
 
-    from cbam_viz import outputs, service
+    from cbam_viz import ood, outputs, service
     from cbam_viz.controls import check_controls
     from cbam_viz.messages import UserFacingError
 
@@ -209,9 +209,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             return 2
         written += 1
         if args.verbose:
-            top = {role: getattr(analysis.explanation, role).top1 for role in ("baseline", "cbam")}
-            tqdm.write(f"{path.name}: baseline {top['baseline'].label} {top['baseline'].prob:.0%}, "
-                       f"CBAM {top['cbam'].label} {top['cbam'].prob:.0%}")
+            top = {role: getattr(analysis.explanation, role) for role in ("baseline", "cbam")}
+            tqdm.write(f"{path.name}: baseline {top['baseline'].top1.label} {top['baseline'].top1.prob:.0%}, "
+                       f"CBAM {top['cbam'].top1.label} {top['cbam'].top1.prob:.0%}; CAM of "
+                       f"{top['baseline'].target_label!r} / {top['cbam'].target_label!r}")
+            if note := ood.verbose_note({t: top[r].out_of_distribution for r, t in (("baseline", "baseline"),
+                                                                                       ("cbam", "CBAM"))}):
+                tqdm.write(f"{path.name}: {note}")
     print(f"explain: wrote {written} of {len(paths) + len(missing)} image(s) to {out}")
     if failures:
         print(f"explain: {len(failures)} file(s) failed:", file=sys.stderr)
@@ -470,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays, 0 to 1")
     x.add_argument("--npz", action="store_true", help="also write the raw maps as <name>.npz")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
-    x.add_argument("-v", "--verbose", action="store_true", help="print both models' top-1 per image")
+    x.add_argument("-v", "--verbose", action="store_true",
+                   help="print both models' top-1 and the class each CAM explains, per image")
     x.set_defaults(func=_cmd_explain)
 
     c = sub.add_parser("plot-curves", help="training-curves figure (loss, train accuracy, monitored top-1) "
@@ -496,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CAM methods (scorecam costs ~500x a gradient method: see --method-limit)")
     q.add_argument("--method-limit", action="append", metavar="METHOD=N",
                    help="run METHOD on N evenly spread images only, e.g. scorecam=16 (repeatable)")
-    q.add_argument("--out", default="reports/explanation_quality", help="folder for report.json/.md, summary.png, cams.npz")
+    q.add_argument("--out", default="docs/explanation_quality", help="folder for report.json/.md, summary.png, cams.npz")
     q.add_argument("--pair", help="pair name from the weights manifest (default: its default pair)")
     q.add_argument("--weights", help="folder holding manifest.json (default: the repository's weights/)")
     q.add_argument("--device", help="cpu, cuda, mps or auto (default: $CBAM_VIZ_DEVICE, else auto)")
@@ -515,27 +520,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ablate-gates", help="accuracy of the CBAM model with each gate replaced by a constant "
                        "(1 or its dataset mean), with paired bootstrap intervals of the drop")
-    _add_research_args(a, out_default="reports/gate_ablation", batch_size=32)
+    _add_research_args(a, out_default="docs/gate_ablation", batch_size=32)
     a.add_argument("--constant", choices=["one", "mean"], default="one",
                    help="replacement: one (gate off) or mean (the gate's mean over --data; also writes gate_means.npz)")
     a.set_defaults(func=_cmd_ablate_gates)
 
     cp = sub.add_parser("channel-profiles", help="mean channel-gate vector of every CBAM block per class, "
                         "with class-similarity numbers per block (SE-Net Fig. 6)")
-    _add_research_args(cp, out_default=None, batch_size=32)
+    _add_research_args(cp, out_default="docs/channel_profiles", batch_size=32)
     cp.set_defaults(func=_cmd_channel_profiles)
 
     sc = sub.add_parser("sanity-check", help="CAMs of each model vs its cascading randomisation "
                         "(Adebayo et al. 2018): SSIM and rank correlation per step and method")
-    _add_research_args(sc, out_default="reports/sanity", batch_size=16)
+    _add_research_args(sc, out_default="docs/sanity", batch_size=16)
     sc.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "layercam"], help="CAM methods")
     sc.add_argument("--layer", help="CAM layer, dotted module name (default: last block of layer4)")
     sc.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
     sc.set_defaults(func=_cmd_sanity_check)
-    return p
+    from cbam_viz.ood_fit import add_parser as add_ood_parser
+
+    add_ood_parser(sub)  # fit-ood
+    from cbam_viz.cli_help import extend_parser
+
+    return extend_parser(p, sub)  # defaults and method names in --help, --overwrite, the `app` command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from cbam_viz.cli_errors import run_command
+
+    args = build_parser().parse_args(argv)
+    return run_command(args)  # checks, then the command; any failure -> one sentence and an exit status
