@@ -128,5 +128,7 @@ def test_each_members_pictures_are_drawn_from_its_own_explanation(service_pair):
     only = analyse(analysis.image, pair=service_pair, faithfulness=False, pictures={"overlays"})
     assert only.spatial_gallery == [] and only.channel_gallery == [] and only.composite is None
     assert only.faithfulness_image is None and set(only.overlays) == set(roles)
+    measured = analyse(analysis.image, pair=service_pair, faithfulness=True, pictures={"overlays"})
+    assert measured.faithfulness is not None and measured.faithfulness_image is None  # measured, not drawn
     none = analyse(analysis.image, pair=service_pair, faithfulness=False, pictures=())
     assert none.overlays == {} and none.spatial_sheet is None

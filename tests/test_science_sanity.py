@@ -76,6 +76,47 @@ def test_a_model_missing_any_one_stage_is_refused_by_name():
             stage_modules(model)
 
 
+def _ssim_window(a, b, w):
+    """Wang et al.'s SSIM with a w x w Gaussian window (sigma 1.5), one 2-D window per moment."""
+    g = np.exp(-((np.arange(w) - (w - 1) / 2) ** 2) / (2 * 1.5 ** 2))
+    k = np.outer(g, g) / np.outer(g, g).sum()
+    h, wd = a.shape[0] - w + 1, a.shape[1] - w + 1
+    filt = lambda m: np.array([[(m[i:i + w, j:j + w] * k).sum() for j in range(wd)] for i in range(h)])  # noqa: E731
+    mx, my = filt(a), filt(b)
+    sxx, syy, sxy = filt(a * a) - mx ** 2, filt(b * b) - my ** 2, filt(a * b) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return float((((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean())
+
+
+def test_ssim_of_maps_smaller_than_the_window_uses_the_largest_odd_window():
+    rng = np.random.default_rng(4)
+    a, b = rng.random((10, 12)), rng.random((10, 12))
+    assert ssim(a, b) == pytest.approx(_ssim_window(a, b, 9), abs=1e-12)  # 10 rows: a 9 x 9 window
+    for x, y in ((a, b[:, :11]), (a[0], b[0]), (a[None], b[None])):
+        with pytest.raises(ValueError):
+            ssim(x, y)
+
+
+def test_the_cascade_seeds_stage_i_with_seed_plus_i_and_defaults_to_seed_0():
+    import copy
+
+    model = make_model("resnet18", seed=1)
+    steps = cascading_randomization(model, seed=3)
+    next(steps)
+    _, step1 = next(steps)  # fc (seed 3), then layer4 (seed 4)
+    fresh = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        for m in fresh.layer4.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    for key, v in fresh.layer4.state_dict().items():
+        torch.testing.assert_close(step1.layer4.state_dict()[key], v, rtol=0, atol=0)
+    _, default = next(cascading_randomization(model))
+    _, zero = next(cascading_randomization(model, seed=0))
+    torch.testing.assert_close(default.fc.weight, zero.fc.weight, rtol=0, atol=0)
+
+
 def test_every_number_equals_a_recomputation_from_the_randomised_copies():
     model = make_model("resnet18_cbam", seed=4)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
