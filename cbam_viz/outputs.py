@@ -43,7 +43,9 @@ __all__ = [
 ]
 
 #: Where per-request folders go. Under the system temp folder, which Gradio may serve from.
-OUTPUT_ROOT = Path(tempfile.gettempdir()) / "cbam_viz"
+# Not "cbam_viz": a folder of the package's own name in the temp folder would shadow the package for
+# `python -m cbam_viz` run there from an uninstalled checkout.
+OUTPUT_ROOT = Path(tempfile.gettempdir()) / "cbam-viz-results"
 #: Request folders older than this (seconds) are removed when a new request starts.
 OUTPUT_MAX_AGE_S = 3600.0
 #: zlib level of the PNGs a request writes for the page: 1 encodes ~4x faster than PIL's default

@@ -42,7 +42,7 @@ for module, names in ((views, ("quality_report", "quality_markdown", "quality_fi
         setattr(module, name, loader_called)
 
 repo, tmp = Path(sys.argv[1]), Path(tempfile.gettempdir())
-watched = [str(repo / "docs"), str(repo / "weights"), str(tmp / "cbam_viz")]  # + cbam_viz_examples, ..._app_examples
+watched = [str(repo / "docs"), str(repo / "weights"), str(tmp / "cbam-viz-results")]  # + cbam_viz_examples, ..._app_examples
 opened = []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
 import app
