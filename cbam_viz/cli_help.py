@@ -26,7 +26,8 @@ EPILOG = (f"exit status: 0 done; 1 some input files could not be used (listed, o
 #: Placeholder a help text may hold; replaced by the registered CAM methods when help is printed.
 METHODS_HELP = "{methods}"
 #: Commands that write results into --out and refuse to replace earlier ones without --overwrite.
-OVERWRITE_COMMANDS = ("explain", "ablate-gates", "channel-profiles", "sanity-check", "evaluate-cams")
+OVERWRITE_COMMANDS = ("explain", "ablate-gates", "channel-profiles", "sanity-check", "evaluate-cams", "evaluate",
+                      "model-card")
 #: Commands whose --method / --methods are CAM methods (fit-ood's --method is an OOD score).
 CAM_COMMANDS = ("explain", "evaluate-cams", "sanity-check")
 #: Help for options that several commands share and a command left without help.

@@ -113,3 +113,19 @@ def test_app_command_runs_the_shipped_app_script(monkeypatch):
     import os
 
     assert os.environ["GRADIO_SERVER_PORT"] == "7999" and os.environ["GRADIO_SERVER_NAME"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "model-card"])
+def test_single_file_outputs_are_not_replaced_silently(tmp_path, capsys, command):
+    """evaluate / model-card write one --out file: an existing one needs --overwrite."""
+    from cbam_viz.cli import build_parser
+    from cbam_viz.cli_checks import _overwrite
+
+    out = tmp_path / "result.out"
+    out.write_text("earlier result")
+    required = {"evaluate": ["--pair", "p", "--data", str(tmp_path)], "model-card": []}[command]
+    args = build_parser().parse_args([command, *required, "--out", str(out)])
+    with pytest.raises(Exception, match="pass --overwrite to replace it"):
+        _overwrite(args)
+    _overwrite(build_parser().parse_args([command, *required, "--out", str(out), "--overwrite"]))
+    assert out.read_text() == "earlier result"
