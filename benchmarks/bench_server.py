@@ -91,7 +91,9 @@ class Server:
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime, all threads
 
     def request_dirs(self) -> int:
-        return len(list((self.tmp / "cbam_viz").glob("req-*")))
+        # the app's request folders (cbam_viz.outputs.OUTPUT_ROOT under its TMPDIR; an older app, compared
+        # side by side, writes them under "cbam_viz")
+        return sum(len(list((self.tmp / folder).glob("req-*"))) for folder in ("cbam-viz-results", "cbam_viz"))
 
     def log_tail(self, n: int = 30) -> str:
         try:
