@@ -400,7 +400,7 @@ def _done(out: Path | None) -> dict[tuple[str, int], dict]:
 
 
 def run_module(module: str, out: Path | None, *, timeout_factor: float = 4.0, limit: int | None = None,
-               retry: bool = False, shard: tuple[int, int] = (0, 1)) -> None:
+               retry: bool = False, shard: tuple[int, int] = (0, 1), only: list[int] | None = None) -> None:
     import tempfile
 
     _, tests = TARGETS[module]
@@ -416,8 +416,11 @@ def run_module(module: str, out: Path | None, *, timeout_factor: float = 4.0, li
     done = _done(out)
     mutants = [m for m in list_mutants(module)[:limit] if m.index % shard[1] == shard[0]]
     for m in mutants:
-        if (module, m.index) in done and not (retry and done[(module, m.index)]["status"] == "survived"):
+        if only and m.index not in only:
             continue
+        previous = done.get((module, m.index), {}).get("status")
+        if (previous is not None and not retry) or (retry and previous != "survived"):
+            continue  # done already; or, when retrying, not a survivor
         chosen = covering_tests(m, coverage, tests)
         result, seconds = run_tests(module, mutated_code(module, m.index), chosen,
                                     timeout=max(60.0, timeout_factor * base))
@@ -478,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary", type=Path, help="print the table of a results file and exit")
     p.add_argument("--limit", type=int, help="at most this many mutants per module (a smoke run)")
     p.add_argument("--shard", default="0/1", help="i/n: only the mutants whose index is i modulo n (parallel runs)")
-    p.add_argument("--retry-survivors", action="store_true", help="run the survivors in --out again (new tests)")
+    p.add_argument("--index", type=int, action="append", help="only this mutant (repeatable; one --module)")
+    p.add_argument("--retry-survivors", action="store_true", help="run only the survivors in --out again (after new tests)")
     args = p.parse_args(argv)
     os.chdir(ROOT)
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -503,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_bugs(args.bugs)
     for m in modules:
         shard = tuple(int(v) for v in args.shard.split("/"))
-        run_module(m, args.out, limit=args.limit, retry=args.retry_survivors, shard=shard)
+        run_module(m, args.out, limit=args.limit, retry=args.retry_survivors, shard=shard, only=args.index)
     if args.out:
         print(summary(args.out))
     return 0

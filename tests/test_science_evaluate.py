@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cbam_viz.evaluate import (
-    EvalResult, evaluate_record, image_batches, labelled_images, paired_difference, spread_indices,
+    ClassMismatchError, EvalResult, evaluate_record, image_batches, labelled_images, paired_difference, spread_indices,
 )
 from cbam_viz.models import create_model
 from cbam_viz.preprocess import open_image, to_model_batch
@@ -115,6 +115,10 @@ def test_labels_are_indices_into_the_models_class_order(setup):
     assert some.labels == tuple(images.labels[i] for i in (0, 4, 8, 12, 16, 20))
     with pytest.raises(ValueError):
         next(image_batches(images, record, batch_size=0, progress=False))
+    with pytest.raises(ClassMismatchError, match="no folder for"):  # a class without a folder alone
+        labelled_images(RECORD_ORDER + ("n07",), data)
+    with pytest.raises(ClassMismatchError, match="does not know"):  # a folder the model lacks alone
+        labelled_images(RECORD_ORDER[:5], data)
 
 
 def test_spread_indices_cover_the_list_evenly():

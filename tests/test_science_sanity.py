@@ -54,6 +54,12 @@ def test_flags_rows_and_concat_follow_the_numbers():
     flags = sanity_flags(result)
     assert flags == {"stuck": False, "good": True}
     assert sanity_flags(result, threshold=0.95) == {"stuck": True, "good": True}
+    late = np.full((len(STAGES), 2), 0.9)
+    late[-1] = 0.1  # only the fully randomised model loses the map: the verdict reads the last step
+    only_last = SanityResult("m", ("late",), STAGES, ssim={"late": late}, rank={"late": late}, layer="l")
+    assert sanity_flags(only_last) == {"late": True}
+    late[-1], late[-2] = 0.9, 0.1
+    assert sanity_flags(only_last) == {"late": False}
     nan_last = SanityResult("m", ("a",), STAGES, ssim={"a": np.zeros((7, 2))},
                             rank={"a": np.vstack([np.zeros((6, 2)), [[np.nan, 0.2]]])}, layer="l")
     assert sanity_flags(nan_last) == {"a": True}  # NaN images are left out of the mean
@@ -145,10 +151,15 @@ def test_every_number_equals_a_recomputation_from_the_randomised_copies():
 
 
 def test_dataset_report_holds_the_values_of_the_images_it_read(tmp_path):
+    import time
+
     pair = make_pair(32)
     data = make_image_folder(tmp_path / "val", pair.cbam.class_ids, per_class=2, size=(36, 30))
+    t0 = time.perf_counter()
     report = sanity_dataset(pair, data, methods=("gradcam",), layer=LAYER, batch_size=4, workers=1, seed=2,
                             n_boot=100, progress=False)
+    wall = time.perf_counter() - t0
+    assert 0 <= report["seconds"] <= wall + 0.01 and report["seconds"] == round(report["seconds"], 2)
     assert list(report["models"]) == ["baseline", "cbam"] and report["pass_threshold"] == PASS_THRESHOLD
     assert report["settings"]["methods"] == ["gradcam"] and report["settings"]["seed"] == 2
     files = sorted(data.glob("*/*.png"))
