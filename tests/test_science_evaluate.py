@@ -99,6 +99,12 @@ def test_confusion_per_class_id_equals_a_plain_loop(setup, hflip):
     assert res.class_names == tuple(f"class {c}" for c in RECORD_ORDER)
 
 
+def test_the_default_is_the_plain_prediction_without_the_flip_average(setup):
+    record, model, weights, data = setup
+    res = evaluate_record(record, data, weights_dir=weights, progress=False)
+    assert res.hflip is False and res.confusion == _plain_loop(record, model, data)[0].tolist()
+
+
 def test_labels_are_indices_into_the_models_class_order(setup):
     record, _, _, data = setup
     images = labelled_images(RECORD_ORDER, data)
