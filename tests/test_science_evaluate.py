@@ -101,8 +101,14 @@ def test_confusion_per_class_id_equals_a_plain_loop(setup, hflip):
 
 def test_the_default_is_the_plain_prediction_without_the_flip_average(setup):
     record, model, weights, data = setup
+    import time
+
+    t0 = time.perf_counter()
     res = evaluate_record(record, data, weights_dir=weights, progress=False)
+    assert 0 <= res.seconds <= time.perf_counter() - t0
     assert res.hflip is False and res.confusion == _plain_loop(record, model, data)[0].tolist()
+    ones = list(image_batches(labelled_images(RECORD_ORDER, data), record, batch_size=1, progress=False))
+    assert len(ones) == 21 and all(len(y) == 1 for _, y in ones)
 
 
 def test_labels_are_indices_into_the_models_class_order(setup):
@@ -150,6 +156,9 @@ def test_paired_difference_is_cbam_minus_baseline_with_mcnemars_exact_p():
     lopsided = paired_difference(_result([False] * 8), _result([True] * 7 + [False]), n_boot=500)
     assert lopsided["mcnemar_p"] == pytest.approx(2 / 2 ** 7)
     assert lopsided["ci95"][0] <= lopsided["cbam_minus_baseline"] <= lopsided["ci95"][1]
+    tied = paired_difference(_result([True, True, False, False]), _result([False, False, True, True]), n_boot=100)
+    assert tied["mcnemar_p"] == 1.0  # 2 * P(X <= 2 | Bin(4, 1/2)) = 22/16, capped at 1
+    assert paired_difference(base, cbam)["n_boot"] == 10_000
     same = paired_difference(base, base, n_boot=100)
     assert same["mcnemar_p"] == 1.0 and same["cbam_minus_baseline"] == 0
     with pytest.raises(ValueError):
