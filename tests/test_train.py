@@ -163,12 +163,19 @@ def test_export_writes_file_and_manifest_that_load_strictly(full_run, tmp_path):
     assert torch.equal(a.argmax(1), b.argmax(1))
 
 
+def _a_class_folder(tmp_path):
+    """A training folder that passes the CLI's up-front checks, so the option under test is what is refused."""
+    folder = tmp_path.parent / f"{tmp_path.name}-data"  # beside tmp_path, which must stay empty
+    (folder / "n001").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.mark.parametrize("value", ["0.35", "0.9,0.2", "0,1", "a,b", "0.2,1.5"])
 def test_cli_refuses_a_bad_crop_scale(value, tmp_path, capsys):
     """A wrong --crop-scale stops before any data is read, naming the option (exit status 2)."""
     from cbam_viz.cli import main
 
-    rc = main(["train", "--data", str(tmp_path / "none"), "--crop-scale", value, "--runs", str(tmp_path)])
+    rc = main(["train", "--data", str(_a_class_folder(tmp_path)), "--crop-scale", value, "--runs", str(tmp_path)])
     assert rc == 2 and "--crop-scale" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -400,7 +407,7 @@ def test_cli_init_from_names_the_missing_record(full_run, tmp_path, capsys):
 
     export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=tmp_path / "w",
            name="resnet18_tiny")
-    rc = main(["train", "--data", str(tmp_path / "none"), "--runs", str(tmp_path / "runs"), "--name", "tiny",
+    rc = main(["train", "--data", str(_a_class_folder(tmp_path)), "--runs", str(tmp_path / "runs"), "--name", "tiny",
                "--init-from", str(tmp_path / "w"), "--arch", "resnet18", "resnet18_cbam", "--bf16", "off"])
     assert rc == 2 and "resnet18_cbam_tiny" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
@@ -467,7 +474,7 @@ def test_a_mixing_run_resumes_exactly_and_the_recipe_records_it(dataset, cache, 
 def test_cli_refuses_a_bad_mixing_alpha(flag, value, tmp_path, capsys):
     from cbam_viz.cli import main
 
-    rc = main(["train", "--data", str(tmp_path / "none"), flag, value, "--runs", str(tmp_path)])
+    rc = main(["train", "--data", str(_a_class_folder(tmp_path)), flag, value, "--runs", str(tmp_path)])
     assert rc == 2 and flag in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
