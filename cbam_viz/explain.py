@@ -126,30 +126,10 @@ def explain(
             :mod:`cbam_viz.controls`, raised as :class:`~cbam_viz.messages.UserFacingError`), an
             invalid image (:class:`cbam_viz.preprocess.ImageError`).
     """
-    t0 = time.perf_counter()
-    method = check_method(method)
-    rgb = _as_rgb_list(images)
-    layer_name = check_layer(layer, pair.cbam.model, pair.baseline.model)  # in both, before any pass
-    targets = {role: _per_image_targets(target, len(rgb), m) for role, m in
-               (("baseline", pair.baseline), ("cbam", pair.cbam))}
-    _check_topk(topk)
-    t_common = time.perf_counter() - t0
-
-    batches: dict[tuple, torch.Tensor] = {}
-    results = {}
-    for role in ("baseline", "cbam"):
-        m: LoadedModel = getattr(pair, role)
-        t1 = time.perf_counter()
-        key = (m.input_size, tuple(m.mean), tuple(m.std))
-        if key not in batches:  # both models usually share the preprocessing: do it once
-            batches[key] = to_model_batch(rgb, m.input_size, m.mean, m.std)
-        pre = t_common + time.perf_counter() - t1
-        results[role] = _explain_batch(rgb, batches[key], m, method=method, targets=targets[role],
-                                       layer=layer_name, topk=int(topk), preprocess_s=pre)
-    return [
-        Explanation(image_size=im.size, method=method, layer=layer_name, baseline=b, cbam=c)
-        for im, b, c in zip(rgb, results["baseline"], results["cbam"])
-    ]
+    lineup = Lineup(name=pair.name, members=(pair.baseline, pair.cbam), reference=pair.baseline.name)
+    return [Explanation(image_size=e.image_size, method=e.method, layer=e.layer,
+                        baseline=e.models[pair.baseline.name], cbam=e.models[pair.cbam.name])
+            for e in explain_lineup(images, lineup, method=method, target=target, layer=layer, topk=topk)]
 
 
 @dataclass(frozen=True, eq=False)
