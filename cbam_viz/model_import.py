@@ -113,7 +113,8 @@ def detect(state: dict[str, torch.Tensor]) -> Detection:
     arch = f"resnet{depth}{kinds[0] if kinds else ''}"
     if not is_model(arch):
         raise ValueError(f"found {arch}, which this project does not build (SE and BAM: ResNet-18/34/50)")
-    own_keys = set(create_model(arch, num_classes=1).state_dict())
+    with torch.device("meta"):  # the key names only: no memory, no weight initialisation
+        own_keys = set(create_model(arch, num_classes=1).state_dict())
     stray = [k for k in conv if k not in own_keys]
     if stray:
         raise ValueError(f"keys of an unknown layout: {', '.join(stray[:5])} (a {arch} has none of them)")

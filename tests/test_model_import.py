@@ -51,7 +51,10 @@ def _same_logits(ours, theirs, size):
         torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+DEPTHS = [18, 34, 50, *(pytest.param(d, marks=pytest.mark.slow) for d in (101, 152))]  # the deep ones: seconds each
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
 def test_torchvision_resnets(tmp_path, depth):
     source = randomize(getattr(torchvision.models, f"resnet{depth}")(num_classes=5))
     record, model, found = _added(tmp_path, source, source.state_dict())
@@ -70,7 +73,7 @@ def test_official_cbam_code(tmp_path, depth, stem):
     _same_logits(model, source, 32 if stem == "cifar" else 64)
 
 
-@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+@pytest.mark.parametrize("depth", DEPTHS)
 def test_resnet_cbam_snippet(tmp_path, depth):
     layers, bottleneck = _layers(depth)
     source = randomize(RefResNet(layers, bottleneck=bottleneck, style="snippet", r=8))
