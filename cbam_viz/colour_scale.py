@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["CAM_SCALE_TEXT", "caption_font", "colour_bar", "add_colour_scale", "colour_scale_html", "jet_colours"]
+__all__ = ["COLORMAPS", "colormap_lut", "CAM_SCALE_TEXT", "caption_font", "colour_bar", "add_colour_scale", "colour_scale_html", "jet_colours"]
 
 #: What the colours mean, under every CAM picture.
 CAM_SCALE_TEXT = ("CAM: scaled to its own maximum (1 = where this map is highest); "
@@ -43,10 +43,28 @@ def caption_font(size: int = 13) -> ImageFont.ImageFont | ImageFont.FreeTypeFont
             return ImageFont.load_default()
 
 
-def _lut(colormap: str) -> np.ndarray:
-    from cbam_viz.render import colormap_lut  # the same tables the heatmaps are painted with
+#: Colour maps a mask can be drawn with (matplotlib's own tables).
+COLORMAPS = ("jet", "viridis", "inferno", "gray")
 
-    return colormap_lut(colormap)
+
+@functools.cache
+def colormap_lut(name: str) -> np.ndarray:
+    """matplotlib's colour map ``name`` as a read-only 256 x 3 uint8 table, built once per process.
+
+    The heatmaps (:mod:`cbam_viz.render`) and their colour bars are painted from the same table.
+    Built on first use rather than at import: importing matplotlib costs a few tenths of a second
+    that the app's cold start need not pay before the first request (its warm-up pays it).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`COLORMAPS`.
+    """
+    if name not in COLORMAPS:
+        raise ValueError(f"unknown colormap {name!r}; choose one of: {', '.join(COLORMAPS)}")
+    from matplotlib import colormaps
+
+    lut = np.rint(colormaps[name](np.arange(256))[:, :3] * 255.0).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
 
 
 def colour_bar(colormap: str = "jet", *, width: int = 256, text: str = CAM_SCALE_TEXT,
@@ -61,7 +79,7 @@ def colour_bar(colormap: str = "jet", *, width: int = 256, text: str = CAM_SCALE
     if width < 64:
         raise ValueError(f"a colour bar needs at least 64 px, got {width}")
     font = caption_font(font_size)
-    lut = _lut(colormap)
+    lut = colormap_lut(colormap)
     line_h = font_size + 4
     low, high = "0 low", "high 1"
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -118,7 +136,7 @@ def jet_colours(n: int) -> np.ndarray:
 
 def colour_scale_html(colormap: str = "jet", *, text: str = CAM_SCALE_TEXT, stops: int = 11) -> str:
     """The bar as HTML (a CSS gradient through ``stops`` colours of ``colormap``), for the page."""
-    lut = jet_colours(256) if colormap == "jet" else _lut(colormap)
+    lut = jet_colours(256) if colormap == "jet" else colormap_lut(colormap)
     colours = ", ".join(f"rgb({r},{g},{b})" for r, g, b in lut[np.linspace(0, 255, stops).round().astype(int)])
     return ('<div class="cbam-colour-scale" style="display:flex;align-items:center;gap:6px;font-size:0.85em">'
             f'<span>0 low</span><span style="flex:0 1 260px;height:12px;border:1px solid #888;'

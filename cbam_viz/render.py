@@ -1,7 +1,7 @@
 """Arrays -> PIL images: CAM overlays, the CBAM attention gallery and the side-by-side composite.
 
 Pure numpy + PIL: no hooks, no file I/O, no matplotlib figures in the request path. Colour maps
-are matplotlib's own 256-entry tables, read once per process (:func:`colormap_lut`). Everything
+are matplotlib's own 256-entry tables, read once per process (:func:`cbam_viz.colour_scale.colormap_lut`). Everything
 drawn for one 224 px request takes a few milliseconds.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cbam_viz.colour_scale import COLORMAPS, add_colour_scale, caption_font, colormap_lut
+
 if TYPE_CHECKING:  # render needs only the fields, not torch
     from cbam_viz.explain import Explanation, ModelExplanation
 
@@ -21,31 +23,6 @@ __all__ = [
     "channel_attention_image", "channel_attention_summary", "composite", "PLACEHOLDER_GREY", "confidence_drop_figure", "photo_placeholder",
     "render_comparison",
 ]
-
-
-# -------------------------------------------------------------------------------- colour maps
-
-#: Colour maps a mask can be drawn with (matplotlib's own tables).
-COLORMAPS = ("jet", "viridis", "inferno", "gray")
-
-
-@functools.cache
-def colormap_lut(name: str) -> np.ndarray:
-    """matplotlib's colour map ``name`` as a read-only 256 x 3 uint8 table, built once per process.
-
-    Built on first use rather than at import: importing matplotlib costs a few tenths of a second
-    that the app's cold start need not pay before the first request (its warm-up pays it).
-
-    Raises:
-        ValueError: ``name`` is not one of :data:`COLORMAPS`.
-    """
-    if name not in COLORMAPS:
-        raise ValueError(f"unknown colormap {name!r}; choose one of: {', '.join(COLORMAPS)}")
-    from matplotlib import colormaps
-
-    lut = np.rint(colormaps[name](np.arange(256))[:, :3] * 255.0).astype(np.uint8)
-    lut.setflags(write=False)
-    return lut
 
 
 # Layout constants, in one place.
@@ -64,7 +41,6 @@ FONT_SIZE = 13
 
 @functools.lru_cache(maxsize=8)
 def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    from cbam_viz.colour_scale import caption_font  # DejaVu Sans: Pillow's own font has no "→"
 
     return caption_font(size)
 
@@ -214,7 +190,6 @@ def attention_sheet(
         x, y = PAD + c * (tw + PAD), top + r * (th + line_h + PAD)
         draw.text((x, y), _ellipsize(draw, caption, font, tw), fill=TEXT, font=font)
         out.paste(tile, (x, y + line_h))
-    from cbam_viz.colour_scale import add_colour_scale
 
     return add_colour_scale(out, colormap, text="spatial attention: the gate's value, 0 to 1")
 
@@ -362,7 +337,6 @@ def composite(
             x, y = PAD + c * (tw + PAD), y0 + r * (th + line_h + PAD)
             out.paste(tile, (x, y))
             draw.text((x, y + th + 2), _ellipsize(draw, caption, font, tw), fill=MUTED, font=font)
-    from cbam_viz.colour_scale import add_colour_scale
 
     return add_colour_scale(out, colormap)  # what red and blue mean, under the heatmaps
 
