@@ -74,8 +74,9 @@ TARGETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
          "paired_difference"),
         ("tests/test_science_evaluate.py", "tests/test_evaluate.py")),
     "cbam_viz.data": (("normalize", "resize_batch"), ("tests/test_science_pictures.py", "tests/test_data.py")),
+    "cbam_viz.colour_scale": (("colormap_lut",), ("tests/test_science_pictures.py", "tests/test_render.py")),
     "cbam_viz.render": (
-        ("colormap_lut", "_check_alpha", "_check_mask", "colorize", "overlay"),
+        ("_check_alpha", "_check_mask", "colorize", "overlay"),
         ("tests/test_science_pictures.py", "tests/test_render.py")),
     "cbam_viz.service": (("_draw",), ("tests/test_science_pictures.py",)),
 }
