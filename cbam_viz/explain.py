@@ -18,7 +18,7 @@ from PIL import Image
 from cbam_viz import ood
 from cbam_viz.cam import compute_cams, list_methods
 from cbam_viz.controls import check_layer, check_method, check_target
-from cbam_viz.lineup import Lineup
+from cbam_viz.lineup import Lineup, lineup_of_pair
 from cbam_viz.pair import LoadedModel, ModelPair
 from cbam_viz.preprocess import is_display_rgb, to_model_batch, to_rgb
 
@@ -126,7 +126,7 @@ def explain(
             :mod:`cbam_viz.controls`, raised as :class:`~cbam_viz.messages.UserFacingError`), an
             invalid image (:class:`cbam_viz.preprocess.ImageError`).
     """
-    lineup = Lineup(name=pair.name, members=(pair.baseline, pair.cbam), reference=pair.baseline.name)
+    lineup = lineup_of_pair(pair)
     return [Explanation(image_size=e.image_size, method=e.method, layer=e.layer,
                         baseline=e.models[pair.baseline.name], cbam=e.models[pair.cbam.name])
             for e in explain_lineup(images, lineup, method=method, target=target, layer=layer, topk=topk)]

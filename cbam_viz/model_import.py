@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from cbam_viz.checkpoints import convert_state_dict, detect_layout, infer_model_kwargs, read_state_dict
-from cbam_viz.models import create_model, is_model
+from cbam_viz.models import backbone_of, create_model, is_model
 from cbam_viz.models.options import kwargs_to_options, options_to_kwargs
 from cbam_viz.weights import (
     MANIFEST_NAME, WeightRecord, load_state_strict, read_manifest, save_safetensors, update_manifest,
@@ -262,7 +262,7 @@ def add_lineup(name: str, members: list[str], *, weights_dir: str | os.PathLike,
     if len({tuple(v) for v in ids.values()}) > 1:
         raise ValueError(f"the models of a lineup must share their classes, in one order; "
                          f"{', '.join(f'{m}: {len(v)} classes' for m, v in ids.items())}")
-    plain = [m for m in members if models[m]["arch"].split("_")[-1].startswith("resnet")]
+    plain = [m for m in members if backbone_of(models[m]["arch"]) == models[m]["arch"]]
     reference = reference or (plain[0] if plain else members[0])
     if reference not in members:
         raise ValueError(f"--reference {reference!r} is not one of the lineup's models {members}")

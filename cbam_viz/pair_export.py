@@ -29,20 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from cbam_viz.holdout import WEIGHT_KINDS, choose_for_pair, holdout_scores
+from cbam_viz.models import backbone_of
 from cbam_viz.train import Recipe, TrainResult, export, json_differences, recipe_differences
 from cbam_viz.weights import WeightRecord, read_manifest, sha256_file, update_manifest
 
-__all__ = ["Half", "holdout_digest", "read_half", "carried_settings", "export_runs", "backbone_of"]
+__all__ = ["Half", "holdout_digest", "read_half", "carried_settings", "export_runs"]
 
-_ATTENTION_SUFFIXES = ("_cbam", "_se", "_bam")
-
-
-def backbone_of(arch: str) -> str:
-    """``resnet18_se`` -> ``resnet18``: the plain network an attention twin is built on."""
-    for suffix in _ATTENTION_SUFFIXES:
-        if arch.endswith(suffix):
-            return arch[: -len(suffix)]
-    return arch
 
 
 def holdout_digest(files: Sequence[str]) -> str:

@@ -5,7 +5,17 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["register_model", "list_models", "create_model", "is_model"]
+__all__ = ["register_model", "list_models", "create_model", "is_model", "backbone_of"]
+
+_ATTENTION_SUFFIXES = ("_cbam", "_se", "_bam")
+
+
+def backbone_of(arch: str) -> str:
+    """``resnet18_se`` -> ``resnet18``: the plain network an attention twin is built on."""
+    for suffix in _ATTENTION_SUFFIXES:
+        if arch.endswith(suffix):
+            return arch[: -len(suffix)]
+    return arch
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
