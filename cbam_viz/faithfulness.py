@@ -2,7 +2,7 @@
 
 The CBAM paper (Woo et al., ECCV 2018, arXiv 1807.06521, Fig. 4) argues from Grad-CAM pictures
 that ResNet-CBAM looks at the object. These scores need no boxes, so they apply to a user's own
-image (the Explain tab) as well as to a dataset (:mod:`cbam_viz.quality`):
+image (the Explain tab) as well as to a dataset (:mod:`cbam_viz.research.quality`):
 
 * :func:`remove_by_cam` -- delete the most (MoRF) or least (LeRF) relevant pixels, in the
   ROAD protocol (Rong et al., ICML 2022, arXiv 2202.00449) as pytorch-grad-cam's
@@ -18,7 +18,7 @@ Every forward holds :func:`cbam_viz.pair.model_lock` of its model: another threa
 may be attached to the same modules, and must not record these passes.
 
 Conventions: a CAM is a float ``(H, W)`` array with values >= 0 (the engine scales it to
-[0, 1]); :func:`check_cam` enforces them, for the box metrics of :mod:`cbam_viz.quality.metrics`
+[0, 1]); :func:`check_cam` enforces them, for the box metrics of :mod:`cbam_viz.research.quality.metrics`
 too.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A ten-class softmax trained with label smoothing is confident about anything: Grace Hopper gets
 "French horn" at 71 %. Each model record can therefore carry statistics of its penultimate
-(global-average-pooled) features, fitted once on its training split (:mod:`cbam_viz.ood_fit`), and
+(global-average-pooled) features, fitted once on its training split (:mod:`cbam_viz.research.ood_fit`), and
 a threshold that accepts 95 % of its in-class validation images. At explanation time a forward
 hook on ``avgpool`` (:func:`penultimate_features`) reads the features of the forward that the
 explanation already runs: no extra pass. A record without statistics falls back to the "unsure"

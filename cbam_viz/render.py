@@ -369,7 +369,7 @@ def render_comparison(
 ) -> Image.Image:
     """Image with its true boxes, then each model's CAM over it: one PIL image, three panels.
 
-    True boxes (:class:`cbam_viz.quality.Box` or ``[xmin, ymin, xmax, ymax]`` in image pixels)
+    True boxes (:class:`cbam_viz.research.quality.Box` or ``[xmin, ymin, xmax, ymax]`` in image pixels)
     are drawn in green, a CAM's own box (e.g. at its MaxBoxAcc threshold) in white. CAMs in
     [0, 1] at any size (resized to the image).
     """

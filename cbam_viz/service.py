@@ -835,7 +835,7 @@ def ablate_result(result_id: str, *, constant: str = "one", root: str | os.PathL
 
     Each block's channel gate, spatial gate or both set to ``constant`` (and all blocks at once):
     the change of the top-1 probability and the CAM's correlation with the intact model's, from
-    :func:`cbam_viz.gate_ablation.ablate_image` (about 25 forwards; it holds the model's lock).
+    :func:`cbam_viz.research.gate_ablation.ablate_image` (about 25 forwards; it holds the model's lock).
 
     Raises:
         UserFacingError: results that are gone, or a pair that no longer loads.
@@ -853,7 +853,7 @@ def ablate_result(result_id: str, *, constant: str = "one", root: str | os.PathL
 @zerogpu.gpu
 def _ablation_work(pair, image: Image.Image, *, constant: str, layer: str | None) -> list[dict[str, Any]]:
     """The ablation's forwards, with a GPU attached on a ZeroGPU Space, as :func:`_model_work`."""
-    from cbam_viz.gate_ablation import ablate_image
+    from cbam_viz.research.gate_ablation import ablate_image
 
     if isinstance(pair, str):
         pair = get_pair(pair)

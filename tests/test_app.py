@@ -27,7 +27,7 @@ import json, sys, tempfile
 from pathlib import Path
 
 import gradio  # noqa: F401  (imports first: only what importing app itself does is watched)
-import cbam_viz.app_views as views, cbam_viz.examples, cbam_viz.pair, cbam_viz.quality.view, cbam_viz.service
+import cbam_viz.app_views as views, cbam_viz.examples, cbam_viz.pair, cbam_viz.research.quality.view, cbam_viz.service
 import cbam_viz.weights
 
 def loader_called(*args, **kwargs):
@@ -37,7 +37,7 @@ for module, names in ((views, ("quality_report", "quality_markdown", "quality_fi
                                "pair_view", "pair_names")),
                       (cbam_viz.pair, ("pair_names", "list_pairs", "load_pair")),
                       (cbam_viz.weights, ("read_manifest",)), (cbam_viz.examples, ("list_examples",)),
-                      (cbam_viz.quality.view, ("load_app_report",)), (cbam_viz.service, ("get_pair",))):
+                      (cbam_viz.research.quality.view, ("load_app_report",)), (cbam_viz.service, ("get_pair",))):
     for name in names:
         setattr(module, name, loader_called)
 
@@ -63,7 +63,7 @@ def test_import_skips_what_the_first_request_does_not_need():
     """The cold start (<= 6 s to the first answer) waits for no heavy import that a request does not use:
     the quality tab's package pulls torchvision in (~2 s), so it loads with the page instead."""
     probe = ("import sys, app; print(sorted(m for m in ('torchvision', 'matplotlib', 'pytorch_grad_cam', "
-             "'cbam_viz.quality') if m in sys.modules))")
+             "'cbam_viz.research.quality') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
@@ -355,7 +355,7 @@ def test_sanity_flag_beside_the_method(tmp_path, monkeypatch):
 
 
 def test_quality_tab_research_sections(tmp_path, monkeypatch):
-    import cbam_viz.quality.report as report_module
+    import cbam_viz.research.quality.report as report_module
 
     app_views.quality_extras.cache_clear()
     monkeypatch.setenv(app_views.CHANNEL_PROFILES_ENV, str(tmp_path))
@@ -438,7 +438,7 @@ def test_page_load_fills_the_page(app, use_service_pair):
 
     (pairs, examples, quality_md, quality_fig, q_metric, q_method, q_direction, q_note, method, method_md, pair_md,
      target, layer, card) = app.on_load()
-    from cbam_viz.quality.view import DIRECTIONS, metric_choices
+    from cbam_viz.research.quality.view import DIRECTIONS, metric_choices
 
     assert q_metric["choices"] == metric_choices() and q_metric["value"] == "energy"
     assert q_direction["choices"] == list(DIRECTIONS) and q_direction["value"] in DIRECTIONS

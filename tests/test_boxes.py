@@ -4,7 +4,7 @@ import io
 import numpy as np
 import pytest
 
-from cbam_viz.quality.boxes import Box, BoxFileError, boxes_mask, check_boxes_fit, parse_boxes, read_boxes
+from cbam_viz.research.quality.boxes import Box, BoxFileError, boxes_mask, check_boxes_fit, parse_boxes, read_boxes
 
 HEADER = "wnid,file,xmin,ymin,xmax,ymax\n"
 

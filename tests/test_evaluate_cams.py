@@ -8,11 +8,11 @@ from PIL import Image
 
 import cbam_viz.pair
 from cbam_viz.cli import main
-from cbam_viz.quality import (
+from cbam_viz.research.quality import (
     METRICS, REPORT_VERSION, BoxFileError, evaluate_cams, load_report, load_report_cams, markdown_report,
     most_different_images, render_record, summarize, write_report,
 )
-from cbam_viz.quality.view import DEFAULT_REPORT_DIR
+from cbam_viz.research.quality.view import DEFAULT_REPORT_DIR
 from cbam_viz.render import render_comparison
 from tests.conftest import make_image
 
@@ -208,8 +208,8 @@ def test_shipped_report_still_loads_and_reproduces_its_intervals():
 def test_a_gate_that_lights_up_the_box_beats_the_centre_and_a_flat_one_does_not():
     """Known answers: a gate map bright exactly on the (off-centre) box scores 100 % pointing and
     beats the centre Gaussian; a constant gate scores chance; the centre bump wins on a centred box."""
-    from cbam_viz.quality.boxes import Box
-    from cbam_viz.quality.gates import CENTRE, centre_gaussian, spatial_gate_scores
+    from cbam_viz.research.quality.boxes import Box
+    from cbam_viz.research.quality.gates import CENTRE, centre_gaussian, spatial_gate_scores
 
     size = (64, 64)
     corner = [Box(0, 0, 24, 24)]
@@ -231,7 +231,7 @@ def test_a_gate_that_lights_up_the_box_beats_the_centre_and_a_flat_one_does_not(
 
 def test_stored_ious_never_round_up_across_the_iou_threshold():
     """An IoU of 0.4996 misses at IoU >= 0.5; kept rounded to nearest (0.5) it would count as a hit."""
-    from cbam_viz.quality.run import _per_image_record
+    from cbam_viz.research.quality.run import _per_image_record
 
     def image(iou):
         return {"ious": np.array([iou, 0.2], np.float32), "morf": np.zeros(2), "lerf": np.zeros(2), "p": 0.9,

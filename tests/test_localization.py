@@ -1,11 +1,11 @@
-"""Localization metrics (cbam_viz.quality.metrics) on hand-made CAMs with known answers."""
+"""Localization metrics (cbam_viz.research.quality.metrics) on hand-made CAMs with known answers."""
 import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_iou as tv_box_iou
 
-from cbam_viz.quality.boxes import Box
-from cbam_viz.quality.metrics import (
+from cbam_viz.research.quality.boxes import Box
+from cbam_viz.research.quality.metrics import (
     DEFAULT_THRESHOLDS, box_hits_over_thresholds, box_iou, cam_to_box, energy_in_boxes, max_box_acc, pointing_game,
 )
 

@@ -1,4 +1,4 @@
-"""``python -m cbam_viz fit-ood`` and the out-of-distribution note of ``explain -v`` (:mod:`cbam_viz.ood_fit`)."""
+"""``python -m cbam_viz fit-ood`` and the out-of-distribution note of ``explain -v`` (:mod:`cbam_viz.research.ood_fit`)."""
 from __future__ import annotations
 
 import json

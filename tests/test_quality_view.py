@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbam_viz.quality import METRICS, evaluate_cams, load_report, write_report
-from cbam_viz.quality import view as quality_view
+from cbam_viz.research.quality import METRICS, evaluate_cams, load_report, write_report
+from cbam_viz.research.quality import view as quality_view
 
 pytestmark = pytest.mark.usefixtures("no_cbam_env")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cbam_viz.channel_profiles import (
+from cbam_viz.research.channel_profiles import (
     ChannelProfiles, accumulate_profiles, block_similarity, chance_variance_ratio, load_profiles, profiles_figure,
     profiles_image, report_json, similarity_rows, write_profiles,
 )
@@ -162,7 +162,7 @@ def test_means_follow_the_labels_in_any_order_and_round_trip(tmp_path):
 def test_profile_dataset_reads_the_folder_in_the_models_class_order(tmp_path):
     import time
 
-    from cbam_viz.channel_profiles import profile_dataset
+    from cbam_viz.research.channel_profiles import profile_dataset
     from cbam_viz.preprocess import open_image, to_model_batch
     from tests.synthetic import make_image_folder
 

@@ -9,7 +9,7 @@ import torch
 
 from cbam_viz.cam import compute_cams
 from cbam_viz.preprocess import open_image, to_model_batch
-from cbam_viz.sanity import (
+from cbam_viz.research.sanity import (
     PASS_THRESHOLD, STAGES, SanityResult, _summary, cascading_randomization, markdown_report, rank_correlation,
     sanity_check, sanity_dataset, sanity_flags, ssim, stage_modules,
 )

@@ -7,16 +7,16 @@ explain the *true* class through the app's own engine (:func:`cbam_viz.explain.e
 numbers describe exactly what the app shows), and each CAM is scored:
 
 * pointing game, energy in box, MaxBoxAcc (IoU >= 0.5, best threshold over the set), from
-  :mod:`cbam_viz.quality.metrics`;
+  :mod:`cbam_viz.research.quality.metrics`;
 * faithfulness without boxes (:mod:`cbam_viz.faithfulness`): the true-class probability after
   removing the CAM's top (MoRF) or bottom (LeRF) 20 % and 50 % of pixels, blur-imputed, and
   ROAD's combined score ``(LeRF - MoRF) / 2``;
 * and, beside the CAMs, every CBAM block's spatial-gate map with the same box metrics, against a
-  centre-Gaussian reference map (:mod:`cbam_viz.quality.gates`).
+  centre-Gaussian reference map (:mod:`cbam_viz.research.quality.gates`).
 
 Each statistic gets a 95 % bootstrap interval, and ``CBAM - baseline`` a *paired* bootstrap
-interval over images (:mod:`cbam_viz.quality.stats`): an interval that excludes 0 is a difference
-the images support, one that straddles 0 is not. :func:`cbam_viz.quality.report.write_report`
+interval over images (:mod:`cbam_viz.research.quality.stats`): an interval that excludes 0 is a difference
+the images support, one that straddles 0 is not. :func:`cbam_viz.research.quality.report.write_report`
 writes the result.
 
 The steps, one function each: :func:`_load_boxed_images` (the images, their boxes and true
@@ -47,18 +47,18 @@ from tqdm.auto import tqdm
 
 from cbam_viz.cam import list_methods
 from cbam_viz.controls import check_method
-from cbam_viz.data import load_rgb, scan_image_folder
-from cbam_viz.evaluate import spread_indices
+from cbam_viz.training.data import load_rgb, scan_image_folder
+from cbam_viz.training.evaluate import spread_indices
 from cbam_viz.explain import ModelExplanation, explain
 from cbam_viz.faithfulness import blur_fill_image, perturbation_scores, resize_cam
 from cbam_viz.preprocess import to_model_batch
-from cbam_viz.quality.boxes import Box, BoxFileError, check_boxes_fit, read_boxes
-from cbam_viz.quality.gates import spatial_gate_scores
-from cbam_viz.quality.metrics import (
+from cbam_viz.research.quality.boxes import Box, BoxFileError, check_boxes_fit, read_boxes
+from cbam_viz.research.quality.gates import spatial_gate_scores
+from cbam_viz.research.quality.metrics import (
     DEFAULT_THRESHOLDS, METRICS, ROLES, box_hits_over_thresholds, energy_in_boxes, max_box_acc, pointing_game,
 )
-from cbam_viz.quality.report import CAM_STORE_SIZE, REPORT_VERSION, from_json_list, to_json_list
-from cbam_viz.quality.stats import bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap
+from cbam_viz.research.quality.report import CAM_STORE_SIZE, REPORT_VERSION, from_json_list, to_json_list
+from cbam_viz.research.quality.stats import bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap
 
 __all__ = ["DEFAULT_FRACTIONS", "DEFAULT_METHODS", "evaluate_cams", "summarize"]
 
@@ -267,7 +267,7 @@ def evaluate_cams(
     Args:
         data: ImageFolder-layout folder (``data/<class id>/<file>``); class folders are matched to
             the models' class ids (WordNet ids), else to their readable names.
-        boxes: box CSV (see :mod:`cbam_viz.quality.boxes`); only images with boxes are evaluated.
+        boxes: box CSV (see :mod:`cbam_viz.research.quality.boxes`); only images with boxes are evaluated.
         pair: a :class:`cbam_viz.pair.ModelPair`; None loads the default pair (``load_pair()``).
         methods: CAM methods (:func:`cbam_viz.explain.list_methods`).
         layer: CAM layer; None for the engine's default (last block of ``layer4``).
@@ -282,9 +282,9 @@ def evaluate_cams(
         progress: show a progress bar.
 
     Returns:
-        ``(report, cams)``: the JSON-ready report (see :func:`cbam_viz.quality.report.write_report`)
+        ``(report, cams)``: the JSON-ready report (see :func:`cbam_viz.research.quality.report.write_report`)
         and ``{"<method>/<role>": (n, 112, 112) uint8}`` CAMs for
-        :func:`cbam_viz.quality.view.render_record`.
+        :func:`cbam_viz.research.quality.view.render_record`.
 
     Raises:
         FileNotFoundError: ``data`` or ``boxes`` missing.

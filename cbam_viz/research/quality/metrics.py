@@ -2,7 +2,7 @@
 
 The CBAM paper (Woo et al., ECCV 2018, arXiv 1807.06521, Fig. 4) shows Grad-CAM on ResNet-CBAM
 covering the target object better than on the plain ResNet. These functions turn that claim into
-numbers on boxed images; :mod:`cbam_viz.quality.run` runs them over a dataset.
+numbers on boxed images; :mod:`cbam_viz.research.quality.run` runs them over a dataset.
 
 Localization (needs boxes of the true class; all arrays at the image's own size):
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cbam_viz.faithfulness import check_cam
-from cbam_viz.quality.boxes import Box, boxes_mask
+from cbam_viz.research.quality.boxes import Box, boxes_mask
 
 __all__ = [
     "DEFAULT_THRESHOLDS", "METRICS", "PERCENT_METRICS", "ROLES", "MetricInfo", "box_hits_over_thresholds",
@@ -156,7 +156,7 @@ def box_iou(a: Box, b: Box) -> float:
     """Intersection over union of two boxes (0 if disjoint).
 
     :func:`torchvision.ops.box_iou` measures areas as ``(xmax - xmin) * (ymax - ymin)``: boxes in
-    pixel edges with exclusive ``xmax``/``ymax``, the convention of :mod:`cbam_viz.quality.boxes`
+    pixel edges with exclusive ``xmax``/``ymax``, the convention of :mod:`cbam_viz.research.quality.boxes`
     (boxes that touch share no pixel and score 0).
     """
     return float(_tv_box_iou(_box_tensor([a]), _box_tensor([b]))[0, 0])

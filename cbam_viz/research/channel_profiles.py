@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from cbam_viz.attention import record_attention
-from cbam_viz.evaluate import image_batches, labelled_images
+from cbam_viz.training.evaluate import image_batches, labelled_images
 from cbam_viz.outputs import json_float
 from cbam_viz.pair import LoadedModel, model_lock
 
@@ -114,11 +114,11 @@ def profile_dataset(
     """The per-class channel-gate profiles of ``loaded``'s model on an ImageFolder split.
 
     Images are decoded and labelled as ``python -m cbam_viz evaluate`` does
-    (:func:`cbam_viz.evaluate.image_batches`); ``max_images`` keeps an evenly spread subset.
+    (:func:`cbam_viz.training.evaluate.image_batches`); ``max_images`` keeps an evenly spread subset.
 
     Raises:
         ValueError: the model has no CBAM gate.
-        cbam_viz.evaluate.ClassMismatchError: the folder names are not the model's class ids.
+        cbam_viz.training.evaluate.ClassMismatchError: the folder names are not the model's class ids.
     """
     from cbam_viz.attention import cbam_gates
 

@@ -21,9 +21,9 @@ Measured per image (:func:`ablate_image`): the change in the probability of the 
 top-1 class, and the Pearson correlation between the intact and the ablated Grad-CAM of that
 class, per (block, gate). Measured per dataset (:func:`ablate_dataset`, ``python -m cbam_viz
 ablate-gates``): top-1 accuracy of every ablation and its drop from the intact model, with a
-paired bootstrap 95 % interval over the same images (:func:`cbam_viz.quality.stats.paired_bootstrap`).
-Images are read and labelled as ``evaluate`` reads them (:func:`cbam_viz.evaluate.labelled_images`,
-:func:`cbam_viz.evaluate.image_batches`).
+paired bootstrap 95 % interval over the same images (:func:`cbam_viz.research.quality.stats.paired_bootstrap`).
+Images are read and labelled as ``evaluate`` reads them (:func:`cbam_viz.training.evaluate.labelled_images`,
+:func:`cbam_viz.training.evaluate.image_batches`).
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from cbam_viz.attention import cbam_gates, record_attention
-from cbam_viz.evaluate import image_batches, labelled_images
+from cbam_viz.training.evaluate import image_batches, labelled_images
 from cbam_viz.outputs import json_float
 from cbam_viz.pair import LoadedModel, model_lock
-from cbam_viz.quality.stats import pearson
+from cbam_viz.research.quality.stats import pearson
 
 __all__ = [
     "GATE_KINDS", "ALL_BLOCKS", "CONSTANTS", "GateMeans", "cbam_blocks", "ablation_grid", "ablate_gates",
@@ -368,11 +368,11 @@ def ablate_dataset(
         :func:`markdown_report`) and the means used (None for ``constant="one"``).
 
     Raises:
-        cbam_viz.evaluate.ClassMismatchError: the class folders are not the model's classes.
+        cbam_viz.training.evaluate.ClassMismatchError: the class folders are not the model's classes.
     """
     from tqdm.auto import tqdm
 
-    from cbam_viz.quality.stats import paired_bootstrap
+    from cbam_viz.research.quality.stats import paired_bootstrap
 
     t0 = time.perf_counter()
     model = loaded.model

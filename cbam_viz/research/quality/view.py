@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cbam_viz.data import load_rgb
-from cbam_viz.quality.metrics import METRICS, per_image_text
-from cbam_viz.quality.report import load_report, most_different_images, record_cams
+from cbam_viz.training.data import load_rgb
+from cbam_viz.research.quality.metrics import METRICS, per_image_text
+from cbam_viz.research.quality.report import load_report, most_different_images, record_cams
 from cbam_viz.render import PLACEHOLDER_GREY, photo_placeholder, render_comparison
 from cbam_viz.resources import SHIPPED_ROOT
 
@@ -34,7 +34,7 @@ DEFAULT_REPORT_DIR = SHIPPED_ROOT / "docs" / "explanation_quality"
 REPORT_ENV = "CBAM_VIZ_QUALITY_REPORT"
 #: Where the evaluated photos are on this machine, if not where the report found them.
 DATA_ENV = "CBAM_VIZ_DATA"
-#: Radio label -> ``direction`` of :func:`cbam_viz.quality.report.most_different_images`.
+#: Radio label -> ``direction`` of :func:`cbam_viz.research.quality.report.most_different_images`.
 DIRECTIONS = {"largest difference either way": "both", "CBAM better": "cbam", "baseline better": "baseline"}
 
 
@@ -74,12 +74,12 @@ def find_photo(record: dict, data_dir: str | os.PathLike | None = None) -> Path 
 
 
 def record_image(record: dict) -> Image.Image:
-    """The RGB image of a :func:`~cbam_viz.quality.report.most_different_images` record."""
+    """The RGB image of a :func:`~cbam_viz.research.quality.report.most_different_images` record."""
     return load_rgb(record["path"])
 
 
 def render_record(report: dict, record: dict, *, alpha: float = 0.5, image: Image.Image | None = None) -> Image.Image:
-    """:func:`cbam_viz.render.render_comparison` for a :func:`~cbam_viz.quality.report.most_different_images`
+    """:func:`cbam_viz.render.render_comparison` for a :func:`~cbam_viz.research.quality.report.most_different_images`
     record, from the stored CAMs.
 
     ``image``: the photo to draw on; default: read it from ``record["path"]``.

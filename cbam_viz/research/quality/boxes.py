@@ -1,4 +1,4 @@
-"""Bounding-box files for the explanation-quality metrics (:mod:`cbam_viz.quality.metrics`).
+"""Bounding-box files for the explanation-quality metrics (:mod:`cbam_viz.research.quality.metrics`).
 
 A box CSV has the header ``wnid,file,xmin,ymin,xmax,ymax`` (any column order, extra columns
 ignored) and one row per box, in the pixels of the image file as stored: x to the right, y down,

@@ -9,7 +9,7 @@ checkerboards, shapes, blobs). Reported per model and score: AUROC (validation i
 out-of-class set; 1 = perfectly separated) and the share of out-of-class images flagged at the
 threshold. Run::
 
-    python -m cbam_viz.ood_eval --data ../shared/data/imagenette2 --out docs/out_of_distribution.json
+    python -m cbam_viz.research.ood_eval --data ../shared/data/imagenette2 --out docs/out_of_distribution.json
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from cbam_viz import ood
-from cbam_viz.ood_fit import extract, split_features
+from cbam_viz.research.ood_fit import extract, split_features
 
 __all__ = ["packaged_images", "generated_images", "compare", "main"]
 
@@ -109,7 +109,7 @@ def compare(loaded, data: Path, *, cache_dir: Path | None = None, per_class: tup
             progress: bool = False) -> dict:
     """Every score of one model: AUROC, flagged shares and per-image scores (JSON-ready).
 
-    ``per_class``: (train, val) caps per class, as :func:`cbam_viz.ood_fit.fit_record` takes them.
+    ``per_class``: (train, val) caps per class, as :func:`cbam_viz.research.ood_fit.fit_record` takes them.
     """
     kw = {"cache_dir": cache_dir, "progress": progress}
     train = split_features(loaded, data / "train", per_class=per_class[0], **kw)
@@ -155,7 +155,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cbam_viz.ood_eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cbam_viz.research.ood_eval", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, type=Path, help="ImageFolder root with train/ and val/")
     p.add_argument("--pair", default=None, help="the pair whose models are compared (default: the default pair)")
     p.add_argument("--weights", default=None, help="weights folder (default: the repository's weights/)")

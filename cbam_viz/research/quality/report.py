@@ -8,7 +8,7 @@ last: a reader never sees half a file.
 
 :func:`load_report` reads one back (the app ships one in ``docs/explanation_quality``);
 :func:`most_different_images` picks the images where the two models' CAMs differ most, for the
-app's Explanation-quality tab (:mod:`cbam_viz.quality.view`).
+app's Explanation-quality tab (:mod:`cbam_viz.research.quality.view`).
 
 ``summary_figure`` is the one matplotlib figure of the project and stays here rather than in
 :mod:`cbam_viz.render`: it is a chart of the report's numbers, written only into the report
@@ -26,7 +26,7 @@ import numpy as np
 
 from cbam_viz.faithfulness import resize_cam
 from cbam_viz.outputs import atomic_write, atomic_write_text
-from cbam_viz.quality.metrics import DEFAULT_THRESHOLDS, METRICS, PERCENT_METRICS, ROLES, cam_to_box
+from cbam_viz.research.quality.metrics import DEFAULT_THRESHOLDS, METRICS, PERCENT_METRICS, ROLES, cam_to_box
 
 __all__ = [
     "CAM_STORE_SIZE", "REPORT_VERSION", "load_report", "load_report_cams", "markdown_report",
@@ -131,7 +131,7 @@ def spatial_gate_markdown(report: dict) -> list[str]:
     g = report.get("spatial_gates")
     if not g:
         return []
-    from cbam_viz.quality.gates import CENTRE, LOCALIZATION_METRICS
+    from cbam_viz.research.quality.gates import CENTRE, LOCALIZATION_METRICS
 
     labels = [report["metrics"][m]["label"] for m in LOCALIZATION_METRICS]
     lines = ["", "### Does the spatial gate itself localize the object?", "",

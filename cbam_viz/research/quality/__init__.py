@@ -3,28 +3,28 @@
 The CBAM paper (Woo et al., ECCV 2018, arXiv 1807.06521, Fig. 4) shows it on a few pictures;
 ``python -m cbam_viz evaluate-cams`` measures it on boxed images. The public API, re-exported:
 
-* :mod:`~cbam_viz.quality.boxes`: box CSV files (``Box``, :func:`read_boxes`);
-* :mod:`~cbam_viz.quality.metrics`: localization metrics on one CAM and the catalogue ``METRICS``;
-* :mod:`~cbam_viz.quality.stats`: bootstrap intervals, single and paired;
-* :mod:`~cbam_viz.quality.run`: :func:`evaluate_cams` over a dataset;
-* :mod:`~cbam_viz.quality.report`: the report's files and queries over it;
-* :mod:`~cbam_viz.quality.view`: the app's Explanation-quality tab.
+* :mod:`~cbam_viz.research.quality.boxes`: box CSV files (``Box``, :func:`read_boxes`);
+* :mod:`~cbam_viz.research.quality.metrics`: localization metrics on one CAM and the catalogue ``METRICS``;
+* :mod:`~cbam_viz.research.quality.stats`: bootstrap intervals, single and paired;
+* :mod:`~cbam_viz.research.quality.run`: :func:`evaluate_cams` over a dataset;
+* :mod:`~cbam_viz.research.quality.report`: the report's files and queries over it;
+* :mod:`~cbam_viz.research.quality.view`: the app's Explanation-quality tab.
 
 The faithfulness scores (no boxes) live in :mod:`cbam_viz.faithfulness`, the pictures in
 :mod:`cbam_viz.render`.
 """
-from cbam_viz.quality.boxes import REQUIRED_COLUMNS, Box, BoxFileError, boxes_mask, check_boxes_fit, parse_boxes, read_boxes
-from cbam_viz.quality.metrics import (
+from cbam_viz.research.quality.boxes import REQUIRED_COLUMNS, Box, BoxFileError, boxes_mask, check_boxes_fit, parse_boxes, read_boxes
+from cbam_viz.research.quality.metrics import (
     DEFAULT_THRESHOLDS, METRICS, MetricInfo, box_hits_over_thresholds, box_iou, cam_to_box, energy_in_boxes,
     max_box_acc, per_image_text, pointing_game,
 )
-from cbam_viz.quality.report import (
+from cbam_viz.research.quality.report import (
     REPORT_VERSION, load_report, load_report_cams, markdown_report, most_different_images, summary_figure,
     write_report,
 )
-from cbam_viz.quality.run import DEFAULT_FRACTIONS, DEFAULT_METHODS, evaluate_cams, summarize
-from cbam_viz.quality.stats import Interval, bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap
-from cbam_viz.quality.view import differing_images, load_app_report, record_image, render_record
+from cbam_viz.research.quality.run import DEFAULT_FRACTIONS, DEFAULT_METHODS, evaluate_cams, summarize
+from cbam_viz.research.quality.stats import Interval, bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap
+from cbam_viz.research.quality.view import differing_images, load_app_report, record_image, render_record
 
 __all__ = [
     "Box", "BoxFileError", "DEFAULT_FRACTIONS", "DEFAULT_METHODS", "DEFAULT_THRESHOLDS", "Interval", "METRICS",

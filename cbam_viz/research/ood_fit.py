@@ -1,7 +1,7 @@
 """Fit a model record's out-of-distribution statistics (``python -m cbam_viz fit-ood``).
 
 The features come from the same preprocessing the app uses (:func:`cbam_viz.preprocess.to_model_batch`
-at the record's input size, images decoded by :func:`cbam_viz.data.load_rgb`), so a threshold set
+at the record's input size, images decoded by :func:`cbam_viz.training.data.load_rgb`), so a threshold set
 here means the same thing on an uploaded photo. The statistics are fitted on ``DATA/train`` and the
 threshold is set to accept :data:`cbam_viz.ood.ACCEPT` of ``DATA/val``; nothing else is chosen on
 val. Works for any manifest record (a user's own model included): only its ``avgpool`` and ``fc``
@@ -35,7 +35,7 @@ def extract(model: torch.nn.Module, images: Sequence[str | os.PathLike | Image.I
     """
     from tqdm.auto import tqdm
 
-    from cbam_viz.data import load_rgb
+    from cbam_viz.training.data import load_rgb
     from cbam_viz.pair import model_lock
     from cbam_viz.preprocess import to_model_batch
 
@@ -66,7 +66,7 @@ def split_features(loaded, folder: str | os.PathLike, *, cache_dir: str | os.Pat
     Raises:
         ValueError: a class folder that the model does not know.
     """
-    from cbam_viz.data import scan_image_folder
+    from cbam_viz.training.data import scan_image_folder
 
     scan = scan_image_folder(folder)
     unknown = [c for c in scan.classes if c not in loaded.class_ids]

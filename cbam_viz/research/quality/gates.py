@@ -4,7 +4,7 @@ CBAM's spatial gate (Woo et al., ECCV 2018, arXiv 1807.06521, Sec. 3) is a sigmo
 residual block that says *where* the block lets features through; the paper reads it as the
 network "focusing on the target object". Each block's map is scored here with the same
 localization metrics as the CAMs (pointing game, energy in box, MaxBoxAcc:
-:mod:`cbam_viz.quality.metrics`), after the same post-processing the CAMs get (bilinear upsampling
+:mod:`cbam_viz.research.quality.metrics`), after the same post-processing the CAMs get (bilinear upsampling
 to the image, min-max scaling: :func:`cbam_viz.cam.normalize_cam`), against the true boxes.
 
 A map that is bright in the middle scores well on photos of centred objects without knowing
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from cbam_viz.cam import normalize_cam
-from cbam_viz.quality.boxes import Box
-from cbam_viz.quality.metrics import DEFAULT_THRESHOLDS, box_hits_over_thresholds, energy_in_boxes, pointing_game
-from cbam_viz.quality.stats import bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap
+from cbam_viz.research.quality.boxes import Box
+from cbam_viz.research.quality.metrics import DEFAULT_THRESHOLDS, box_hits_over_thresholds, energy_in_boxes, pointing_game
+from cbam_viz.research.quality.stats import bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap
 
 __all__ = ["CENTRE", "LOCALIZATION_METRICS", "centre_gaussian", "score_map", "spatial_gate_scores"]
 
@@ -75,7 +75,7 @@ def spatial_gate_scores(
         "vs_centre": {block: {metric: paired interval of block - centre}},
         "per_image": {name: {"pointing": [...], "energy": [...]}}}``.
     """
-    from cbam_viz.quality.report import to_json_list
+    from cbam_viz.research.quality.report import to_json_list
 
     if not gates:
         raise ValueError("no spatial-gate maps to score (a baseline model has none)")

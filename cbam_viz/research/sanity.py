@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cbam_viz.evaluate import image_batches, labelled_images
+from cbam_viz.training.evaluate import image_batches, labelled_images
 from cbam_viz.outputs import json_float
-from cbam_viz.quality.stats import pearson
+from cbam_viz.research.quality.stats import pearson
 from cbam_viz.pair import LoadedModel, ModelPair, model_lock
 
 __all__ = [
@@ -148,7 +148,7 @@ def _average_ranks(a: np.ndarray) -> np.ndarray:
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two maps (Pearson of tie-averaged ranks).
 
-    Follows :func:`cbam_viz.quality.stats.pearson` for flat maps: 0 when only one map is flat
+    Follows :func:`cbam_viz.research.quality.stats.pearson` for flat maps: 0 when only one map is flat
     (no ordering of the other is reproduced), 1 when both are the same flat map.
     """
     return pearson(_average_ranks(a), _average_ranks(b))
@@ -275,7 +275,7 @@ def sanity_flags(result: SanityResult, *, threshold: float = PASS_THRESHOLD) -> 
 
 
 def _summary(result: SanityResult, *, n_boot: int, seed: int) -> dict[str, Any]:
-    from cbam_viz.quality.stats import bootstrap
+    from cbam_viz.research.quality.stats import bootstrap
 
     flags = sanity_flags(result)
     return {"name": result.model_name, "layer": result.layer, "n": result.n_images, "steps": list(result.steps),
@@ -301,7 +301,7 @@ def sanity_dataset(
     """The cascade for both models of ``pair`` over an ImageFolder split; a JSON-ready report.
 
     Images are decoded as ``python -m cbam_viz evaluate`` does, at each model's own input size;
-    each mean gets a 95 % bootstrap interval over images (:func:`cbam_viz.quality.stats.bootstrap`).
+    each mean gets a 95 % bootstrap interval over images (:func:`cbam_viz.research.quality.stats.bootstrap`).
     """
     t0 = time.perf_counter()
     models = {}
