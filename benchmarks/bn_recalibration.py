@@ -3,11 +3,11 @@
 The recipe trains on random-resized crops up to 144 px and tests whole images at a larger size, so the
 running BN statistics come from another distribution than the test images (FixRes, Touvron et
 al., 2019). For each model of a pair, at each candidate size, this script scores the shipped file
-and a copy whose statistics :func:`cbam_viz.train.recalibrate_batchnorm` re-estimated on
+and a copy whose statistics :func:`cbam_viz.training.train.recalibrate_batchnorm` re-estimated on
 ``--images`` un-augmented training images, both on the files the run held out of training
-(:func:`cbam_viz.data.holdout_split` with the record's own fraction; the re-estimation images
+(:func:`cbam_viz.training.data.holdout_split` with the record's own fraction; the re-estimation images
 are drawn from the rest). It then applies the pair's selection rule
-(:func:`cbam_viz.holdout.choose_for_pair`) to both kinds of weights, as ``train --export`` does.
+(:func:`cbam_viz.training.holdout.choose_for_pair`) to both kinds of weights, as ``train --export`` does.
 
 Scoring on the held-out files, not on val, is the point: whether to adopt the re-estimation is a
 recipe choice, and the validation split stays for the final, reported measurement. The script
@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from cbam_viz.data import TensorDataset, decode_images, holdout_split, scan_image_folder  # noqa: E402
-from cbam_viz.evaluate import resolve_models  # noqa: E402
-from cbam_viz.holdout import CANDIDATE_SIZES, choose_for_pair, holdout_scores  # noqa: E402
+from cbam_viz.training.data import TensorDataset, decode_images, holdout_split, scan_image_folder  # noqa: E402
+from cbam_viz.training.evaluate import resolve_models  # noqa: E402
+from cbam_viz.training.holdout import CANDIDATE_SIZES, choose_for_pair, holdout_scores  # noqa: E402
 from cbam_viz.pair import default_pair_name  # noqa: E402
-from cbam_viz.train import recalibrate_batchnorm  # noqa: E402
+from cbam_viz.training.train import recalibrate_batchnorm  # noqa: E402
 from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, load_record  # noqa: E402
 
 KINDS = ("shipped", "recalibrated")

@@ -1,6 +1,6 @@
 """The paper's own pair, where the files can be had: ResNet-50 vs ResNet-50-CBAM on ImageNet's 1000 classes.
 
-The shipped pair (:mod:`cbam_viz.train`) is trained here on Imagenette's 10 classes. CBAM's
+The shipped pair (:mod:`cbam_viz.training.train`) is trained here on Imagenette's 10 classes. CBAM's
 authors trained ResNet-50-CBAM on the full ImageNet for 100 epochs (77.62 % top-1) and published
 the checkpoint from their repository; torchvision publishes the matching baseline
 (``ResNet50_Weights.IMAGENET1K_V1``, 76.13 %). Neither file may ship with this project, so:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cbam_viz.data import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
+from cbam_viz.training.data import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
 from cbam_viz.ood import load_stats
 from cbam_viz.weights import (
     WEIGHTS_DIR_ENV, WeightRecord, load_record, read_manifest, resolve_weights_dir, weights_dirs,

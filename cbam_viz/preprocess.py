@@ -5,7 +5,7 @@ grayscale, float TIFFs, CMYK JPEGs, phone photos whose pixels are stored sideway
 orientation tag. :func:`to_rgb` turns each into the RGB image a person would see in a viewer:
 EXIF orientation applied, first frame, transparency composited on white, high bit depths scaled
 to 8 bits. :func:`to_model_tensor` then stretch-resizes it to the model's square input, as the
-training data was made (see :mod:`cbam_viz.data`), and normalises it.
+training data was made (see :mod:`cbam_viz.training.data`), and normalises it.
 
 Decoding failures of any kind become :class:`ImageError` with one sentence a person understands.
 """
@@ -196,7 +196,7 @@ def to_model_tensor(
     """One image -> a normalised ``(1, 3, size, size)`` float32 tensor.
 
     The image is stretch-resized to a square (bilinear, antialiased), exactly as
-    :func:`cbam_viz.data.decode_images` made the training data, so aspect ratios are distorted
+    :func:`cbam_viz.training.data.decode_images` made the training data, so aspect ratios are distorted
     the same way the model saw them in training.
     """
     return to_model_batch([image], size, mean, std)
@@ -215,7 +215,7 @@ def to_model_batch(
     for image in images:
         rgb = image if isinstance(image, Image.Image) and is_display_rgb(image) else to_rgb(image)
         _check_size(*rgb.size)
-        # Same call as cbam_viz.data._decode_one: bilinear with PIL's antialiasing support.
+        # Same call as cbam_viz.training.data._decode_one: bilinear with PIL's antialiasing support.
         arrays.append(np.asarray(rgb.resize((size, size), Image.BILINEAR, reducing_gap=None)))
     if not arrays:
         raise ValueError("no images given")

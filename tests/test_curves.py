@@ -6,7 +6,7 @@ import json
 from PIL import Image
 
 from cbam_viz.cli import main
-from cbam_viz.curves import monitored_split, plot_training_curves, read_log
+from cbam_viz.training.curves import monitored_split, plot_training_curves, read_log
 
 
 def _write_log(path, epochs, *, key="holdout_top1"):

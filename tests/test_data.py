@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-import cbam_viz.data as data
-from cbam_viz.data import (
+import cbam_viz.training.data as data
+from cbam_viz.training.data import (
     load_cached_split, load_rgb, normalize, random_resized_crop_flip, resize_batch, scan_image_folder,
 )
 from tests.synthetic import make_image_folder
@@ -186,7 +186,7 @@ def _constant_batch(b: int = 6, size: int = 20) -> torch.Tensor:
 
 
 def test_mixing_off_returns_the_batch_and_draws_nothing():
-    from cbam_viz.data import mix_batch
+    from cbam_viz.training.data import mix_batch
 
     x, gen = _constant_batch(), torch.Generator().manual_seed(3)
     state = gen.get_state()
@@ -196,7 +196,7 @@ def test_mixing_off_returns_the_batch_and_draws_nothing():
 
 
 def test_cutmix_pastes_one_box_of_the_partner_and_lam_is_the_unpasted_share():
-    from cbam_viz.data import mix_batch
+    from cbam_viz.training.data import mix_batch
 
     x = _constant_batch()
     for seed in range(20):
@@ -217,7 +217,7 @@ def test_cutmix_pastes_one_box_of_the_partner_and_lam_is_the_unpasted_share():
 
 
 def test_mixup_blends_with_the_partner_by_lam_and_is_deterministic():
-    from cbam_viz.data import mix_batch
+    from cbam_viz.training.data import mix_batch
 
     x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     out, partner, lam = mix_batch(x, generator=torch.Generator().manual_seed(1), mixup_alpha=0.4)
@@ -229,7 +229,7 @@ def test_mixup_blends_with_the_partner_by_lam_and_is_deterministic():
 
 
 def test_with_both_alphas_a_coin_picks_cutmix_or_mixup():
-    from cbam_viz.data import mix_batch
+    from cbam_viz.training.data import mix_batch
 
     x = _constant_batch()
     kinds = set()

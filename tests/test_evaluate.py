@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cbam_viz.cli import main
-from cbam_viz.evaluate import ClassMismatchError, evaluate_record, format_report, resolve_models
+from cbam_viz.training.evaluate import ClassMismatchError, evaluate_record, format_report, resolve_models
 from cbam_viz.models import create_model
 from cbam_viz.preprocess import open_image, to_model_batch
 from cbam_viz.weights import ChecksumError, WeightRecord, read_manifest, save_safetensors, update_manifest
@@ -180,7 +180,7 @@ def test_cli_outside_the_repository_honours_the_weights_env(setup, tmp_path, mon
 
 def test_paired_difference_counts_the_discordant_images():
     """McNemar's exact test and a paired bootstrap on per-image outcomes (known answer)."""
-    from cbam_viz.evaluate import EvalResult, paired_difference
+    from cbam_viz.training.evaluate import EvalResult, paired_difference
 
     def result(correct):
         return EvalResult(name="m", arch="a", data_dir="d", top1=sum(correct) / len(correct), top5=1.0,

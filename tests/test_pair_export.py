@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from cbam_viz import cli
-from cbam_viz.holdout import choose_for_pair
+from cbam_viz.training.holdout import choose_for_pair
 from cbam_viz.weights import WeightRecord, load_record, read_manifest, sha256_file
 from tests.synthetic import make_image_folder
 

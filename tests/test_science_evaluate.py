@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_viz.evaluate import (
+from cbam_viz.training.evaluate import (
     ClassMismatchError, EvalResult, evaluate_record, image_batches, labelled_images, paired_difference, spread_indices,
 )
 from cbam_viz.models import create_model

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cbam_viz import render
-from cbam_viz.data import normalize, resize_batch
+from cbam_viz.training.data import normalize, resize_batch
 from conftest import make_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")

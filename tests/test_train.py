@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cbam_viz.models import create_model
-from cbam_viz.train import Recipe, export, train, train_size_at
+from cbam_viz.training.train import Recipe, export, train, train_size_at
 from cbam_viz.weights import WeightRecord, load_record, read_manifest, sha256_file
 from tests.synthetic import make_image_folder
 
@@ -94,7 +94,7 @@ def test_resume_with_another_recipe_is_refused(full_run, dataset, cache):
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True),
                                                         (False, True, True)])
 def test_fast_bf16_needs_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expected):
-    from cbam_viz.train import cpu_has_fast_bf16
+    from cbam_viz.training.train import cpu_has_fast_bf16
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
@@ -102,7 +102,7 @@ def test_fast_bf16_needs_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expec
 
 
 def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch, dataset, cache, tmp_path):
-    monkeypatch.setattr("cbam_viz.train.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("cbam_viz.training.train.cpu_has_fast_bf16", lambda: False)
     with pytest.warns(UserWarning, match="emulated"):
         train("resnet18", dataset, tmp_path / "r", recipe=replace(RECIPE, bf16=True), cache_dir=cache,
               progress=False, max_steps=1)
@@ -119,11 +119,11 @@ def test_cli_bf16_auto_follows_the_cpu(monkeypatch, tmp_path, flags, fast, expec
 
     def fake_train(arch, data, run_dir, *, recipe, **kwargs):
         seen[arch] = recipe
-        from cbam_viz.train import TrainResult
+        from cbam_viz.training.train import TrainResult
         return TrainResult(run_dir, torch.nn.Identity())
 
-    monkeypatch.setattr("cbam_viz.train.cpu_has_fast_bf16", lambda: fast)
-    monkeypatch.setattr("cbam_viz.train.train", fake_train)
+    monkeypatch.setattr("cbam_viz.training.train.cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr("cbam_viz.training.train.train", fake_train)
     assert cli.main(["train", "--data", str(tmp_path), "--runs", str(tmp_path), *flags]) == 0
     assert {r.bf16 for r in seen.values()} == {expected}
     assert set(seen) == {"resnet18", "resnet18_cbam"}  # one recipe for both models of the pair
@@ -182,8 +182,8 @@ def test_cli_refuses_a_bad_crop_scale(value, tmp_path, capsys):
 
 def test_batchnorm_recalibration_is_the_exact_mean_of_the_images():
     """After recalibration a BN's running statistics are those of the given images at that size."""
-    from cbam_viz.data import TensorDataset, normalize, resize_batch
-    from cbam_viz.train import recalibrate_batchnorm
+    from cbam_viz.training.data import TensorDataset, normalize, resize_batch
+    from cbam_viz.training.train import recalibrate_batchnorm
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8)
@@ -201,8 +201,8 @@ def test_batchnorm_recalibration_is_the_exact_mean_of_the_images():
 
 
 def test_batchnorm_recalibration_reaches_the_cbam_spatial_gate():
-    from cbam_viz.data import TensorDataset
-    from cbam_viz.train import recalibrate_batchnorm
+    from cbam_viz.training.data import TensorDataset
+    from cbam_viz.training.train import recalibrate_batchnorm
 
     model = create_model("resnet18_cbam", num_classes=3).eval()
     gate_bn = model.layer1[0].cbam.spatial.bn
@@ -216,7 +216,7 @@ def test_batchnorm_recalibration_reaches_the_cbam_spatial_gate():
 def test_holdout_split_is_stratified_disjoint_and_fixed_by_file_names():
     """The same files are held out whatever the order of the others: both models of a pair, and a
     resumed run, hold out exactly the same images."""
-    from cbam_viz.data import TensorDataset, holdout_split
+    from cbam_viz.training.data import TensorDataset, holdout_split
 
     files = tuple(f"c{i % 3}/img{i:03d}.png" for i in range(60))
     labels = torch.tensor([i % 3 for i in range(60)])
@@ -235,7 +235,7 @@ def test_holdout_split_is_stratified_disjoint_and_fixed_by_file_names():
 
 
 def test_weight_average_follows_the_warmup_rule():
-    from cbam_viz.train import WeightEMA
+    from cbam_viz.training.train import WeightEMA
 
     model = torch.nn.Linear(2, 1, bias=False)
     ema = WeightEMA(model, decay=0.9)
@@ -283,7 +283,7 @@ def _scores(table):
 
 def test_the_pair_gets_one_choice_the_best_mean_of_both_models():
     """One (weights, size) for both models: the best *mean*, even where one model alone prefers another."""
-    from cbam_viz.holdout import choose_for_pair
+    from cbam_viz.training.holdout import choose_for_pair
 
     choice = choose_for_pair({
         "a": _scores({"raw": {160: 0.80, 192: 0.84}, "ema": {160: 0.81, 192: 0.90}}),
@@ -334,14 +334,14 @@ def test_asking_for_a_gpu_where_there_is_none_fails_before_any_data_is_read(tmp_
 def test_cli_bf16_auto_on_a_gpu_is_on_from_ampere(monkeypatch, tmp_path, capability, bf16):
     """A T4 (sm 7.5) emulates bfloat16, slower than float32: auto leaves it off there."""
     from cbam_viz import cli
-    from cbam_viz.train import TrainResult
+    from cbam_viz.training.train import TrainResult
 
     seen = {}
-    monkeypatch.setattr("cbam_viz.train.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("cbam_viz.training.train.cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr("cbam_viz.pair.select_device", lambda preferred=None: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
-    monkeypatch.setattr("cbam_viz.train.train", lambda arch, data, run_dir, *, recipe, device, **kw:
+    monkeypatch.setattr("cbam_viz.training.train.train", lambda arch, data, run_dir, *, recipe, device, **kw:
                         seen.setdefault(arch, (recipe.bf16, device)) and TrainResult(run_dir, torch.nn.Identity()))
     assert cli.main(["train", "--data", str(tmp_path), "--runs", str(tmp_path), "--device", "cuda"]) == 0
     assert set(seen.values()) == {(bf16, torch.device("cuda"))}
@@ -349,10 +349,10 @@ def test_cli_bf16_auto_on_a_gpu_is_on_from_ampere(monkeypatch, tmp_path, capabil
 
 def test_cli_device_auto_is_settled_before_training_and_a_bad_one_is_refused(monkeypatch, tmp_path, capsys):
     from cbam_viz import cli
-    from cbam_viz.train import TrainResult
+    from cbam_viz.training.train import TrainResult
 
     seen = {}
-    monkeypatch.setattr("cbam_viz.train.train", lambda arch, data, run_dir, *, recipe, device, **kw:
+    monkeypatch.setattr("cbam_viz.training.train.train", lambda arch, data, run_dir, *, recipe, device, **kw:
                         seen.setdefault(arch, device) and TrainResult(run_dir, torch.nn.Identity()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -433,8 +433,8 @@ def test_a_mixing_step_weights_the_two_labels_by_lam():
     """train_step's loss under CutMix is lam * CE(own label) + (1 - lam) * CE(partner's label)."""
     import torch.nn.functional as F
 
-    from cbam_viz.data import mix_batch, normalize, random_resized_crop_flip
-    from cbam_viz.train import train_step
+    from cbam_viz.training.data import mix_batch, normalize, random_resized_crop_flip
+    from cbam_viz.training.train import train_step
 
     recipe = replace(RECIPE, cutmix_alpha=1.0)
     torch.manual_seed(0)
@@ -482,7 +482,7 @@ def test_cli_refuses_a_bad_mixing_alpha(flag, value, tmp_path, capsys):
 def test_epoch_sums_read_once_equal_the_per_step_float_sum():
     """The loop keeps each step's loss on the device and sums at the end: the logged figures must be
     those a per-step ``loss.item() * len(y)`` sum gives, to the last digit (logs are compared across runs)."""
-    from cbam_viz.train import _epoch_sums
+    from cbam_viz.training.train import _epoch_sums
 
     gen = torch.Generator().manual_seed(0)
     losses = [torch.rand((), generator=gen) * 3 for _ in range(50)]

@@ -1,7 +1,7 @@
 """Export finished training runs as a pair, whole or one half at a time.
 
 A pair is two models trained with one recipe (only the architecture differs) that ship with one
-held-out choice of weights (raw or EMA) and input size (:func:`cbam_viz.holdout.choose_for_pair`).
+held-out choice of weights (raw or EMA) and input size (:func:`cbam_viz.training.holdout.choose_for_pair`).
 On these CPUs one model of the pair can take most of a session, and a run's checkpoint may not
 outlive the session, so a pair may be trained in two sessions:
 
@@ -28,9 +28,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cbam_viz.holdout import WEIGHT_KINDS, choose_for_pair, holdout_scores
+from cbam_viz.training.holdout import WEIGHT_KINDS, choose_for_pair, holdout_scores
 from cbam_viz.models import backbone_of
-from cbam_viz.train import Recipe, TrainResult, export, json_differences, recipe_differences
+from cbam_viz.training.train import Recipe, TrainResult, export, json_differences, recipe_differences
 from cbam_viz.weights import WeightRecord, read_manifest, sha256_file, update_manifest
 
 __all__ = ["Half", "holdout_digest", "read_half", "carried_settings", "export_runs"]

@@ -5,7 +5,7 @@ augmentation draws (both derived from ``(seed, epoch)``), so a baseline and its 
 with one recipe differ only in architecture.
 
 Speed on a 2-core CPU comes from: decoding the JPEGs once into a cached uint8 tensor
-(:mod:`cbam_viz.data`), whole-batch augmentation in one ``grid_sample``, channels-last memory
+(:mod:`cbam_viz.training.data`), whole-batch augmentation in one ``grid_sample``, channels-last memory
 format, bfloat16 autocast where the CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX; see
 :func:`cpu_has_fast_bf16`) and progressive resizing (small images early, full size at the end, as
 in fast.ai's Imagenette runs). On a CPU without those instructions oneDNN emulates bfloat16 and
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbam_viz.data import (
+from cbam_viz.training.data import (
     IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES, TensorDataset, decode_images, holdout_split, load_cached_split,
     mix_batch, normalize, random_resized_crop_flip, resize_batch,
 )
@@ -539,10 +539,10 @@ def export(result: TrainResult, *, arch: str, recipe: Recipe, classes: list[str]
     Args:
         weights: ``"raw"`` (the last SGD iterate) or ``"ema"`` (the run's weight average).
         input_size: the size the app runs the model at (default: the recipe's ``eval_size``);
-            normally the one :func:`cbam_viz.holdout.choose_for_pair` chose on the held-out files.
+            normally the one :func:`cbam_viz.training.holdout.choose_for_pair` chose on the held-out files.
         selection: that choice and the held-out scores behind it, recorded under ``training``.
         training_extra: more fields for ``training`` (e.g. what marks a half, see
-            :mod:`cbam_viz.pair_export`).
+            :mod:`cbam_viz.training.export`).
     """
     names = {**IMAGENETTE_NAMES, **(class_names or {})}
     source = result.ema_model if weights == "ema" else result.model

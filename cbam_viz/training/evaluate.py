@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cbam_viz.data import scan_image_folder
+from cbam_viz.training.data import scan_image_folder
 from cbam_viz.weights import WeightRecord, load_record, read_manifest, resolve_weights_dir
 
 __all__ = ["EvalResult", "ClassMismatchError", "resolve_models", "evaluate_record", "evaluate_models",
@@ -246,7 +246,7 @@ def paired_difference(baseline: EvalResult, cbam: EvalResult, *, n_boot: int = 1
     """
     import math
 
-    from cbam_viz.quality.stats import paired_bootstrap
+    from cbam_viz.research.quality.stats import paired_bootstrap
 
     if len(baseline.correct) != len(cbam.correct) or not baseline.correct:
         raise ValueError("both results need per-image outcomes on the same images")

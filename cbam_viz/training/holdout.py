@@ -3,7 +3,7 @@
 The recipe leaves two questions for after training: ship the raw weights or their moving average
 (EMA), and at which square input size to run them (random-resized crops magnify objects, so the
 best test size sits above the last train size: Touvron et al., FixRes, 2019). Both are answered
-on the files :func:`cbam_viz.data.holdout_split` kept out of training, so the validation split
+on the files :func:`cbam_viz.training.data.holdout_split` kept out of training, so the validation split
 stays untouched until the final, reported measurement.
 
 One answer serves the pair: the (weights, size) with the highest *mean* held-out top-1 of the two
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cbam_viz.data import TensorDataset, decode_images, scan_image_folder
+from cbam_viz.training.data import TensorDataset, decode_images, scan_image_folder
 
 __all__ = ["CANDIDATE_SIZES", "holdout_scores", "choose_for_pair"]
 
@@ -35,12 +35,12 @@ def holdout_scores(models: Mapping[str, torch.nn.Module], data_dir: str | os.Pat
     """Top-1 of each model (``{"raw": m, "ema": m}``) on the held-out ``files`` at each size.
 
     Images are decoded from the files at each size exactly as the app and ``evaluate`` decode
-    them (:func:`cbam_viz.data.decode_images`), and run in float32.
+    them (:func:`cbam_viz.training.data.decode_images`), and run in float32.
 
     Returns:
         ``{"n": N, "scores": {kind: {size: {"top1": a, "top1_hflip": b}}}}`` (sizes as strings, for JSON).
     """
-    from cbam_viz.train import evaluate_tensors
+    from cbam_viz.training.train import evaluate_tensors
 
     if not files:
         raise ValueError("this run held no files out (recipe holdout = 0): nothing to choose on")
