@@ -1,6 +1,6 @@
 """Every sub-command through a table of wrong arguments: one sentence, the right exit status, no traceback.
 
-Exit statuses (cbam_viz.cli_errors): 2 for a wrong argument or an unusable input, 1 when some input
+Exit statuses (cbam_viz.cli.errors): 2 for a wrong argument or an unusable input, 1 when some input
 files of a run could not be used (listed). A sub-command without a row here fails
 ``test_every_sub_command_has_rows``: add rows for a new one to ``CASES``.
 """
@@ -10,7 +10,7 @@ import argparse
 
 import pytest
 
-from cbam_viz import cli_errors
+from cbam_viz.cli import errors as cli_errors
 from cbam_viz.cli import build_parser, main
 from tests.e2e_helpers import make_image
 
@@ -78,12 +78,12 @@ CASES = [
     ("sanity-check", ["--data", "{DATA}", "--methods", "nope"], 2, "Unknown CAM method"),
     ("sanity-check", ["--data", "{MISSING}"], 2, "no such folder"),
     ("sanity-check", ["--data", "{DATA}", "--threads", "0"], 2, "--threads must be 1"),
-    # add-model / add-lineup (cbam_viz.cli_models)
+    # add-model / add-lineup (cbam_viz.cli.models)
     ("add-model", ["{MISSING}", "--name", "m", "--weights", "{WEIGHTS}"], 2, ""),
     ("add-model", ["{GARBAGE}", "--name", "m", "--weights", "{WEIGHTS}"], 2, ""),
     ("add-model", ["{GARBAGE}", "--name", "m", "--weights", "{MISSING}"], 2, "no such folder"),
     ("add-lineup", ["l", "nope", "--weights", "{WEIGHTS}"], 2, "nope"),
-    # fit-ood (cbam_viz.ood_fit)
+    # fit-ood (cbam_viz.research.ood_fit)
     ("fit-ood", ["--data", "{MISSING}"], 2, "no such folder"),
     ("fit-ood", ["--data", "{DATA}", "--batch-size", "0"], 2, "--batch-size must be 1"),
     ("fit-ood", ["--data", "{DATA}", "--method", "gradcam"], 2, "invalid choice"),

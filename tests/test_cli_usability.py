@@ -44,7 +44,7 @@ def test_help_lists_methods_and_defaults(capsys):
     assert "(default: gradcam)" in text and "(default: 0.5)" in text and "--overwrite" in text
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "(default: 100, from cbam_viz.train.Recipe)" in " ".join(capsys.readouterr().out.split())
+    assert "(default: 100, from cbam_viz.training.train.Recipe)" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SystemExit):
         main(["--help"])
     top = capsys.readouterr().out
@@ -86,7 +86,7 @@ def test_report_commands_refuse_to_replace_a_report(tmp_path, capsys):
 
 def test_default_report_folders_are_where_the_app_reads():
     from cbam_viz import app_views
-    from cbam_viz.quality.view import DEFAULT_REPORT_DIR
+    from cbam_viz.research.quality.view import DEFAULT_REPORT_DIR
     from cbam_viz.resources import SHIPPED_ROOT
 
     sub = build_parser()._subparsers._group_actions[0].choices
@@ -100,7 +100,7 @@ def test_app_command_runs_the_shipped_app_script(monkeypatch):
     """``cbam-viz app`` runs the same app.py as ``python app.py`` (the checkout's here, the wheel's copy installed)."""
     import sys
 
-    from cbam_viz import cli_help
+    from cbam_viz.cli import help as cli_help
     from cbam_viz.resources import SHIPPED_ROOT
 
     calls = []
@@ -119,7 +119,7 @@ def test_app_command_runs_the_shipped_app_script(monkeypatch):
 def test_single_file_outputs_are_not_replaced_silently(tmp_path, capsys, command):
     """evaluate / model-card write one --out file: an existing one needs --overwrite."""
     from cbam_viz.cli import build_parser
-    from cbam_viz.cli_checks import _overwrite
+    from cbam_viz.cli.checks import _overwrite
 
     out = tmp_path / "result.out"
     out.write_text("earlier result")

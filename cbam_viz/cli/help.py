@@ -14,7 +14,7 @@ import re
 import runpy
 import sys
 
-from cbam_viz.cli_errors import DEBUG_ENV, prog_name
+from cbam_viz.cli.errors import DEBUG_ENV, prog_name
 
 __all__ = ["HelpFormatter", "DESCRIPTION", "EPILOG", "METHODS_HELP", "OVERWRITE_COMMANDS", "extend_parser"]
 
@@ -62,10 +62,10 @@ class HelpFormatter(argparse.HelpFormatter):
             text = text.replace(METHODS_HELP, _method_names())
         recipe_field = getattr(action, "recipe_field", None)
         if recipe_field:
-            from cbam_viz.train import Recipe
+            from cbam_viz.training.train import Recipe
 
             default = getattr(Recipe(), recipe_field)
-            text = f"{text} (default: {_shown(default)}, from cbam_viz.train.Recipe)"
+            text = f"{text} (default: {_shown(default)}, from cbam_viz.training.train.Recipe)"
         elif (action.option_strings and action.default is not None and action.default is not False
               and action.default != argparse.SUPPRESS and "default" not in text.lower()):  # 0 is a default
             text = f"{text} (default: {_shown(action.default)})"

@@ -12,7 +12,7 @@ a traceback, and a script should read the same exit status from every sub-comman
 
 :func:`run_command` wraps whatever ``args.func`` a sub-command set, so a new sub-command joins by
 being added to :func:`cbam_viz.cli.build_parser` as usual; its own argument checks join
-:data:`cbam_viz.cli_checks.CHECKS`. An exception type that means "the person can fix this" and is
+:data:`cbam_viz.cli.checks.CHECKS`. An exception type that means "the person can fix this" and is
 not a ``ValueError``, ``LookupError`` or ``OSError`` joins :data:`USER_ERRORS` (by dotted name, so
 this module imports nothing heavy).
 """
@@ -93,12 +93,12 @@ def _quiet_library_logs() -> None:
 
 
 def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    """Check ``args`` (:mod:`cbam_viz.cli_checks`), run ``args.func(args)``; any failure -> one sentence.
+    """Check ``args`` (:mod:`cbam_viz.cli.checks`), run ``args.func(args)``; any failure -> one sentence.
 
     Returns:
         The exit status (see the module docstring).
     """
-    from cbam_viz.cli_checks import check_arguments
+    from cbam_viz.cli.checks import check_arguments
 
     command = args.command  # "explain: error: ...", as the commands' own messages begin
     _quiet_library_logs()

@@ -5,7 +5,7 @@ same words by every command, before a model is loaded or a minute of work is los
 keyed by the argparse ``dest`` they look at, so a new sub-command that names its options like the
 others (``--data``, ``--max-images``, ``--methods``...) gets them without a line of code; a check
 of its own joins :data:`CHECKS` under its command name. Each check raises
-:class:`~cbam_viz.messages.UserFacingError` (exit 2, one sentence, via :mod:`cbam_viz.cli_errors`)
+:class:`~cbam_viz.messages.UserFacingError` (exit 2, one sentence, via :mod:`cbam_viz.cli.errors`)
 and may normalise the value in place (method aliases become registered names).
 """
 from __future__ import annotations

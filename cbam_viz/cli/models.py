@@ -1,4 +1,4 @@
-"""The `add-model` and `add-lineup` sub-commands: a user's own checkpoints, usable like shipped models.
+"""The `add-model`, `add-lineup` and `model-card` sub-commands: a user's own checkpoints, usable like shipped models.
 
 Their work lives in :mod:`cbam_viz.model_import`; here they are parsed, called and printed. Every
 refusal is one sentence on stderr and exit 2; nothing is half-written (the manifest is the commit
@@ -66,8 +66,34 @@ def _cmd_add_lineup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_card(args: argparse.Namespace) -> int:
+    """The About tab's card from the manifest alone (no weights loaded), for the README or a file."""
+    from cbam_viz.training.evaluate import resolve_models
+    from cbam_viz.model_card import records_card
+    from cbam_viz.pair import default_pair_name
+    from cbam_viz.weights import resolve_weights_dir
+
+    weights = resolve_weights_dir(args.weights)
+    try:
+        pair = args.pair or default_pair_name(weights)
+        if pair is None:
+            raise FileNotFoundError(f"no pair in {weights / 'manifest.json'}; train and export one first")
+        base, cbam = resolve_models(weights, pair=pair)
+    except (KeyError, FileNotFoundError, ValueError) as err:
+        print(f"model-card: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    card = records_card(pair, {"baseline": (base.name, base.arch, base), "CBAM": (cbam.name, cbam.arch, cbam)})
+    if args.out:
+        from cbam_viz.outputs import atomic_write_text
+
+        print(f"wrote {atomic_write_text(args.out, card + chr(10))}")
+    else:
+        print(card)
+    return 0
+
+
 def add_parsers(sub) -> None:
-    """Register both sub-commands on the CLI's sub-parser collection."""
+    """Register the three sub-commands on the CLI's sub-parser collection."""
     weights_help = ("weights folder to write to (default: $CBAM_VIZ_WEIGHTS_DIR, else the repository's weights/); "
                     "it must exist")
     a = sub.add_parser("add-model", help="register your own checkpoint (ResNet, CBAM, SE or BAM) with its classes",
@@ -94,3 +120,10 @@ def add_parsers(sub) -> None:
     lu.add_argument("--default", action="store_true", help="make it the folder's default lineup")
     lu.add_argument("--weights", help=weights_help)
     lu.set_defaults(func=_cmd_add_lineup)
+
+    mc = sub.add_parser("model-card", help="the pair's model card (the About tab's) from the manifest, as Markdown")
+    mc.add_argument("--weights", help="folder holding manifest.json (default: $CBAM_VIZ_WEIGHTS_DIR, else the "
+                                      "repository's weights/)")
+    mc.add_argument("--pair", help="pair name in the manifest (default: the default pair)")
+    mc.add_argument("--out", help="write the Markdown to this file instead of printing it")
+    mc.set_defaults(func=_cmd_model_card)
