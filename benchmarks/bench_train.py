@@ -4,7 +4,7 @@ The accuracy a recipe reaches in its time budget depends on how many images per 
 CPU trains, and that depends above all on whether it multiplies bfloat16 in hardware (AVX-512
 BF16 or AMX): where it does, bfloat16 autocast is the fast path; where it does not, oneDNN
 emulates it and it is many times *slower* than float32. This script measures one training step
-with the trainer's own :func:`cbam_viz.training.train.train_step` (batched random-resized crop + flip
+with the trainer's own :func:`cbam_viz.training.step.train_step` (batched random-resized crop + flip
 from a uint8 batch, normalise, channels-last, optional autocast, label-smoothed cross-entropy,
 backward, SGD step) for each model and train size of the recipe, and prints:
 
@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from cbam_viz.models import create_model  # noqa: E402
-from cbam_viz.training.train import Recipe, cpu_has_fast_bf16, train_size_at, train_step  # noqa: E402
+from cbam_viz.training.recipe import Recipe, cpu_has_fast_bf16, train_size_at  # noqa: E402
+from cbam_viz.training.step import train_step  # noqa: E402
 
 BUDGET_MIN = 150.0  # issue 12: up to about 150 min per model on the fast CPU kind
 

@@ -3,11 +3,11 @@
 The recipe trains on random-resized crops up to 144 px and tests whole images at a larger size, so the
 running BN statistics come from another distribution than the test images (FixRes, Touvron et
 al., 2019). For each model of a pair, at each candidate size, this script scores the shipped file
-and a copy whose statistics :func:`cbam_viz.training.train.recalibrate_batchnorm` re-estimated on
+and a copy whose statistics :func:`cbam_viz.training.monitor.recalibrate_batchnorm` re-estimated on
 ``--images`` un-augmented training images, both on the files the run held out of training
 (:func:`cbam_viz.training.data.holdout_split` with the record's own fraction; the re-estimation images
 are drawn from the rest). It then applies the pair's selection rule
-(:func:`cbam_viz.training.holdout.choose_for_pair`) to both kinds of weights, as ``train --export`` does.
+(:func:`cbam_viz.training.holdout.choose_for_lineup`) to both kinds of weights, as ``train --export`` does.
 
 Scoring on the held-out files, not on val, is the point: whether to adopt the re-estimation is a
 recipe choice, and the validation split stays for the final, reported measurement. The script
@@ -34,10 +34,10 @@ import torch  # noqa: E402
 
 from cbam_viz.training.data import TensorDataset, decode_images, holdout_split, scan_image_folder  # noqa: E402
 from cbam_viz.training.evaluate import resolve_models  # noqa: E402
-from cbam_viz.training.holdout import CANDIDATE_SIZES, choose_for_pair, holdout_scores  # noqa: E402
-from cbam_viz.pair import default_pair_name  # noqa: E402
-from cbam_viz.training.train import recalibrate_batchnorm  # noqa: E402
-from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, load_record  # noqa: E402
+from cbam_viz.training.holdout import CANDIDATE_SIZES, choose_for_lineup, holdout_scores  # noqa: E402
+from cbam_viz.engine.loading import default_pair_name  # noqa: E402
+from cbam_viz.training.monitor import recalibrate_batchnorm  # noqa: E402
+from cbam_viz.models.weights import DEFAULT_WEIGHTS_DIR, load_record  # noqa: E402
 
 KINDS = ("shipped", "recalibrated")
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{rec.name} at {size} px: held-out top-1 as shipped {100 * before:.2f} %, BN re-estimated "
                   f"{100 * after:.2f} % ({100 * (after - before):+.2f} points) [{time.perf_counter() - t0:.0f} s]",
                   flush=True)
-    choices = {kind: choose_for_pair(per_model, kinds=(kind,)) for kind in KINDS}
+    choices = {kind: choose_for_lineup(per_model, kinds=(kind,)) for kind in KINDS}
     for kind, c in choices.items():
         each = ", ".join(f"{n} {100 * a:.2f} %" for n, a in c["holdout_top1"].items())
         print(f"pair rule, {kind}: {c['input_size']} px, mean held-out top-1 {100 * c['mean_holdout_top1']:.2f} % ({each})")

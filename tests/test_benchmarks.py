@@ -99,7 +99,7 @@ def test_recipe_estimate_adds_each_epoch_at_its_size():
     sys.path.insert(0, str(BENCH))
     from bench_train import estimate_minutes
 
-    from cbam_viz.training.train import Recipe
+    from cbam_viz.training.recipe import Recipe
 
     recipe = Recipe(epochs=3, batch_size=10, sizes=((0, 32), (2, 64)), eval_size=64, eval_every=100, holdout=0.0)
     minutes = estimate_minutes(recipe, {32: 10.0, 64: 5.0}, train_images=105, val_images=30)
@@ -113,7 +113,7 @@ def test_recipe_estimate_adds_each_epoch_at_its_size():
 @pytest.mark.timeout(600)
 def test_bn_recalibration_scores_the_held_out_files_and_changes_no_file(tmp_path):
     from cbam_viz.training.data import IMAGENETTE_NAMES
-    from cbam_viz.weights import sha256_file
+    from cbam_viz.models.weights import sha256_file
     from tests.bad_inputs import TEST_PAIR, write_test_weights
     from tests.synthetic import make_image_folder
 
@@ -157,7 +157,8 @@ def test_bn_recalibration_scores_the_held_out_files_and_changes_no_file(tmp_path
 def test_bn_recalibration_holds_out_what_the_run_held_out_and_calibrates_on_the_rest(tmp_path):
     import importlib.util
 
-    from cbam_viz.training.train import Recipe, train
+    from cbam_viz.training.recipe import Recipe
+    from cbam_viz.training.train import train
     from tests.synthetic import make_image_folder
 
     spec = importlib.util.spec_from_file_location("bn_recalibration", BENCH / "bn_recalibration.py")

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from cbam_viz import cli
-from cbam_viz.training.holdout import choose_for_pair
-from cbam_viz.weights import WeightRecord, load_record, read_manifest, sha256_file
+from cbam_viz.training.holdout import choose_for_lineup
+from cbam_viz.models.weights import WeightRecord, load_record, read_manifest, sha256_file
 from tests.synthetic import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +75,7 @@ def test_the_second_session_completes_the_pair_as_one_session_would(dataset, hal
     cbam = got["models"]["resnet18_cbam_tiny"]
     assert cbam["sha256"] == half[f"resnet18_cbam_tiny_{cbam['training']['weights']}"]["sha256"]  # a copy
     scores = {n: got["models"][n]["training"]["selection"]["scores"] for n in ("resnet18_tiny", "resnet18_cbam_tiny")}
-    choice = choose_for_pair(scores)
+    choice = choose_for_lineup(scores)
     assert got["models"]["resnet18_cbam_tiny"]["input_size"] == choice["input_size"]
 
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from cbam_viz.models import create_model
-from cbam_viz.training.train import Recipe, export, train, train_size_at
-from cbam_viz.weights import WeightRecord, load_record, read_manifest, sha256_file
+from cbam_viz.training.export import export_record
+from cbam_viz.training.recipe import Recipe, train_size_at
+from cbam_viz.training.train import train
+from cbam_viz.models.weights import WeightRecord, load_record, read_manifest, sha256_file
 from tests.synthetic import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,7 +96,7 @@ def test_resume_with_another_recipe_is_refused(full_run, dataset, cache):
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True),
                                                         (False, True, True)])
 def test_fast_bf16_needs_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expected):
-    from cbam_viz.training.train import cpu_has_fast_bf16
+    from cbam_viz.training.recipe import cpu_has_fast_bf16
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
@@ -140,8 +142,8 @@ def test_seed_decides_the_weights(full_run, dataset, cache, tmp_path):
 
 def test_export_writes_file_and_manifest_that_load_strictly(full_run, tmp_path):
     weights = tmp_path / "weights"
-    rec = export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=weights,
-                 name="resnet18_tiny", class_names={"n001": "red", "n002": "green", "n003": "blue"})
+    rec = export_record(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=weights,
+                        name="resnet18_tiny", class_names={"n001": "red", "n002": "green", "n003": "blue"})
     path = weights / rec.file
     assert path.exists() and rec.file == "resnet18_tiny.safetensors"
     assert rec.sha256 == sha256_file(path)
@@ -183,7 +185,7 @@ def test_cli_refuses_a_bad_crop_scale(value, tmp_path, capsys):
 def test_batchnorm_recalibration_is_the_exact_mean_of_the_images():
     """After recalibration a BN's running statistics are those of the given images at that size."""
     from cbam_viz.training.data import TensorDataset, normalize, resize_batch
-    from cbam_viz.training.train import recalibrate_batchnorm
+    from cbam_viz.training.monitor import recalibrate_batchnorm
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8)
@@ -202,7 +204,7 @@ def test_batchnorm_recalibration_is_the_exact_mean_of_the_images():
 
 def test_batchnorm_recalibration_reaches_the_cbam_spatial_gate():
     from cbam_viz.training.data import TensorDataset
-    from cbam_viz.training.train import recalibrate_batchnorm
+    from cbam_viz.training.monitor import recalibrate_batchnorm
 
     model = create_model("resnet18_cbam", num_classes=3).eval()
     gate_bn = model.layer1[0].cbam.spatial.bn
@@ -235,7 +237,7 @@ def test_holdout_split_is_stratified_disjoint_and_fixed_by_file_names():
 
 
 def test_weight_average_follows_the_warmup_rule():
-    from cbam_viz.training.train import WeightEMA
+    from cbam_viz.training.ema import WeightEMA
 
     model = torch.nn.Linear(2, 1, bias=False)
     ema = WeightEMA(model, decay=0.9)
@@ -283,16 +285,16 @@ def _scores(table):
 
 def test_the_pair_gets_one_choice_the_best_mean_of_both_models():
     """One (weights, size) for both models: the best *mean*, even where one model alone prefers another."""
-    from cbam_viz.training.holdout import choose_for_pair
+    from cbam_viz.training.holdout import choose_for_lineup
 
-    choice = choose_for_pair({
+    choice = choose_for_lineup({
         "a": _scores({"raw": {160: 0.80, 192: 0.84}, "ema": {160: 0.81, 192: 0.90}}),
         "b": _scores({"raw": {160: 0.90, 192: 0.85}, "ema": {160: 0.88, 192: 0.86}}),
     })
     assert (choice["weights"], choice["input_size"]) == ("ema", 192)
     assert choice["holdout_top1"] == {"a": 0.90, "b": 0.86}
     assert choice["mean_holdout_top1"] == pytest.approx(0.88)
-    tie = choose_for_pair({"a": _scores({"raw": {160: 0.5, 192: 0.5}, "ema": {160: 0.5}})})
+    tie = choose_for_lineup({"a": _scores({"raw": {160: 0.5, 192: 0.5}, "ema": {160: 0.5}})})
     assert (tie["weights"], tie["input_size"]) == ("raw", 160)  # ties: raw, then the smaller size
 
 
@@ -338,7 +340,7 @@ def test_cli_bf16_auto_on_a_gpu_is_on_from_ampere(monkeypatch, tmp_path, capabil
 
     seen = {}
     monkeypatch.setattr("cbam_viz.training.train.cpu_has_fast_bf16", lambda: False)
-    monkeypatch.setattr("cbam_viz.pair.select_device", lambda preferred=None: torch.device("cuda"))
+    monkeypatch.setattr("cbam_viz.engine.loading.select_device", lambda preferred=None: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     monkeypatch.setattr("cbam_viz.training.train.train", lambda arch, data, run_dir, *, recipe, device, **kw:
@@ -366,8 +368,8 @@ def test_a_second_stage_starts_from_shipped_weights_and_keeps_the_first_stage(fu
     """``init_from``: the run starts from the record's weights (not a random draw), and the exported
     record carries the first stage's recipe, training and sha256, so the card can tell both stages."""
     first = tmp_path / "stage1"
-    rec1 = export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=first,
-                  name="resnet18_tiny")
+    rec1 = export_record(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=first,
+                         name="resnet18_tiny")
     stage2 = replace(RECIPE, epochs=1, lr=0.0, warmup_epochs=0.0, init_from=str(first))
     result = train("resnet18", dataset, tmp_path / "run2", recipe=stage2, cache_dir=cache, progress=False,
                    max_steps=1, init_record=rec1)
@@ -376,8 +378,8 @@ def test_a_second_stage_starts_from_shipped_weights_and_keeps_the_first_stage(fu
     assert result.init["sha256"] == rec1.sha256 and result.init["recipe"] == rec1.recipe
     done = train("resnet18", dataset, tmp_path / "run3", recipe=stage2, cache_dir=cache, progress=False,
                  init_record=rec1)
-    rec2 = export(done, arch="resnet18", recipe=stage2, classes=list(CLASSES), weights_dir=tmp_path / "stage2",
-                  name="resnet18_tiny")
+    rec2 = export_record(done, arch="resnet18", recipe=stage2, classes=list(CLASSES), weights_dir=tmp_path / "stage2",
+                         name="resnet18_tiny")
     entry = read_manifest(tmp_path / "stage2")["models"]["resnet18_tiny"]
     assert entry["training"]["init"]["sha256"] == rec1.sha256
     assert entry["training"]["init"]["training"]["epochs"] == RECIPE.epochs and entry["recipe"]["init_from"] == str(first)
@@ -392,8 +394,8 @@ def _without_bn_stats(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_a_second_stage_needs_its_record_and_the_right_architecture(full_run, dataset, cache, tmp_path):
-    rec = export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=tmp_path / "w",
-                 name="resnet18_tiny")
+    rec = export_record(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=tmp_path / "w",
+                        name="resnet18_tiny")
     stage2 = replace(RECIPE, init_from=str(tmp_path / "w"))
     with pytest.raises(ValueError, match="pass the record"):
         train("resnet18", dataset, tmp_path / "r", recipe=stage2, cache_dir=cache, progress=False, max_steps=1)
@@ -405,8 +407,8 @@ def test_a_second_stage_needs_its_record_and_the_right_architecture(full_run, da
 def test_cli_init_from_names_the_missing_record(full_run, tmp_path, capsys):
     from cbam_viz.cli import main
 
-    export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=tmp_path / "w",
-           name="resnet18_tiny")
+    export_record(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=tmp_path / "w",
+                  name="resnet18_tiny")
     rc = main(["train", "--data", str(_a_class_folder(tmp_path)), "--runs", str(tmp_path / "runs"), "--name", "tiny",
                "--init-from", str(tmp_path / "w"), "--arch", "resnet18", "resnet18_cbam", "--bf16", "off"])
     assert rc == 2 and "resnet18_cbam_tiny" in capsys.readouterr().err and not (tmp_path / "runs").exists()
@@ -416,8 +418,8 @@ def test_a_second_stage_resumes_without_its_record_to_the_same_weights(full_run,
     """A cut second stage resumes from last.pt alone (weights and first-stage record) to the weights of an
     uninterrupted one."""
     first = tmp_path / "stage1"
-    rec1 = export(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=first,
-                  name="resnet18_tiny")
+    rec1 = export_record(full_run, arch="resnet18", recipe=RECIPE, classes=list(CLASSES), weights_dir=first,
+                         name="resnet18_tiny")
     stage2 = replace(RECIPE, epochs=2, lr=0.005, init_from=str(first))
     whole = train("resnet18", dataset, tmp_path / "whole", recipe=stage2, cache_dir=cache, progress=False,
                   init_record=rec1)
@@ -434,7 +436,7 @@ def test_a_mixing_step_weights_the_two_labels_by_lam():
     import torch.nn.functional as F
 
     from cbam_viz.training.data import mix_batch, normalize, random_resized_crop_flip
-    from cbam_viz.training.train import train_step
+    from cbam_viz.training.step import train_step
 
     recipe = replace(RECIPE, cutmix_alpha=1.0)
     torch.manual_seed(0)

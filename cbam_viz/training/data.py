@@ -89,14 +89,14 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolderScan:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB exactly as the app does (:func:`cbam_viz.preprocess.open_image`:
+    """Open an image file as RGB exactly as the app does (:func:`cbam_viz.engine.preprocess.open_image`:
     EXIF orientation applied, transparency on white, the size limit), so training, evaluation and
     the explanation-quality measurements see what a user of the app sees.
 
     Raises:
-        cbam_viz.preprocess.ImageError: not an image, damaged, or too large.
+        cbam_viz.engine.preprocess.ImageError: not an image, damaged, or too large.
     """
-    from cbam_viz.preprocess import open_image
+    from cbam_viz.engine.preprocess import open_image
 
     return open_image(path)
 

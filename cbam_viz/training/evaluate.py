@@ -2,9 +2,9 @@
 
 The training loop reports validation accuracy on its own cached tensors, in bfloat16, before the
 weights are written out. The numbers a user should trust are those of the files in ``weights/``:
-this module loads a manifest record through :func:`cbam_viz.weights.load_record` (sha256
-verified, float32), decodes every image with the app's own path (:func:`cbam_viz.preprocess.open_image`
-then :func:`cbam_viz.preprocess.to_model_batch`: RGB, stretch-resize to the record's input size,
+this module loads a manifest record through :func:`cbam_viz.models.weights.load_record` (sha256
+verified, float32), decodes every image with the app's own path (:func:`cbam_viz.engine.preprocess.open_image`
+then :func:`cbam_viz.engine.preprocess.to_model_batch`: RGB, stretch-resize to the record's input size,
 bilinear, normalised with the record's mean/std; the app also shrinks uploads over 1024 px first,
 which no Imagenette image is) and reports top-1, top-5, per-class accuracy
 and the confusion matrix (rows: true class, columns: predicted, both in the record's class order).
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cbam_viz.training.data import scan_image_folder
-from cbam_viz.weights import WeightRecord, load_record, read_manifest, resolve_weights_dir
+from cbam_viz.models.weights import WeightRecord, load_record, read_manifest, resolve_weights_dir
 
 __all__ = ["EvalResult", "ClassMismatchError", "resolve_models", "evaluate_record", "evaluate_models",
            "format_report", "paired_difference", "format_paired", "LabelledImages", "labelled_images", "image_batches", "spread_indices"]
@@ -148,17 +148,17 @@ def image_batches(images: LabelledImages, preprocessing, *, device: torch.device
                   desc: str = "images") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(x, labels)`` batches decoded as the app decodes an upload.
 
-    :func:`cbam_viz.preprocess.open_image`, then :func:`cbam_viz.preprocess.to_model_batch` at
+    :func:`cbam_viz.engine.preprocess.open_image`, then :func:`cbam_viz.engine.preprocess.to_model_batch` at
     ``preprocessing``'s ``input_size``, ``mean`` and ``std`` (a weight record or a loaded model);
     ``x`` on ``device`` (default: ``preprocessing.device``, else the CPU), labels on the CPU.
     Decoding runs in ``workers`` threads (PIL releases the GIL while decoding).
 
     Raises:
-        cbam_viz.preprocess.ImageError: an image cannot be decoded (the message names it).
+        cbam_viz.engine.preprocess.ImageError: an image cannot be decoded (the message names it).
     """
     from tqdm.auto import tqdm
 
-    from cbam_viz.preprocess import open_image, to_model_batch
+    from cbam_viz.engine.preprocess import open_image, to_model_batch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -199,8 +199,8 @@ def evaluate_record(
 
     Raises:
         ClassMismatchError: the folder names are not the record's class ids.
-        ChecksumError / FileNotFoundError: from :func:`cbam_viz.weights.load_record`.
-        cbam_viz.preprocess.ImageError: an image cannot be decoded (the message names it).
+        ChecksumError / FileNotFoundError: from :func:`cbam_viz.models.weights.load_record`.
+        cbam_viz.engine.preprocess.ImageError: an image cannot be decoded (the message names it).
     """
     t0 = time.perf_counter()
     images = labelled_images([c["id"] for c in record.classes], data_dir, model_name=record.name)

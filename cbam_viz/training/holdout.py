@@ -1,4 +1,4 @@
-"""What a finished pair ships with, chosen on the held-out part of the training folder, never on val.
+"""What a finished lineup ships with, chosen on the held-out part of the training folder, never on val.
 
 The recipe leaves two questions for after training: ship the raw weights or their moving average
 (EMA), and at which square input size to run them (random-resized crops magnify objects, so the
@@ -6,9 +6,9 @@ best test size sits above the last train size: Touvron et al., FixRes, 2019). Bo
 on the files :func:`cbam_viz.training.data.holdout_split` kept out of training, so the validation split
 stays untouched until the final, reported measurement.
 
-One answer serves the pair: the (weights, size) with the highest *mean* held-out top-1 of the two
-models, so both ship with the same preprocessing and only the architecture differs, and neither
-model is tuned more than the other. Horizontal-flip averaging is measured and reported beside
+One answer serves every member: the (weights, size) with the highest *mean* held-out top-1 of the
+models trained together, so all ship with the same preprocessing and only the architecture
+differs, and no model is tuned more than another. Horizontal-flip averaging is measured and reported beside
 it, never chosen: the app would have to apply it to every request.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from cbam_viz.training.data import TensorDataset, decode_images, scan_image_folder
+from cbam_viz.training.monitor import evaluate_tensors
 
-__all__ = ["CANDIDATE_SIZES", "holdout_scores", "choose_for_pair"]
+__all__ = ["CANDIDATE_SIZES", "holdout_scores", "choose_for_lineup"]
 
 #: Square test sizes tried (the last train size of the default recipe is 176 px).
 CANDIDATE_SIZES = (144, 160, 176, 192, 208, 224)
@@ -40,8 +41,6 @@ def holdout_scores(models: Mapping[str, torch.nn.Module], data_dir: str | os.Pat
     Returns:
         ``{"n": N, "scores": {kind: {size: {"top1": a, "top1_hflip": b}}}}`` (sizes as strings, for JSON).
     """
-    from cbam_viz.training.train import evaluate_tensors
-
     if not files:
         raise ValueError("this run held no files out (recipe holdout = 0): nothing to choose on")
     classes = scan_image_folder(data_dir).classes
@@ -60,8 +59,8 @@ def holdout_scores(models: Mapping[str, torch.nn.Module], data_dir: str | os.Pat
     return {"n": len(files), "scores": scores}
 
 
-def choose_for_pair(per_model: Mapping[str, Mapping[str, Any]], *, kinds: Sequence[str] = WEIGHT_KINDS) -> dict[str, Any]:
-    """The (weights, input size) with the best mean held-out top-1 over the pair's models.
+def choose_for_lineup(per_model: Mapping[str, Mapping[str, Any]], *, kinds: Sequence[str] = WEIGHT_KINDS) -> dict[str, Any]:
+    """The (weights, input size) with the best mean held-out top-1 over the models trained together.
 
     Args:
         per_model: model name -> :func:`holdout_scores` result.
@@ -87,5 +86,5 @@ def choose_for_pair(per_model: Mapping[str, Mapping[str, Any]], *, kinds: Sequen
     kind, size = best
     return {"weights": kind, "input_size": size, "mean_holdout_top1": best_mean,
             "holdout_top1": {name: r["scores"][kind][str(size)]["top1"] for name, r in per_model.items()},
-            "rule": "highest mean held-out top-1 of the pair's models, without test-time flips; "
+            "rule": "highest mean held-out top-1 of the models trained together, without test-time flips; "
                     f"ties: {' before '.join(k.replace('ema', 'EMA') for k in kinds)}, then the smaller size"}
