@@ -1,10 +1,12 @@
-"""Example images for the app: pictures shipped by installed packages, plus ones we draw.
+"""Example images for the app: one Imagenette photo per class first, then a few unfamiliar pictures.
 
-No dataset image is shipped with the project (licences), so the examples are photos that come with
-the packages the app already installs (Gradio's media assets, matplotlib's sample data, the
-scikit-learn sample images that grad-cam pulls in) and a few pictures drawn here at first use.
-Most of them show none of the pair's classes on purpose: that is when the app's "unsure" warning
-and the attention maps are most instructive.
+The Imagenette photos (``examples/imagenette/``, one val image per class, Apache-2.0 as the dataset's
+``LICENSE`` beside them says) show what the shipped models know, and each is one the default lineup
+classifies correctly (``tests/test_examples.py`` checks it against the shipped weights). The rest
+show none of the classes on purpose: photos that come with the packages the app already installs
+(matplotlib's sample data, the scikit-learn sample images that grad-cam pulls in) and a picture
+drawn here at first use. Those are when the app's "unsure" and "out-of-distribution" warnings are
+most instructive.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from cbam_viz.outputs import atomic_write
+from cbam_viz.resources import SHIPPED_ROOT
 
-__all__ = ["Example", "list_examples", "generated_dir", "synthetic_photo"]
+__all__ = ["Example", "IMAGENETTE_EXAMPLES", "imagenette_dir", "list_examples", "generated_dir", "synthetic_photo"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,23 @@ class Example:
     caption: str
 
 
+#: (file in examples/imagenette/, class name, the Imagenette2 val file it is: wnid/original name).
+IMAGENETTE_EXAMPLES = (
+    ("tench.JPEG", "tench", "n01440764/n01440764_10542.JPEG"),
+    ("english_springer.JPEG", "English springer", "n02102040/n02102040_1030.JPEG"),
+    ("cassette_player.JPEG", "cassette player", "n02979186/ILSVRC2012_val_00020400.JPEG"),
+    ("chain_saw.JPEG", "chain saw", "n03000684/n03000684_11070.JPEG"),
+    ("church.JPEG", "church", "n03028079/n03028079_10590.JPEG"),
+    ("french_horn.JPEG", "French horn", "n03394916/n03394916_17890.JPEG"),
+    ("garbage_truck.JPEG", "garbage truck", "n03417042/n03417042_11031.JPEG"),
+    ("gas_pump.JPEG", "gas pump", "n03425413/n03425413_11910.JPEG"),
+    ("golf_ball.JPEG", "golf ball", "n03445777/n03445777_10671.JPEG"),
+    ("parachute.JPEG", "parachute", "n03888257/n03888257_11081.JPEG"),
+)
+
 # (package, path inside the package, caption): kept only when the file exists.
 _PACKAGED = (
     ("sklearn", "datasets/images/china.jpg", "A pagoda (scikit-learn sample): close to 'church'?"),
-    ("gradio", "media_assets/images/tower.jpg", "The Eiffel tower (Gradio media asset): not a known class"),
-    ("gradio", "media_assets/images/cheetah.jpg", "A cheetah (Gradio media asset): not a known class"),
     ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "Grace Hopper (matplotlib sample): not a known class"),
 )
 
@@ -48,28 +63,14 @@ def _package_file(package: str, relative: str) -> Path | None:
     return None
 
 
+def imagenette_dir() -> Path:
+    """The shipped Imagenette photos: ``examples/imagenette/`` of the checkout, or the wheel's copy."""
+    return SHIPPED_ROOT / "examples" / "imagenette"
+
+
 def generated_dir() -> Path:
     """Where the drawn examples are written (under the system temp folder, which Gradio may serve)."""
     return Path(os.environ.get("CBAM_VIZ_EXAMPLES_DIR", Path(tempfile.gettempdir()) / "cbam_viz_examples"))
-
-
-def _golf_ball(size: int = 320) -> Image.Image:
-    """A white dimpled ball on grass: a drawing, not a photo of the class."""
-    rng = np.random.default_rng(0)
-    grass = np.zeros((size, size, 3), np.float32)
-    grass[..., 1] = 120 + 40 * rng.random((size, size))
-    grass[..., 0] = 40 + 20 * rng.random((size, size))
-    grass[..., 2] = 30 + 15 * rng.random((size, size))
-    im = Image.fromarray(grass.astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2))
-    d = ImageDraw.Draw(im)
-    c, r = size * 0.55, size * 0.22
-    d.ellipse((c - r + 6, c - r + 10, c + r + 6, c + r + 10), fill=(30, 70, 25))  # shadow
-    d.ellipse((c - r, c - r, c + r, c + r), fill=(245, 245, 240))
-    for y in np.arange(c - r + 8, c + r - 4, 11):
-        for x in np.arange(c - r + 8, c + r - 4, 11):
-            if (x - c) ** 2 + (y - c) ** 2 < (r - 8) ** 2:
-                d.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=(205, 205, 200))
-    return im
 
 
 def _shapes(size: int = 320) -> Image.Image:
@@ -83,7 +84,6 @@ def _shapes(size: int = 320) -> Image.Image:
 
 
 _GENERATED = (
-    ("generated_golf_ball.png", _golf_ball, "A drawn golf ball (generated)"),
     ("generated_shapes.png", _shapes, "Coloured shapes (generated): none of the classes"),
 )
 
@@ -109,8 +109,11 @@ def synthetic_photo(size: tuple[int, int] = (320, 240), seed: int = 0) -> Image.
 
 
 def list_examples(*, include_generated: bool = True) -> list[Example]:
-    """The example images available on this machine, drawn ones written on first call."""
-    out = [Example(p, caption) for pkg, rel, caption in _PACKAGED if (p := _package_file(pkg, rel))]
+    """The example images available on this machine: Imagenette's first, drawn ones written on first call."""
+    folder = imagenette_dir()
+    out = [Example(folder / file, f"{name[0].upper()}{name[1:]} (Imagenette val photo)")
+           for file, name, original in IMAGENETTE_EXAMPLES if (folder / file).is_file()]
+    out += [Example(p, caption) for pkg, rel, caption in _PACKAGED if (p := _package_file(pkg, rel))]
     if include_generated:
         folder = generated_dir()
         for file, draw, caption in _GENERATED:

@@ -1,60 +1,132 @@
-"""The About tab's model card: a pair's two manifest records side by side, in figures a reader can check.
+"""The About tab's model card: a lineup's manifest records side by side, in figures a reader can check.
 
-A pair is only worth comparing if both models were trained alike and measured alike, so the card
-puts the two records in one table (what each model is, its val accuracy, what trained it: hardware,
-precision, wall time) and then says what the paired comparison found: CBAM − baseline on the same
-val images with its bootstrap interval and McNemar's test (``evaluate --update-manifest`` stores
-them), how the shipped weights were chosen, the recipe (once, when both share it) and per-class
-accuracy. It reads the records only; no model runs. Missing figures are left out, never invented:
-an untrained pair says so, a foreign pair (the ImageNet one) shows what its records hold.
+A lineup is only worth comparing if its models were trained alike and measured alike, so the card
+puts every member's record in one table (what each model is, its val accuracy, what trained it:
+hardware, precision, wall time), then says what the paired comparisons found: each member minus
+the reference on the same val images, with its bootstrap interval and McNemar's test (``evaluate
+--update-manifest`` stores them), how the shipped weights were chosen, the recipe (once, when all
+share it) and per-class accuracy. It reads the records only; no model runs. Missing figures are
+left out, never invented: an untrained lineup says so, a foreign one (the ImageNet lineup) shows
+what its records hold.
+
+A member's paired difference is read from its own record, ``metrics["val_paired_difference"]``
+(and ``"val_hflip_paired_difference"``), in either form ``evaluate`` has written:
+
+- ``{"reference": REFERENCE, "difference": d, "ci95": [lo, hi], "n", "n_boot",
+  "only_member_right", "only_reference_right", "mcnemar_p"}``: the member minus ``REFERENCE``;
+- the pair form ``{"cbam_minus_baseline": d, ..., "only_cbam_right", "only_baseline_right"}``,
+  stored identically in both records of a plain ResNet and its CBAM twin: read as the CBAM member
+  minus the reference only when the reference's record holds the same dict.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
-if TYPE_CHECKING:
-    from cbam_viz.weights import WeightRecord
+from cbam_viz.engine.lineup import default_lineup_name, lineup_specs
+from cbam_viz.models.weights import MANIFEST_NAME, WeightRecord, read_manifest, weights_dirs
 
-__all__ = ["model_card_markdown", "records_card", "choice_sentence", "paired_sentence"]
+__all__ = ["CardMember", "model_card_markdown", "manifest_card", "records_card", "member_difference",
+           "choice_sentence", "paired_sentence"]
 
 #: Recipe keys left out of the recipe line: the input's normalisation gets a line of its own.
 _HIDDEN_RECIPE_KEYS = {"mean", "std"}
+#: (metrics key, what the card calls it).
+_DIFFERENCES = (("val_paired_difference", "on val"),
+                ("val_hflip_paired_difference", "with flip averaging (reported only; the app does not flip)"))
 
 
-def model_card_markdown(pair) -> str:
-    """A model card for a loaded ``pair`` (a :class:`cbam_viz.pair.ModelPair`) from its manifest records."""
-    return records_card(pair.name, {role: (m.name, m.arch, m.record if m.trained else None)
-                                    for role, m in (("baseline", pair.baseline), ("CBAM", pair.cbam))})
+class CardMember(NamedTuple):
+    """One member as the card needs it: its record name, architecture and record (None: untrained)."""
+
+    name: str
+    arch: str
+    record: WeightRecord | None
 
 
-def records_card(pair_name: str, models: Mapping[str, tuple[str, str, WeightRecord | None]]) -> str:
-    """The card from ``{"baseline": (name, arch, record or None), "CBAM": (...)}``: no model is loaded
-    (``python -m cbam_viz model-card`` prints it for the README from the manifest alone)."""
-    base_arch, cbam_arch = models["baseline"][1], models["CBAM"][1]
-    lines = [f"### Pair `{pair_name}`: {base_arch} vs {cbam_arch}", ""]
-    records = {role: record for role, (_, _, record) in models.items()}
+def model_card_markdown(lineup) -> str:
+    """The card of a loaded ``lineup`` (a :class:`cbam_viz.engine.lineup.Lineup`) from its members' records."""
+    return records_card(lineup.name, [CardMember(m.name, m.arch, m.record if m.trained else None)
+                                      for m in lineup.members], lineup.reference)
+
+
+def manifest_card(name: str | None = None, *, weights_dir: str | os.PathLike | None = None) -> str:
+    """The card of lineup ``name`` (default: the default lineup) from the manifests alone: no weights
+    are read, so ``python -m cbam_viz model-card`` works where only the records are.
+
+    Every weights folder is searched (``weights_dir`` or ``$CBAM_VIZ_WEIGHTS_DIR`` may list several);
+    a lineup's records come from the folder that lists it.
+
+    Raises:
+        FileNotFoundError: no folder lists any lineup.
+        KeyError: no lineup ``name``, or a member without a record (the message says which).
+    """
+    specs = lineup_specs(weights_dir)
+    if not specs:
+        folders = ", ".join(str(f / MANIFEST_NAME) for f in weights_dirs(weights_dir))
+        raise FileNotFoundError(f"no lineup in {folders}; train and export one, or add one with add-lineup")
+    name = name or default_lineup_name(weights_dir)
+    if name not in specs:
+        raise KeyError(f"no lineup {name!r}; known: {', '.join(sorted(specs))}")
+    folder, spec = specs[name]
+    records = read_manifest(folder)["models"]
+    members = []
+    for member in spec["members"]:
+        if member not in records:
+            raise KeyError(f"lineup {name!r} names {member!r}, which has no record in {folder / MANIFEST_NAME}")
+        record = WeightRecord(**records[member])
+        members.append(CardMember(member, record.arch, record))
+    return records_card(name, members, spec.get("reference") or members[0].name)
+
+
+def records_card(lineup_name: str, members: Sequence[CardMember], reference: str) -> str:
+    """The card from the members' records, in display order; ``reference`` is a member's name."""
+    records = {m.name: m.record for m in members}
+    lines = [f"### Lineup `{lineup_name}`: " + " | ".join(m.arch for m in members), ""]
     if not any(records.values()):
         return "\n".join(lines + ["Untrained: random weights, for trying the app only. Their numbers mean nothing."])
-    lines += _side_by_side(models, records)
-    base, cbam = records["baseline"], records["CBAM"]
-    if base is not None and cbam is not None:
-        for key, label in (("val_paired_difference", "CBAM − baseline on val"),
-                           ("val_hflip_paired_difference", "With flip averaging (reported only; the app does not flip)")):
-            diff = base.metrics.get(key)  # evaluate stores one difference in both records of the pair
-            sentence = paired_sentence(diff) if isinstance(diff, dict) and diff == cbam.metrics.get(key) else None
-            if sentence:
-                lines += ["", f"**{label}**: {sentence}"]
+    if len(members) > 1:
+        lines += [f"Reference: `{reference}`; every difference below is a member minus the reference, on the "
+                  "same images.", ""]
+    lines += _side_by_side(members, reference)
+    for key, label in _DIFFERENCES:
+        sentences = [(m.name, paired_sentence(diff)) for m in members if m.name != reference
+                     and (diff := member_difference(m, records.get(reference), reference, key))]
+        if sentences:
+            lines += ["", f"**Paired difference against `{reference}` {label}**", ""]
+            lines += [f"- `{name}` − `{reference}`: {text}" for name, text in sentences if text]
     lines += [""] + _choice_and_recipe(records)
-    per_class = _per_class_table(records)
+    per_class = _per_class_table(records, reference)
     if per_class:
         lines += ["", "**Val top-1 per class**", ""] + per_class
     return "\n".join(lines)
 
 
-def paired_sentence(diff: dict[str, Any]) -> str | None:
-    """``evaluate``'s paired difference in one sentence: points, interval, discordant images, McNemar.
+def member_difference(member: CardMember, reference_record: WeightRecord | None, reference: str,
+                      key: str = "val_paired_difference") -> dict[str, Any] | None:
+    """``member`` minus the reference, as stored under ``key``, in the new form (see the module's
+    docstring); None when the records hold no difference that is this one."""
+    if member.record is None or member.name == reference:
+        return None
+    diff = member.record.metrics.get(key)
+    if not isinstance(diff, dict):
+        return None
+    if diff.get("reference") == reference and "difference" in diff:
+        return diff
+    pair_form = (reference_record is not None and "cbam_minus_baseline" in diff
+                 and diff == reference_record.metrics.get(key) and "cbam" in member.arch)  # the pair's CBAM side
+    if not pair_form:
+        return None
+    renamed = {"difference": "cbam_minus_baseline", "only_member_right": "only_cbam_right",
+               "only_reference_right": "only_baseline_right"}
+    return {"reference": reference, **{k: v for k, v in diff.items() if k not in renamed.values()},
+            **{new: diff[old] for new, old in renamed.items() if old in diff}}
+
+
+def paired_sentence(diff: Mapping[str, Any]) -> str | None:
+    """A paired difference (the new form) in one sentence: points, interval, discordant images, McNemar.
 
     None without a difference; a field that is missing or not a number is left out (a hand-edited
     manifest must not take the page down).
@@ -63,18 +135,18 @@ def paired_sentence(diff: dict[str, Any]) -> str | None:
         v = diff.get(key)
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    if num("cbam_minus_baseline") is None:
+    if num("difference") is None:
         return None
-    text = f"{100 * diff['cbam_minus_baseline']:+.2f} points"
+    text = f"{100 * diff['difference']:+.2f} points"
     ci = diff.get("ci95")
     if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
         boot = f", {num('n_boot'):,} resamples" if num("n_boot") else ""
         text += f", 95 % paired bootstrap interval [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]{boot}"
     if num("n") is not None:
         text += f", on the same {num('n'):,} images"
-    if num("only_cbam_right") is not None and num("only_baseline_right") is not None:
-        text += (f"; {num('only_cbam_right')} images only CBAM gets right, {num('only_baseline_right')} only "
-                 f"the baseline")
+    if num("only_member_right") is not None and num("only_reference_right") is not None:
+        text += (f"; {num('only_member_right')} images only this model gets right, "
+                 f"{num('only_reference_right')} only the reference")
     if num("mcnemar_p") is not None:
         text += f"; two-sided exact McNemar p = {num('mcnemar_p'):.2g}"
     return text + "."
@@ -84,7 +156,7 @@ def choice_sentence(training: dict[str, Any] | None) -> str | None:
     """How the shipped weights kind and input size were chosen, in words (None: no choice recorded).
 
     Either on the run's own held-out training files, or, for a final run on every training file,
-    carried over from the pair that made it on its held-out files. Never on val.
+    carried over from the lineup (or pair) that made it on its held-out files. Never on val.
     """
     sel = (training or {}).get("selection")
     if not isinstance(sel, dict) or "weights" not in sel or "input_size" not in sel:
@@ -93,39 +165,44 @@ def choice_sentence(training: dict[str, Any] | None) -> str | None:
     carried = sel.get("carried_from")
     source = carried if isinstance(carried, dict) else sel
     mean, images = source.get("mean_holdout_top1"), source.get("holdout_images", training.get("holdout_images"))
-    score = f" (the pair's mean held-out top-1: {100 * mean:.2f} %)" if isinstance(mean, (int, float)) else ""
+    score = f" (mean held-out top-1: {100 * mean:.2f} %)" if isinstance(mean, (int, float)) else ""
     files = f"{images} held-out training files" if images else "held-out training files"
     if isinstance(carried, dict):
-        return (f"{what}, as pair `{carried.get('pair')}` chose on its {files}{score}; then trained again with "
+        origin = carried.get("lineup") or carried.get("pair")
+        return (f"{what}, as `{origin}` chose on its {files}{score}; then trained again with "
                 f"the same recipe on every training file, val untouched")
     return f"{what}, chosen on {files}, never on val{score}"
 
 
 # ------------------------------------------------------------------------------------ parts
 
-def _side_by_side(models: Mapping[str, tuple], records: dict) -> list[str]:
-    """The two models in one table; a row appears when at least one model has a value for it."""
+def _side_by_side(members: Sequence[CardMember], reference: str) -> list[str]:
+    """Every member in one table; a row appears when at least one member has a value for it."""
+    records = [m.record for m in members]
+    ref = next((m.record for m in members if m.name == reference), None)
+
     def row(label: str, value) -> list[str]:
-        cells = [value(r) if r is not None else None for r in records.values()]
+        cells = [value(r) if r is not None else None for r in records]
         if all(c in (None, "") for c in cells):
             return []
         return [f"| {label} | " + " | ".join("–" if c in (None, "") else str(c) for c in cells) + " |"]
 
-    base = records["baseline"]
-    n_val = next((r.metrics.get("val_n") for r in records.values() if r is not None and r.metrics.get("val_n")), None)
+    n_val = next((r.metrics.get("val_n") for r in records if r is not None and r.metrics.get("val_n")), None)
     val = f"val top-1 ({n_val:,} images)" if n_val else "val top-1"
-    header = " | ".join(f"{role}: `{name}`" + ("" if records[role] else " (untrained)")
-                        for role, (name, _, _) in models.items())
-    out = [f"| | {header} |", "|---|---|---|"]
+    header = " | ".join(f"`{m.name}`" + (" (reference)" if m.name == reference and len(members) > 1 else "")
+                        + ("" if m.record else " (untrained)") for m in members)
+    out = [f"| | {header} |", "|---|" + "---|" * len(members)]
     out += row("architecture", lambda r: r.arch)
     out += row("parameters", lambda r: f"{r.num_params:,}" + (
-        f" ({100 * (r.num_params / base.num_params - 1):+.1f} %)" if base and r is not base and base.num_params else ""))
+        f" ({100 * (r.num_params / ref.num_params - 1):+.1f} %)" if ref and r is not ref and ref.num_params else ""))
     out += row("input", lambda r: f"{r.input_size} px")
     out += row(val, lambda r: _pct(r.metrics.get("val_top1"), bold=True))
     out += row("val top-5", lambda r: _pct(r.metrics.get("val_top5")))
     out += row("val top-1, flip-averaged (reported only)", lambda r: _pct(r.metrics.get("val_hflip_top1")))
+    diffs = {m.name: member_difference(m, ref, reference) for m in members}
+    out += row("val top-1 − reference (paired)", lambda r: _short_difference(diffs.get(r.name)))
     out += row("reported ImageNet top-1", lambda r: _pct(r.metrics.get("reported_imagenet_top1")))
-    out += row("weights from", lambda r: r.training.get("source"))  # a foreign pair's records say where from
+    out += row("weights from", lambda r: r.training.get("source"))  # a foreign lineup's records say where from
     out += row("trained on", lambda r: ", ".join(r.training.get("hardware") or []))
     out += row("precision", lambda r: ", ".join(r.training.get("precision") or []))
     out += row("epochs, wall time", lambda r: _epochs_and_time(r.training))
@@ -135,19 +212,33 @@ def _side_by_side(models: Mapping[str, tuple], records: dict) -> list[str]:
     return out
 
 
-def _choice_and_recipe(records: dict) -> list[str]:
-    trained = {role: r for role, r in records.items() if r is not None}
+def _short_difference(diff: Mapping[str, Any] | None) -> str | None:
+    """``+0.25 [-0.40, +0.90], p = 0.46`` for the table; None without a difference."""
+    value = diff.get("difference") if diff else None
+    if not isinstance(value, (int, float)):
+        return None
+    text = f"{100 * value:+.2f}"
+    ci = diff.get("ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        text += f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+    p = diff.get("mcnemar_p")
+    return text + (f", p = {p:.2g}" if isinstance(p, (int, float)) and not isinstance(p, bool) else "")
+
+
+def _choice_and_recipe(records: Mapping[str, WeightRecord | None]) -> list[str]:
+    trained = {name: r for name, r in records.items() if r is not None}
+    every = "both" if len(trained) == 2 else f"all {len(trained)}"
     out = []
-    choices = {role: choice_sentence(r.training) for role, r in trained.items()}
-    if len(choices) == 2 and len(set(choices.values())) == 1 and None not in choices.values():
-        out.append(f"- Shipped as (both): {next(iter(choices.values()))}")
+    choices = {name: choice_sentence(r.training) for name, r in trained.items()}
+    if len(choices) > 1 and len(set(choices.values())) == 1 and None not in choices.values():
+        out.append(f"- Shipped as ({every}): {next(iter(choices.values()))}")
     else:
-        out += [f"- Shipped as ({role}): {c}" for role, c in choices.items() if c]
-    recipes = {role: _recipe_text(r.recipe) for role, r in trained.items() if r.recipe}
+        out += [f"- Shipped as (`{name}`): {c}" for name, c in choices.items() if c]
+    recipes = {name: _recipe_text(r.recipe) for name, r in trained.items() if r.recipe}
     if len(set(recipes.values())) == 1 and len(recipes) == len(trained) > 1:
-        out.append(f"- Recipe (the same for both): {next(iter(recipes.values()))}")
+        out.append(f"- Recipe (the same for {every}): {next(iter(recipes.values()))}")
     else:
-        out += [f"- Recipe ({role}): {text}" for role, text in recipes.items()]
+        out += [f"- Recipe (`{name}`): {text}" for name, text in recipes.items()]
     first = next(iter(trained.values()))
     out.append(f"- Input normalisation: mean {list(first.mean)}, std {list(first.std)}")
     commands = {r.metrics.get(k) for r in trained.values() for k in ("eval_command", "hflip_eval_command")} - {None}
@@ -157,19 +248,23 @@ def _choice_and_recipe(records: dict) -> list[str]:
     return out
 
 
-def _per_class_table(records: dict) -> list[str]:
-    trained = {role: r for role, r in records.items() if r is not None and r.metrics.get("val_per_class")}
+def _per_class_table(records: Mapping[str, WeightRecord | None], reference: str) -> list[str]:
+    """Per-class val top-1 of every measured member, then each other member minus the reference."""
+    trained = {name: r for name, r in records.items() if r is not None and r.metrics.get("val_per_class")}
     if not trained:
         return []
     first = next(iter(trained.values()))
-    both = len(trained) == 2
-    out = ["| class | " + " | ".join(trained) + (" | CBAM − baseline |" if both else " |"),
-           "|---|" + "---:|" * (len(trained) + both)]
+    others = [name for name in trained if name != reference] if reference in trained else []
+    out = ["| class | " + " | ".join(f"`{n}`" for n in trained) + "".join(f" | `{n}` − ref" for n in others) + " |",
+           "|---|" + "---:|" * (len(trained) + len(others))]
     for c in first.classes:
-        values = [r.metrics["val_per_class"].get(c["id"]) for r in trained.values()]
-        cells = [_pct(v) or "–" for v in values]
-        if both:
-            cells.append(f"{100 * (values[1] - values[0]):+.1f}" if None not in values else "–")
+        values = {name: r.metrics["val_per_class"].get(c["id"]) for name, r in trained.items()}
+        cells = [_pct(v) or "–" for v in values.values()]
+        base = values.get(reference)
+        for name in others:
+            v = values[name]
+            cells.append(f"{100 * (v - base):+.1f}" if isinstance(v, (int, float)) and isinstance(base, (int, float))
+                         else "–")
         out.append(f"| {c['name']} | " + " | ".join(cells) + " |")
     return out
 
