@@ -187,7 +187,7 @@ def podman_available() -> bool:
 # --------------------------------------------------------------------------- synthetic inputs
 def make_image(path: str | os.PathLike, *, size: tuple[int, int] = (320, 240), seed: int = 0) -> Path:
     """Write a structured RGB test picture (gradient, shapes, noise): CAMs over it are not flat."""
-    from cbam_viz.examples import synthetic_photo
+    from cbam_viz.app.examples import synthetic_photo
 
     path = Path(path)
     synthetic_photo(size, seed).save(path)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cbam_viz import examples
+from cbam_viz.app import examples
 from cbam_viz.engine.lineup import load_lineup
 from cbam_viz.engine.preprocess import open_image, to_model_tensor
 from cbam_viz.models.weights import DEFAULT_WEIGHTS_DIR, read_manifest
