@@ -2,6 +2,7 @@
 its links resolve, and the figures it and docs/model_card.md quote are the shipped records'."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -124,3 +125,38 @@ def test_the_figures_the_readme_and_the_model_card_quote_are_the_manifests():
     assert top1, "docs/model_card.md has a val top-1 row"
     for figure in re.findall(r"(\d+\.\d\d) %", top1.group(1)):
         assert figure in figures, f"docs/model_card.md quotes val top-1 {figure} %, which no shipped record holds"
+
+
+def _command_lines(text: str) -> list[list[str]]:
+    """Every ``python -m cbam_viz COMMAND ...`` line of the bash blocks, continuations joined, as words."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].replace("[", " ").replace("]", " ")
+            words = line.split()
+            if "cbam_viz" in words and words[words.index("cbam_viz") - 1] == "-m":
+                lines.append(words[words.index("cbam_viz") + 1:])
+    return lines
+
+
+def test_every_command_and_option_the_docs_show_exists():
+    """README.md and docs/cli.md show commands a user copies: each sub-command and --option must parse."""
+    from cbam_viz.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    shown = [words for page in (README, ROOT / "docs" / "cli.md") for words in
+             _command_lines(page.read_text(encoding="utf-8"))]
+    assert len(shown) >= 10
+    for words in shown:
+        assert words[0] in commands, f"the docs show `python -m cbam_viz {words[0]}`, which is no command"
+        known = commands[words[0]]._option_string_actions
+        for option in (w.split("=")[0] for w in words[1:] if w.startswith("-")):
+            assert option in known, f"the docs show `{words[0]} {option}`, which it does not take"
+
+
+def test_every_setting_the_docs_name_is_read_by_the_code():
+    code = "\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "app.py", *(ROOT / "cbam_viz").rglob("*.py")])
+    for page in (README, ROOT / "docs" / "app.md", ROOT / "docs" / "cli.md"):
+        for name in set(re.findall(r"\bCBAM_VIZ_[A-Z0-9_]+", page.read_text(encoding="utf-8"))):
+            assert name in code, f"{page.name} names {name}, which no code reads"
