@@ -9,10 +9,12 @@ from dataclasses import replace
 
 import pytest
 
-from cbam_viz import model_card
+from cbam_viz.service import model_card
 from cbam_viz.cli import main
 from cbam_viz.engine.lineup import Lineup
-from cbam_viz.model_card import CardMember, choice_sentence, manifest_card, paired_sentence, records_card
+from cbam_viz.service.model_card import (
+    CardMember, choice_sentence, manifest_card, paired_sentence, records_card,
+)
 from cbam_viz.models.weights import WeightRecord, read_manifest, update_manifest
 from tests.conftest import make_loaded
 
