@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from cbam_viz.training.data import TensorDataset, decode_images, holdout_split, scan_image_folder  # noqa: E402
 from cbam_viz.training.evaluate import resolve_models  # noqa: E402
 from cbam_viz.training.holdout import CANDIDATE_SIZES, choose_for_lineup, holdout_scores  # noqa: E402
-from cbam_viz.engine.loading import default_pair_name  # noqa: E402
+from cbam_viz.engine.lineup import default_lineup_name  # noqa: E402
 from cbam_viz.training.monitor import recalibrate_batchnorm  # noqa: E402
 from cbam_viz.models.weights import DEFAULT_WEIGHTS_DIR, load_record  # noqa: E402
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", required=True, help="the training folder the pair was trained on (ImageFolder)")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS_DIR))
-    p.add_argument("--pair", help="pair name (default: the manifest's default pair)")
+    p.add_argument("--lineup", "--pair", dest="lineup", help="lineup name (default: the manifest's default lineup)")
     p.add_argument("--images", type=int, default=2048, help="training images (not held out) for the statistics")
     p.add_argument("--sizes", default=",".join(map(str, CANDIDATE_SIZES)), help="comma-separated test sizes")
     p.add_argument("--threads", type=int)
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pair = args.pair or default_pair_name(args.weights)
-    records = resolve_models(args.weights, pair=pair)
+    pair = args.lineup or default_lineup_name(args.weights)
+    records = resolve_models(args.weights, lineup=pair)
     # A record without the field was trained before holdouts existed: it held nothing out.
     fractions = sorted({(r.recipe or {}).get("holdout", 0.0) for r in records})
     if len(fractions) != 1 or not fractions[0]:

@@ -286,3 +286,27 @@ def test_a_new_member_of_another_depth_is_refused(dataset, chosen, tmp_path, cap
     assert cli.main(_args(dataset, tmp_path, "--arch", "resnet34_se", *FINAL, "--settings-from", str(final),
                           "--export", str(tmp_path / "w"))) == 2
     assert "is resnet18 and resnet18_cbam, not resnet34_se" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("archs, members, pair", [
+    (["resnet18_cbam", "resnet18"], ["resnet18_tiny", "resnet18_cbam_tiny"], True),
+    (["resnet18_cbam", "resnet18_se", "resnet18"], ["resnet18_tiny", "resnet18_cbam_tiny", "resnet18_se_tiny"], False),
+    (["resnet18_se", "resnet18_cbam"], ["resnet18_se_tiny", "resnet18_cbam_tiny"], False),
+])
+def test_a_lineup_is_written_with_the_plain_model_as_its_reference(tmp_path, archs, members, pair):
+    """Models exported together become the default lineup, the plain ResNet first as its reference
+    (else the first model); a plain ResNet and its CBAM twin are also the pair older readers know."""
+    from cbam_viz.engine.lineup import default_lineup_name, lineup_specs
+    from cbam_viz.models.weights import update_manifest
+    from cbam_viz.training.export import write_lineup
+
+    update_manifest(tmp_path, lineup=("older", {"members": ["x"], "reference": "x", "default": True}))
+    line = write_lineup(tmp_path, archs, name="tiny")
+    name = f"{members[0].removesuffix('_tiny')}-tiny"
+    manifest = read_manifest(tmp_path)
+    assert manifest["lineups"][name] == {"members": members, "reference": members[0], "default": True}
+    assert manifest["lineups"]["older"]["default"] is False and default_lineup_name(tmp_path) == name
+    assert lineup_specs(tmp_path)[name][1]["members"] == members
+    assert (name in manifest["pairs"]) == pair and name in line and "reference " + members[0] in line
+    if pair:
+        assert manifest["pairs"][name] == {"baseline": members[0], "cbam": members[1], "default": True}

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from cbam_viz.training.compare import paired_difference
 from cbam_viz.training.evaluate import (
-    ClassMismatchError, EvalResult, evaluate_record, image_batches, labelled_images, paired_difference, spread_indices,
+    ClassMismatchError, EvalResult, evaluate_record, image_batches, labelled_images, spread_indices,
 )
 from cbam_viz.models import create_model
-from cbam_viz.preprocess import open_image, to_model_batch
-from cbam_viz.weights import WeightRecord, save_safetensors
+from cbam_viz.engine.preprocess import open_image, to_model_batch
+from cbam_viz.models.weights import WeightRecord, save_safetensors
 from tests.synthetic import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,27 +141,27 @@ def test_spread_indices_cover_the_list_evenly():
     assert spread_indices(10, 1).tolist() == [0] and spread_indices(10, 0).tolist() == [0]
 
 
-def _result(correct):
-    return EvalResult(name="x", arch="a", data_dir="d", top1=float(np.mean(correct)), top5=1.0, per_class={},
+def _result(correct, name="x"):
+    return EvalResult(name=name, arch="a", data_dir="d", top1=float(np.mean(correct)), top5=1.0, per_class={},
                       confusion=[], n=len(correct), class_ids=(), class_names=(), seconds=0.0,
                       correct=tuple(correct), hflip=False)
 
 
-def test_paired_difference_is_cbam_minus_baseline_with_mcnemars_exact_p():
-    base = _result([True] * 6 + [False] * 4)
-    cbam = _result([True] * 4 + [False] * 2 + [True] * 3 + [False])  # 2 lost, 3 gained
+def test_paired_difference_is_member_minus_reference_with_mcnemars_exact_p():
+    base = _result([True] * 6 + [False] * 4, "plain")
+    cbam = _result([True] * 4 + [False] * 2 + [True] * 3 + [False], "gated")  # 2 lost, 3 gained
     d = paired_difference(base, cbam, n_boot=500)
-    assert d["cbam_minus_baseline"] == pytest.approx(0.1)
-    assert (d["only_cbam_right"], d["only_baseline_right"], d["n"]) == (3, 2, 10)
+    assert d["difference"] == pytest.approx(0.1) and (d["member"], d["reference"]) == ("gated", "plain")
+    assert (d["only_member_right"], d["only_reference_right"], d["n"]) == (3, 2, 10)
     assert d["mcnemar_p"] == pytest.approx(1.0)  # 2 * P(X <= 2 | Bin(5, 1/2)) = 1, capped at 1
     lopsided = paired_difference(_result([False] * 8), _result([True] * 7 + [False]), n_boot=500)
     assert lopsided["mcnemar_p"] == pytest.approx(2 / 2 ** 7)
-    assert lopsided["ci95"][0] <= lopsided["cbam_minus_baseline"] <= lopsided["ci95"][1]
+    assert lopsided["ci95"][0] <= lopsided["difference"] <= lopsided["ci95"][1]
     tied = paired_difference(_result([True, True, False, False]), _result([False, False, True, True]), n_boot=100)
     assert tied["mcnemar_p"] == 1.0  # 2 * P(X <= 2 | Bin(4, 1/2)) = 22/16, capped at 1
     assert paired_difference(base, cbam)["n_boot"] == 10_000
     same = paired_difference(base, base, n_boot=100)
-    assert same["mcnemar_p"] == 1.0 and same["cbam_minus_baseline"] == 0
+    assert same["mcnemar_p"] == 1.0 and same["difference"] == 0
     with pytest.raises(ValueError):
         paired_difference(base, _result([True]))
     with pytest.raises(ValueError):

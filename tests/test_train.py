@@ -124,7 +124,7 @@ def test_cli_bf16_auto_follows_the_cpu(monkeypatch, tmp_path, flags, fast, expec
         from cbam_viz.training.train import TrainResult
         return TrainResult(run_dir, torch.nn.Identity())
 
-    monkeypatch.setattr("cbam_viz.training.train.cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr("cbam_viz.training.recipe.cpu_has_fast_bf16", lambda: fast)
     monkeypatch.setattr("cbam_viz.training.train.train", fake_train)
     assert cli.main(["train", "--data", str(tmp_path), "--runs", str(tmp_path), *flags]) == 0
     assert {r.bf16 for r in seen.values()} == {expected}
@@ -315,6 +315,9 @@ def test_cli_exports_a_finished_pair_with_the_held_out_choice(dataset, cache, tm
     manifest = read_manifest(tmp_path / "weights")
     assert manifest["pairs"]["resnet18-tiny"] == {"baseline": "resnet18_tiny", "cbam": "resnet18_cbam_tiny",
                                                   "default": True}
+    assert manifest["lineups"]["resnet18-tiny"] == {"members": ["resnet18_tiny", "resnet18_cbam_tiny"],
+                                                    "reference": "resnet18_tiny", "default": True}
+    assert "lineup 'resnet18-tiny' (resnet18_tiny, resnet18_cbam_tiny; reference resnet18_tiny)" in out
     records = [WeightRecord(**manifest["models"][n]) for n in ("resnet18_tiny", "resnet18_cbam_tiny")]
     sel = [r.training["selection"] for r in records]
     assert sel[0]["weights"] == sel[1]["weights"] and records[0].input_size == records[1].input_size
@@ -339,7 +342,7 @@ def test_cli_bf16_auto_on_a_gpu_is_on_from_ampere(monkeypatch, tmp_path, capabil
     from cbam_viz.training.train import TrainResult
 
     seen = {}
-    monkeypatch.setattr("cbam_viz.training.train.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("cbam_viz.training.recipe.cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr("cbam_viz.engine.loading.select_device", lambda preferred=None: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")

@@ -1,11 +1,14 @@
-"""The training commands: ``train``, ``evaluate`` (accuracy of shipped files) and ``plot-curves``.
+"""The training commands: ``train``, ``evaluate`` (accuracy of shipped files: every member of a lineup, each
+against the reference) and ``plot-curves``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 # Imports of the library sit inside each command: `import torch, torchvision` alone takes 2-8 s
@@ -15,93 +18,16 @@ from pathlib import Path
 __all__ = ["add_parsers"]
 
 
+class _Refusal(Exception):
+    """An option ``train`` refuses before any work: one line on stderr, exit status 2."""
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from cbam_viz.training.train import Recipe, train
-
-    recipe = Recipe()
-    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "eval_size", "eval_every", "cache_size",
-                                            "holdout", "ema_decay", "warmup_epochs", "cutmix_alpha",
-                                            "mixup_alpha")
-                 if getattr(args, k) is not None}
-    for flag in ("cutmix_alpha", "mixup_alpha"):
-        value = overrides.get(flag, 0.0)
-        if not (math.isfinite(value) and value >= 0):
-            print(f"error: --{flag.replace('_', '-')} must be a finite number >= 0 (0 = off), got {value}",
-                  file=sys.stderr)
-            return 2
-    if args.sizes:
-        overrides["sizes"] = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(","))
-    if args.crop_scale:
-        try:
-            lo, hi = (float(v) for v in args.crop_scale.split(","))
-        except ValueError:
-            lo = hi = -1.0
-        if not 0 < lo <= hi <= 1:
-            print(f"error: --crop-scale wants MIN,MAX with 0 < MIN <= MAX <= 1, got {args.crop_scale!r}",
-                  file=sys.stderr)
-            return 2
-        overrides["crop_scale"] = (lo, hi)
-    from cbam_viz.pair import select_device
+    from cbam_viz.training.train import train
 
     try:
-        device = select_device(args.device)  # "auto" and a missing GPU are settled before any work
-    except ValueError as err:
-        print(f"error: --device: {err}", file=sys.stderr)
-        return 2
-    if args.no_bf16 or args.bf16 == "off":
-        overrides["bf16"] = False
-    elif args.bf16 == "on":
-        overrides["bf16"] = True
-    elif device.type == "cuda":  # auto on a GPU: bfloat16 where its tensor cores have it (Ampere, sm 8.0, on)
-        import torch
-
-        overrides["bf16"] = torch.cuda.get_device_capability(device)[0] >= 8
-        print(f"bf16 auto: {'on' if overrides['bf16'] else 'off'} ({torch.cuda.get_device_name(device)})")
-    elif device.type != "cpu":  # mps and others: float32, the one precision every backend trains in
-        overrides["bf16"] = False
-    else:  # auto: bfloat16 only where the CPU multiplies it in hardware
-        from cbam_viz.training.train import cpu_has_fast_bf16
-
-        overrides["bf16"] = cpu_has_fast_bf16()
-        print(f"bf16 auto: {'on' if overrides['bf16'] else 'off'} (this CPU "
-              f"{'has' if overrides['bf16'] else 'lacks'} AVX-512 BF16 / AMX)")
-    starts = {}
-    if args.init_from:
-        from cbam_viz.weights import WeightRecord, read_manifest
-
-        overrides["init_from"] = args.init_from
-        try:
-            models = read_manifest(args.init_from)["models"]
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            print(f"error: --init-from {args.init_from!r}: no readable manifest ({err})", file=sys.stderr)
-            return 2
-        for arch in args.arch:
-            if f"{arch}_{args.name}" not in models:
-                print(f"error: --init-from {args.init_from!r} has no record '{arch}_{args.name}' to start {arch} from",
-                      file=sys.stderr)
-                return 2
-            starts[arch] = WeightRecord(**models[f"{arch}_{args.name}"])
-    recipe = replace(recipe, **overrides)
-    settings = None
-    try:  # checked before training, so a long run does not end in a refused export
-        if args.settings_from:
-            from cbam_viz.training.export import carried_settings
-
-            if not args.export:
-                raise ValueError("--settings-from needs --export (the folder the final run is written to)")
-            settings = carried_settings(args.settings_from, recipe=recipe, archs=args.arch)
-            print(f"settings from {args.settings_from}: {settings['weights']} weights at {settings['input_size']} px, "
-                  f"as pair {settings['carried_from']['pair']!r} chose on its held-out files")
-        if args.pair_with:
-            from cbam_viz.training.export import read_half
-
-            if not args.export:
-                raise ValueError("--pair-with needs --export (the folder the pair is written to)")
-            read_half(args.pair_with, name=args.name, recipe=recipe, holdout_files=None, other_than=args.arch,
-                      settings=settings)
-    except ValueError as err:
+        recipe, device, starts, settings = _prepare_training(args)
+    except _Refusal as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = {}
@@ -110,34 +36,151 @@ def _cmd_train(args: argparse.Namespace) -> int:
         results[arch] = train(arch, args.data, run_dir, recipe=recipe, resume=args.resume, cache_dir=args.cache_dir,
                               val_dir=args.val, threads=args.threads, max_steps=args.max_steps, device=device,
                               init_record=starts.get(arch))
-    unfinished = [a for a, r in results.items() if len(r.history) < recipe.epochs]
-    if args.export and unfinished:
-        print(f"not exported: {', '.join(unfinished)} not finished (only a finished pair replaces shipped files)")
-    elif args.export:
-        from cbam_viz.training.data import scan_image_folder
-        from cbam_viz.training.export import export_runs
+    return _export_trained(args, results, recipe, settings)
 
+
+def _prepare_training(args: argparse.Namespace):
+    """``(recipe, device, records to start from, carried settings)``, every option checked in the
+    order a person reads them, before any data is read."""
+    from cbam_viz.training.recipe import Recipe
+
+    overrides = _recipe_overrides(args)
+    device = _training_device(args)
+    overrides["bf16"] = _bf16_choice(args, device)
+    starts = _init_records(args)
+    if args.init_from:
+        overrides["init_from"] = args.init_from
+    recipe = replace(Recipe(), **overrides)
+    return recipe, device, starts, _check_export_options(args, recipe)
+
+
+def _recipe_overrides(args: argparse.Namespace) -> dict:
+    """The recipe fields given on the command line (unset options keep the recipe's defaults)."""
+    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "eval_size", "eval_every",
+                                            "cache_size", "holdout", "ema_decay", "warmup_epochs", "cutmix_alpha",
+                                            "mixup_alpha")
+                 if getattr(args, k) is not None}
+    for flag in ("cutmix_alpha", "mixup_alpha"):
+        value = overrides.get(flag, 0.0)
+        if not (math.isfinite(value) and value >= 0):
+            raise _Refusal(f"--{flag.replace('_', '-')} must be a finite number >= 0 (0 = off), got {value}")
+    if args.sizes:
+        overrides["sizes"] = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(","))
+    if args.crop_scale:
         try:
-            lines = export_runs(results, recipe=recipe, classes=list(scan_image_folder(args.data).classes),
-                                data_dir=args.data, weights_dir=args.export, name=args.name,
-                                sizes=args.select_sizes, pair_with=args.pair_with, settings=settings)
-        except ValueError as err:
-            print(f"error: not exported: {err}", file=sys.stderr)
-            return 2
-        print("\n".join(lines))
+            lo, hi = (float(v) for v in args.crop_scale.split(","))
+        except ValueError:
+            lo = hi = -1.0
+        if not 0 < lo <= hi <= 1:
+            raise _Refusal(f"--crop-scale wants MIN,MAX with 0 < MIN <= MAX <= 1, got {args.crop_scale!r}")
+        overrides["crop_scale"] = (lo, hi)
+    return overrides
+
+
+def _training_device(args: argparse.Namespace):
+    from cbam_viz.engine.loading import select_device
+
+    try:
+        return select_device(args.device)  # "auto" and a missing GPU are settled before any work
+    except ValueError as err:
+        raise _Refusal(f"--device: {err}") from None
+
+
+def _bf16_choice(args: argparse.Namespace, device) -> bool:
+    """bfloat16 on or off as asked; ``auto``: where the hardware multiplies it natively."""
+    if args.no_bf16 or args.bf16 == "off":
+        return False
+    if args.bf16 == "on":
+        return True
+    if device.type == "cuda":  # auto on a GPU: bfloat16 where its tensor cores have it (Ampere, sm 8.0, on)
+        import torch
+
+        on = torch.cuda.get_device_capability(device)[0] >= 8
+        print(f"bf16 auto: {'on' if on else 'off'} ({torch.cuda.get_device_name(device)})")
+        return on
+    if device.type != "cpu":  # mps and others: float32, the one precision every backend trains in
+        return False
+    from cbam_viz.training.recipe import cpu_has_fast_bf16  # auto: only where the CPU multiplies it in hardware
+
+    on = cpu_has_fast_bf16()
+    print(f"bf16 auto: {'on' if on else 'off'} (this CPU {'has' if on else 'lacks'} AVX-512 BF16 / AMX)")
+    return on
+
+
+def _init_records(args: argparse.Namespace) -> dict:
+    """arch -> the record ``--init-from`` starts it from (a second stage); empty without the option."""
+    if not args.init_from:
+        return {}
+    from cbam_viz.models.weights import WeightRecord, read_manifest
+
+    try:
+        models = read_manifest(args.init_from)["models"]
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise _Refusal(f"--init-from {args.init_from!r}: no readable manifest ({err})") from None
+    starts = {}
+    for arch in args.arch:
+        if f"{arch}_{args.name}" not in models:
+            raise _Refusal(f"--init-from {args.init_from!r} has no record '{arch}_{args.name}' to start {arch} from")
+        starts[arch] = WeightRecord(**models[f"{arch}_{args.name}"])
+    return starts
+
+
+def _check_export_options(args: argparse.Namespace, recipe):
+    """The settings ``--settings-from`` carries (None without it), and the ``--pair-with`` half checked:
+    before training, so a long run does not end in a refused export."""
+    from cbam_viz.training.export import carried_settings, read_half
+
+    settings = None
+    try:
+        if args.settings_from:
+            if not args.export:
+                raise ValueError("--settings-from needs --export (the folder the final run is written to)")
+            settings = carried_settings(args.settings_from, recipe=recipe, archs=args.arch)
+            print(f"settings from {args.settings_from}: {settings['weights']} weights at {settings['input_size']} px, "
+                  f"as lineup {settings['carried_from']['pair']!r} chose on its held-out files")
+        if args.pair_with:
+            if not args.export:
+                raise ValueError("--pair-with needs --export (the folder the lineup is written to)")
+            read_half(args.pair_with, name=args.name, recipe=recipe, holdout_files=None, other_than=args.arch,
+                      settings=settings)
+    except ValueError as err:
+        raise _Refusal(str(err)) from None
+    return settings
+
+
+def _export_trained(args: argparse.Namespace, results: dict, recipe, settings) -> int:
+    if not args.export:
+        return 0
+    unfinished = [a for a, r in results.items() if len(r.history) < recipe.epochs]
+    if unfinished:
+        print(f"not exported: {', '.join(unfinished)} not finished (only a finished lineup replaces shipped files)")
+        return 0
+    from cbam_viz.training.data import scan_image_folder
+    from cbam_viz.training.export import export_runs
+
+    try:
+        lines = export_runs(results, recipe=recipe, classes=list(scan_image_folder(args.data).classes),
+                            data_dir=args.data, weights_dir=args.export, name=args.name,
+                            sizes=args.select_sizes, pair_with=args.pair_with, settings=settings)
+    except ValueError as err:
+        print(f"error: not exported: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import shlex
-
-    from cbam_viz.training.evaluate import evaluate_models, format_paired, format_report, paired_difference, resolve_models
-    from cbam_viz.outputs import atomic_write_text
-    from cbam_viz.weights import ChecksumError, resolve_weights_dir, update_manifest
+    from cbam_viz.models.weights import ChecksumError, resolve_weights_dir
+    from cbam_viz.training.compare import evaluation_document, format_paired, lineup_differences
+    from cbam_viz.training.evaluate import evaluate_models, format_report, resolve_lineup
 
     weights = resolve_weights_dir(args.weights)
+    if not args.overwrite and args.markdown and Path(args.markdown).is_file():
+        print(f"evaluate: error: {args.markdown} already exists; pass --overwrite to replace it, or choose "
+              f"another --markdown.", file=sys.stderr)
+        return 2
     try:
-        records = resolve_models(weights, model=args.model, pair=args.pair)
+        records, reference = resolve_lineup(weights, model=args.model, lineup=args.lineup)
         results = evaluate_models(records, args.data, weights_dir=weights, batch_size=args.batch_size,
                                   hflip=args.hflip, progress=not args.no_progress)
     except (KeyError, FileNotFoundError, ValueError, ChecksumError) as err:
@@ -145,29 +188,45 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"evaluate: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
     print(format_report(results))
-    if args.pair:  # the two records of a pair, baseline first
-        diff = paired_difference(*results)
+    differences = lineup_differences(results, reference)  # every member against the reference
+    for diff in differences.values():
         print("\n" + format_paired(diff))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps({r.name: r.to_json() for r in results}, indent=2) + "\n")
-        print(f"wrote {out}")
+    doc = evaluation_document(results, lineup=args.lineup, reference=reference, differences=differences)
+    _write_evaluation(args, doc)
     if args.update_manifest:
-        which = ["--pair", args.pair] if args.pair else ["--model", args.model]
-        given = ["--weights", str(args.weights)] if args.weights else []
-        command = shlex.join(["python", "-m", "cbam_viz", "evaluate", *given, *which, "--data", str(args.data),
-                              *(["--hflip"] if args.hflip else [])])
-        for r in results:
-            metrics = r.manifest_metrics(command)
-            if args.hflip:  # reported beside the plain figures, never instead of them
-                metrics = {("val_hflip_" + k[4:] if k.startswith("val_") else "hflip_" + k): v
-                           for k, v in metrics.items()}
-            if args.pair:
-                metrics["val_hflip_paired_difference" if args.hflip else "val_paired_difference"] = diff
-            update_manifest(weights, metrics=(r.name, metrics))
-        print(f"updated {weights / 'manifest.json'}: {', '.join(r.name for r in results)}")
+        _store_evaluation(args, weights, results, differences)
     return 0
+
+
+def _write_evaluation(args: argparse.Namespace, doc: dict) -> None:
+    """``--out`` (JSON) and ``--markdown``, each written atomically."""
+    from cbam_viz.outputs import atomic_write_text
+    from cbam_viz.training.compare import evaluation_markdown
+
+    for path, text in ((args.out, lambda: json.dumps(doc, indent=2) + "\n"),
+                       (args.markdown, lambda: evaluation_markdown(doc))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(path), text())
+            print(f"wrote {path}")
+
+
+def _store_evaluation(args: argparse.Namespace, weights: Path, results: list, differences: dict) -> None:
+    """Merge each member's figures (and its difference against the reference) into its record."""
+    from cbam_viz.models.weights import update_manifest
+
+    which = ["--lineup", args.lineup] if args.lineup else ["--model", args.model]
+    given = ["--weights", str(args.weights)] if args.weights else []
+    command = shlex.join(["python", "-m", "cbam_viz", "evaluate", *given, *which, "--data", str(args.data),
+                          *(["--hflip"] if args.hflip else [])])
+    for r in results:
+        metrics = r.manifest_metrics(command)
+        if args.hflip:  # reported beside the plain figures, never instead of them
+            metrics = {("val_hflip_" + k[4:] if k.startswith("val_") else "hflip_" + k): v for k, v in metrics.items()}
+        if r.name in differences:
+            metrics["val_hflip_paired_difference" if args.hflip else "val_paired_difference"] = differences[r.name]
+        update_manifest(weights, metrics=(r.name, metrics))
+    print(f"updated {weights / 'manifest.json'}: {', '.join(r.name for r in results)}")
 
 
 def _cmd_plot_curves(args: argparse.Namespace) -> int:
@@ -194,16 +253,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--runs", default="runs", help="folder for checkpoints and logs (one sub-folder per arch)")
     t.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "cbam_viz"), help="decoded-split cache")
     t.add_argument("--resume", action="store_true", help="continue from the last finished epoch")
-    t.add_argument("--export", help="weights folder to write the safetensors files, manifest entries and the pair "
-                                   "to, once every --arch has finished (weights and input size chosen on the "
-                                   "held-out files)")
+    t.add_argument("--export", help="weights folder to write the safetensors files, manifest entries and the lineup "
+                                   "(the plain ResNet its reference) to, once every --arch has finished (weights "
+                                   "and input size chosen on the held-out files)")
     t.add_argument("--name", default="imagenette", help="suffix of the exported record name")
-    t.add_argument("--pair-with", help="weights folder holding the other model of the pair, exported alone by an "
+    t.add_argument("--pair-with", help="weights folder holding another model of the lineup, exported alone by an "
                                       "earlier 'train --export' of one --arch with the same options: --export "
-                                      "then makes the pair's held-out choice over both and writes the pair")
-    t.add_argument("--settings-from", help="weights folder whose default pair was trained with this recipe and a "
+                                      "then makes the held-out choice over both and writes the lineup")
+    t.add_argument("--settings-from", help="weights folder whose default lineup was trained with this recipe and a "
                                           "held-out split: a final run on every training file (--holdout 0) ships "
-                                          "with the weights kind and input size that pair chose on its held-out files")
+                                          "with the weights kind and input size that lineup chose on its held-out "
+                                          "files")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
@@ -243,9 +303,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                       "$CBAM_VIZ_WEIGHTS_DIR, else the repository's weights/)")
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="record name in the manifest")
-    which.add_argument("--pair", help="pair name in the manifest (evaluates both models)")
+    which.add_argument("--lineup", help="lineup name in the manifest: evaluates every member, and each one against "
+                                        "the reference (paired bootstrap interval, McNemar)")
+    which.add_argument("--pair", dest="lineup", help=argparse.SUPPRESS)  # the name before lineups
     e.add_argument("--data", required=True, help="ImageFolder split whose folder names are the class ids")
-    e.add_argument("--out", help="write the results as JSON to this file")
+    e.add_argument("--out", help="write the results (every member, the differences) as JSON to this file")
+    e.add_argument("--markdown", help="write the results as a Markdown report to this file")
     e.add_argument("--update-manifest", action="store_true",
                    help="merge val_top1/val_top5/val_per_class/val_confusion/val_n into the records' metrics")
     e.add_argument("--batch-size", type=int, default=32)

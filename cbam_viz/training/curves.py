@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from cbam_viz.outputs import atomic_write
 
 __all__ = ["read_log", "monitored_split", "plot_training_curves"]
@@ -44,15 +46,11 @@ def plot_training_curves(runs: dict[str, str | os.PathLike], out: str | os.PathL
     Three panels, or two when no run monitored anything (an empty axis would read as a failed run).
     ``eval_size``: the monitoring image size, for the third panel's title (the log omits it).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     logs = {label: read_log(path) for label, path in runs.items()}
     splits = {label: monitored_split(log) for label, log in logs.items()}
     kinds = [k for k in ("holdout", "val") if k in splits.values()]
-    fig, axes = plt.subplots(1, 3 if kinds else 2, figsize=(13 if kinds else 8.8, 3.6), constrained_layout=True)
+    fig = Figure(figsize=(13 if kinds else 8.8, 3.6), constrained_layout=True)  # no pyplot: no global state
+    axes = fig.subplots(1, 3 if kinds else 2)
     for i, (label, log) in enumerate(logs.items()):
         ep, color = [e["epoch"] for e in log], f"C{i}"  # one colour per run in every panel
         axes[0].plot(ep, [e["train_loss"] for e in log], marker="o", ms=3, color=color, label=label)
@@ -75,5 +73,4 @@ def plot_training_curves(runs: dict[str, str | os.PathLike], out: str | os.PathL
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
     return out

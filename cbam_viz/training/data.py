@@ -18,11 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
+from cbam_viz.engine.preprocess import open_image
 from cbam_viz.outputs import atomic_write
+
+from cbam_viz.models.imagenette import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
 
 __all__ = [
     "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENETTE_NAMES", "ImageFolderScan",
@@ -31,24 +36,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Readable names of the ten Imagenette classes (WordNet id -> ImageNet label).
-IMAGENETTE_NAMES = {
-    "n01440764": "tench",
-    "n02102040": "English springer",
-    "n02979186": "cassette player",
-    "n03000684": "chain saw",
-    "n03028079": "church",
-    "n03394916": "French horn",
-    "n03417042": "garbage truck",
-    "n03425413": "gas pump",
-    "n03445777": "golf ball",
-    "n03888257": "parachute",
-}
-
-
 @dataclass(frozen=True)
 class ImageFolderScan:
     """Files of an ImageFolder layout (``root/<class>/<file>``), classes sorted as torchvision does."""
@@ -96,8 +83,6 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     Raises:
         cbam_viz.engine.preprocess.ImageError: not an image, damaged, or too large.
     """
-    from cbam_viz.engine.preprocess import open_image
-
     return open_image(path)
 
 
@@ -108,8 +93,6 @@ def _decode_one(path: Path, size: int) -> torch.Tensor:
 
 def decode_images(paths: list[Path], size: int, *, workers: int = 2, progress: bool = True) -> torch.Tensor:
     """Decode and stretch-resize images into one ``(N, 3, size, size)`` uint8 tensor."""
-    from tqdm.auto import tqdm
-
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         it = pool.map(lambda p: _decode_one(p, size), paths)
@@ -252,8 +235,6 @@ def mix_batch(batch: torch.Tensor, *, generator: torch.Generator, cutmix_alpha: 
         ``(mixed, partner, lam)``: the mixed batch, each image's partner index, and the weight of
         the image's own label. With both alphas 0 the batch is returned as is, with ``lam`` 1.
     """
-    import numpy as np
-
     if not all(math.isfinite(a) and a >= 0 for a in (cutmix_alpha, mixup_alpha)):
         raise ValueError(f"mixing alphas must be finite and >= 0, got cutmix {cutmix_alpha}, mixup {mixup_alpha}")
     b, _, h, w = batch.shape

@@ -21,12 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from cbam_viz.training.data import scan_image_folder
+from cbam_viz.engine.lineup import lineup_specs
+from cbam_viz.engine.preprocess import open_image, to_model_batch
 from cbam_viz.models.weights import WeightRecord, load_record, read_manifest, resolve_weights_dir
+from cbam_viz.training.data import scan_image_folder
 
-__all__ = ["EvalResult", "ClassMismatchError", "resolve_models", "evaluate_record", "evaluate_models",
-           "format_report", "paired_difference", "format_paired", "LabelledImages", "labelled_images", "image_batches", "spread_indices"]
+__all__ = ["EvalResult", "ClassMismatchError", "resolve_models", "resolve_lineup", "evaluate_record",
+           "evaluate_models", "format_report", "LabelledImages", "labelled_images", "image_batches", "spread_indices"]
 
 
 class ClassMismatchError(ValueError):
@@ -64,31 +67,43 @@ class EvalResult:
 
 
 def resolve_models(weights_dir: str | os.PathLike | None = None, *, model: str | None = None,
-                   pair: str | None = None) -> list[WeightRecord]:
-    """The records named by ``model`` or by the two members of ``pair``.
+                   lineup: str | None = None) -> list[WeightRecord]:
+    """The record named by ``model``, or every member of ``lineup`` in its display order.
 
     Raises:
         FileNotFoundError: no manifest in ``weights_dir``.
-        KeyError: unknown model or pair (the message lists the known ones).
+        KeyError: unknown model or lineup (the message lists the known ones).
     """
-    if (model is None) == (pair is None):
-        raise ValueError("give exactly one of model= or pair=")
+    return resolve_lineup(weights_dir, model=model, lineup=lineup)[0]
+
+
+def resolve_lineup(weights_dir: str | os.PathLike | None = None, *, model: str | None = None,
+                   lineup: str | None = None) -> tuple[list[WeightRecord], str]:
+    """:func:`resolve_models` and the reference member's name (a single model is its own reference).
+
+    A manifest's ``lineups`` and its ``pairs`` (lineups of two, the plain model the reference)
+    are both found; the lineup must be in ``weights_dir``'s own manifest, where its files are.
+    """
+    if (model is None) == (lineup is None):
+        raise ValueError("give exactly one of model= or lineup=")
     weights_dir = resolve_weights_dir(weights_dir)
     manifest_path = weights_dir / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"no manifest at {manifest_path}; train and export first "
                                 f"(python -m cbam_viz train --export {weights_dir})")
     data = read_manifest(weights_dir)
-    if pair is not None:
-        if pair not in data["pairs"]:
-            raise KeyError(f"no pair {pair!r} in {manifest_path}; known: {', '.join(sorted(data['pairs'])) or 'none'}")
-        names = [data["pairs"][pair]["baseline"], data["pairs"][pair]["cbam"]]
+    if lineup is not None:
+        specs = {name: spec for name, (_, spec) in lineup_specs(weights_dir).items()}
+        if lineup not in specs:
+            raise KeyError(f"no lineup {lineup!r} in {manifest_path}; known: {', '.join(sorted(specs)) or 'none'}")
+        names = list(specs[lineup]["members"])
+        reference = specs[lineup].get("reference") or names[0]
     else:
-        names = [model]
+        names, reference = [model], model
     for name in names:
         if name not in data["models"]:
             raise KeyError(f"no model {name!r} in {manifest_path}; known: {', '.join(sorted(data['models'])) or 'none'}")
-    return [WeightRecord(**data["models"][n]) for n in names]
+    return [WeightRecord(**data["models"][n]) for n in names], reference
 
 
 def _labels_in_class_order(class_ids: Sequence[str], model_name: str, scan) -> list[int]:
@@ -156,10 +171,6 @@ def image_batches(images: LabelledImages, preprocessing, *, device: torch.device
     Raises:
         cbam_viz.engine.preprocess.ImageError: an image cannot be decoded (the message names it).
     """
-    from tqdm.auto import tqdm
-
-    from cbam_viz.engine.preprocess import open_image, to_model_batch
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = device or getattr(preprocessing, "device", None) or "cpu"
@@ -233,39 +244,8 @@ def evaluate_record(
 
 
 def evaluate_models(records: list[WeightRecord], data_dir: str | os.PathLike, **kwargs) -> list[EvalResult]:
-    """:func:`evaluate_record` for each record (e.g. both members of a pair)."""
+    """:func:`evaluate_record` for each record (e.g. every member of a lineup), on the same images."""
     return [evaluate_record(r, data_dir, **kwargs) for r in records]
-
-
-def paired_difference(baseline: EvalResult, cbam: EvalResult, *, n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
-    """CBAM minus baseline top-1 on the same images: a paired bootstrap 95 % interval and McNemar's exact test.
-
-    The two models saw the same images, so their errors are correlated; an unpaired comparison of
-    two accuracies would overstate the uncertainty. McNemar counts the images only one model gets
-    right (``b``: CBAM only, ``c``: baseline only) and gives the two-sided exact binomial p-value.
-    """
-    import math
-
-    from cbam_viz.research.quality.stats import paired_bootstrap
-
-    if len(baseline.correct) != len(cbam.correct) or not baseline.correct:
-        raise ValueError("both results need per-image outcomes on the same images")
-    a = np.asarray(cbam.correct, dtype=np.float64)
-    b = np.asarray(baseline.correct, dtype=np.float64)
-    iv = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
-    only_cbam, only_base = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    k, m = min(only_cbam, only_base), only_cbam + only_base
-    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
-    return {"cbam_minus_baseline": iv.value, "ci95": [iv.low, iv.high], "n": iv.n, "n_boot": n_boot,
-            "only_cbam_right": only_cbam, "only_baseline_right": only_base, "mcnemar_p": p,
-            "hflip": cbam.hflip}
-
-
-def format_paired(diff: dict[str, Any]) -> str:
-    lo, hi = diff["ci95"]
-    return (f"CBAM - baseline top-1: {100 * diff['cbam_minus_baseline']:+.2f} points, 95 % paired bootstrap "
-            f"interval [{100 * lo:+.2f}, {100 * hi:+.2f}] over {diff['n']} images; McNemar: CBAM alone right on "
-            f"{diff['only_cbam_right']}, baseline alone on {diff['only_baseline_right']}, two-sided exact p = {diff['mcnemar_p']:.3g}")
 
 
 def _pct(v: float | None) -> str:

@@ -55,7 +55,7 @@ def holdout_digest(files: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Half:
-    """One model of a pair, exported alone: a record per weight kind and the held-out scores of both."""
+    """One model of a lineup, exported alone: a record per weight kind and the held-out scores of both."""
 
     arch: str
     records: Mapping[str, WeightRecord]  # kind -> record
@@ -68,7 +68,7 @@ def read_half(weights_dir: str | os.PathLike, *, name: str, recipe: Recipe, hold
     """The half in ``weights_dir`` whose architecture is not in ``other_than``, checked against this run.
 
     ``holdout_files=None`` skips the held-out files check (before training, when they are not read yet).
-    ``settings``: this run's :func:`carried_settings` (a final pair); the half must carry the same.
+    ``settings``: this run's :func:`carried_settings` (a final lineup); the half must carry the same.
 
     Raises:
         ValueError: no half, more than one, or one made with another recipe, other held-out files
@@ -94,7 +94,7 @@ def read_half(weights_dir: str | os.PathLike, *, name: str, recipe: Recipe, hold
     saved = Recipe.from_json(first.recipe)
     if saved != recipe:
         raise ValueError(f"--pair-with: {first.name} was trained with another recipe "
-                         f"({'; '.join(recipe_differences(saved, recipe))}); a pair shares one recipe")
+                         f"({'; '.join(recipe_differences(saved, recipe))}); the members of a lineup share one recipe")
     if holdout_files is not None and first.training.get("holdout_digest") != holdout_digest(holdout_files):
         raise ValueError(f"--pair-with: {first.name} held out other training files than this run "
                          f"({first.training.get('holdout_images')} vs {len(holdout_files)}): train both on one folder")
@@ -255,7 +255,7 @@ def _scores_of(results: Mapping[str, TrainResult], *, recipe: Recipe, data_dir, 
 
 
 def _copy_half(half: Half, choice: Mapping[str, Any], *, weights_dir: Path, name: str) -> WeightRecord:
-    """Copy the half's chosen weights into ``weights_dir`` as ``<arch>_<name>``, with the pair's choice."""
+    """Copy the half's chosen weights into ``weights_dir`` as ``<arch>_<name>``, with the lineup's choice."""
     source = half.records[choice["weights"]]
     record_name = f"{half.arch}_{name}"
     file = f"{record_name}.safetensors"

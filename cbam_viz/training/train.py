@@ -16,10 +16,11 @@ AVX2-only AMD EPYC: 3.3 vs 41.9 img/s for resnet18_cbam at 96 px), so the CLI's 
 :func:`train` is a sequence of named steps: :func:`load_split` and :func:`start_run` (a fresh or a
 resumed run), then per epoch :func:`run_epoch` (:func:`~cbam_viz.training.step.epoch_order` and
 one :func:`~cbam_viz.training.step.train_step` per batch), :func:`monitor` (every ``eval_every``
-epochs) and :func:`checkpoint`; writing the weights out is :mod:`cbam_viz.training.export`. Every epoch ends with a checkpoint (``last.pt``, written
-atomically) and a JSON line in ``log.jsonl``; ``resume=True`` continues from the last finished
-epoch, bit for bit the same run as an uninterrupted one on a CPU (on a GPU, cuDNN's fastest
-kernels are not deterministic, so two runs, resumed or not, agree only to floating-point noise).
+epochs) and :func:`checkpoint`; writing the weights out is :mod:`cbam_viz.training.export`.
+Every epoch ends with a checkpoint (``last.pt``, written atomically) and a JSON line in
+``log.jsonl``; ``resume=True`` continues from the last finished epoch, bit for bit the same run
+as an uninterrupted one on a CPU (on a GPU, cuDNN's fastest kernels are not deterministic, so two
+runs, resumed or not, agree only to floating-point noise).
 """
 from __future__ import annotations
 
