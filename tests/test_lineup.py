@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_viz.lineup import Lineup, default_lineup_name, lineup_names, lineup_of_pair, load_lineup
-from cbam_viz.model_import import add_lineup, add_model
+from cbam_viz.engine.lineup import (
+    IMAGENET_LINEUP, UNTRAINED_LINEUP, Lineup, default_lineup_name, lineup_names, load_lineup,
+)
+from cbam_viz.models.importer import add_lineup, add_model
 from cbam_viz.models import create_model
-from cbam_viz.pair import ModelLoadError, clear_cache, load_pair
-from cbam_viz.weights import WEIGHTS_DIR_ENV, read_manifest, save_safetensors
+from cbam_viz.engine.loading import ModelLoadError, clear_cache
+from cbam_viz.models.weights import WEIGHTS_DIR_ENV, read_manifest, save_safetensors
 from tests.bad_inputs import write_test_weights
 from tests.foreign_models import randomize
 
@@ -61,11 +63,12 @@ def test_old_pairs_are_lineups_of_two(tmp_path, monkeypatch):
     folder = write_test_weights(tmp_path / "old")
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(folder))
     clear_cache()
-    name = next(iter(read_manifest(folder)["pairs"]))
-    assert lineup_names() == [name] and default_lineup_name() == name
-    lineup, pair = load_lineup(), load_pair(name)
-    assert lineup.names == [pair.baseline.name, pair.cbam.name] and lineup.reference == pair.baseline.name
-    assert lineup_of_pair(pair) == lineup
+    name, pair = next(iter(read_manifest(folder)["pairs"].items()))
+    assert lineup_names() == [name, IMAGENET_LINEUP, UNTRAINED_LINEUP] and default_lineup_name() == name
+    lineup = load_lineup()
+    assert lineup.name == name and lineup.names == [pair["baseline"], pair["cbam"]] and lineup.reference == pair["baseline"]
+    assert [m.arch for m in lineup.members] == ["resnet18", "resnet18_cbam"]
+    assert load_lineup(name) == lineup
     clear_cache()
 
 
@@ -74,7 +77,7 @@ def test_lineups_of_every_folder_first_wins(family, tmp_path, monkeypatch):
     monkeypatch.setenv(WEIGHTS_DIR_ENV, f"{family}{os.pathsep}{old}")
     clear_cache()
     pair = next(iter(read_manifest(old)["pairs"]))
-    assert lineup_names() == ["family", "solo", pair]
+    assert lineup_names() == ["family", "solo", pair, IMAGENET_LINEUP, UNTRAINED_LINEUP]
     assert load_lineup(pair).reference == read_manifest(old)["pairs"][pair]["baseline"]
     clear_cache()
 
@@ -106,15 +109,15 @@ def test_a_lineup_checks_its_own_shape(env):
         lineup.member("nobody")
 
 
-def test_explain_lineup_gives_each_member_what_explain_model_gives_it(env):
+def test_explain_gives_each_member_what_explain_model_gives_it(env):
     from PIL import Image
 
-    from cbam_viz.explain import explain_lineup, explain_model
+    from cbam_viz.engine.explain import explain, explain_model
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
     lineup = load_lineup()
-    (result,) = explain_lineup(image, lineup, method="gradcam", layer="layer4.1")
+    (result,) = explain(image, lineup, method="gradcam", layer="layer4.1")
     assert list(result.models) == list(ARCHS) and result.reference == "resnet18" and result.image_size == (48, 40)
     for member in lineup.members:
         (alone,) = explain_model(image, member, method="gradcam", layer="layer4.1")
@@ -127,5 +130,5 @@ def test_explain_lineup_gives_each_member_what_explain_model_gives_it(env):
     assert gates["resnet18_se"][1] == set() and len(gates["resnet18_se"][0]) == 8  # SE: channel gates only
     assert gates["resnet18_bam"] == ({"bam1", "bam2", "bam3"}, {"bam1", "bam2", "bam3"})
     assert len(gates["resnet18_cbam"][0]) == len(gates["resnet18_cbam"][1]) == 8
-    (dog,) = explain_lineup(image, lineup, target=1)
+    (dog,) = explain(image, lineup, target=1)
     assert {e.target for e in dog.models.values()} == {1}
