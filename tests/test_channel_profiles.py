@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cbam_viz.attention import record_attention
-from cbam_viz.channel_profiles import (
-    block_similarity, load_profiles, profile_dataset, profiles_image, similarity_rows,
+from cbam_viz.engine.attention import record_attention
+from cbam_viz.research.channel_profiles import (
+    block_similarity, profile_dataset, profile_lineup, profiles_image, similarity_rows,
 )
-from cbam_viz.evaluate import image_batches, labelled_images
+from cbam_viz.research.profile_files import load_lineup_profiles, load_profiles, write_lineup_profiles
+from cbam_viz.training.evaluate import image_batches, labelled_images
 from cbam_viz.models.cbam import CBAM, CBAMConfig
-from cbam_viz.pair import LoadedModel
+from cbam_viz.engine.loading import LoadedModel
 from conftest import assert_no_hooks, make_loaded
 from tests.synthetic import make_image_folder
 
@@ -106,9 +107,40 @@ def test_means_and_variance_ratio_equal_a_direct_per_image_computation(folder):
     assert_no_hooks(loaded.model)
 
 
-def test_a_model_without_cbam_gates_is_refused(folder):
-    with pytest.raises(ValueError, match="no CBAM gates"):
+def test_a_model_without_channel_gates_is_refused(folder):
+    with pytest.raises(ValueError, match="no channel gate"):
         profile_dataset(make_loaded("resnet18", input_size=32), folder, progress=False)
+
+
+def test_a_lineup_profiles_every_member_with_channel_gates_se_and_bam_included(folder, tmp_path):
+    """SE's gates per block, BAM's joint gate per stage transition (averaged over positions), CBAM's
+    per block; the plain member is skipped; the files hold each member and read back by name."""
+    from tests.research_lineups import make_lineup
+
+    lineup = make_lineup(("resnet18", "resnet18_se", "resnet18_bam", "resnet18_cbam"), name="four")
+    profiles = profile_lineup(lineup, folder, batch_size=4, workers=1, progress=False)
+    assert list(profiles) == ["tiny resnet18_se", "tiny resnet18_bam", "tiny resnet18_cbam"]
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert profiles["tiny resnet18_se"].blocks == blocks and profiles["tiny resnet18_cbam"].blocks == blocks
+    bam = profiles["tiny resnet18_bam"]
+    assert bam.blocks == ["bam1", "bam2", "bam3"] and bam.means["bam2"].shape == (3, 128)
+    x, y = next(iter(image_batches(labelled_images(CLASSES, folder), lineup.member("tiny resnet18_bam"),
+                                   batch_size=64, workers=1, progress=False)))
+    with record_attention(lineup.member("tiny resnet18_bam").model) as maps, torch.no_grad():
+        lineup.member("tiny resnet18_bam").model(x)
+    for k in range(3):  # the class mean of the joint gate averaged over positions
+        np.testing.assert_allclose(bam.means["bam2"][k], maps["bam2"]["channel"][y == k].double().mean(0).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    paths = write_lineup_profiles(profiles, tmp_path / "out", lineup=lineup)
+    doc = json.loads(paths["json"].read_text())
+    assert doc["skipped"] == ["tiny resnet18"] and doc["members"] == list(profiles)
+    back = load_lineup_profiles(tmp_path / "out")
+    assert list(back) == list(profiles) and back["tiny resnet18_bam"].blocks == ["bam1", "bam2", "bam3"]
+    assert load_profiles(tmp_path / "out").model_name == "tiny resnet18_cbam"  # a lineup folder: its last member
+    md = paths["markdown"].read_text()
+    assert "| bam2 |" in md and "tiny resnet18_se: r" in md and "No channel gate: tiny resnet18." in md
+    with pytest.raises(ValueError, match="no member of lineup 'plain' has a channel gate"):
+        profile_lineup(make_lineup(("resnet18",), name="plain"), folder, progress=False)
 
 
 def test_figure_for_the_app_is_an_rgb_image(folder):
@@ -118,16 +150,21 @@ def test_figure_for_the_app_is_an_rgb_image(folder):
 
 
 def test_cli_writes_every_file(tmp_path):
+    """A manifest pair is a lineup of two: the CBAM member's files in its folder, the lineup's beside them."""
     from cbam_viz.cli import main
-    from cbam_viz.data import IMAGENETTE_NAMES
+    from cbam_viz.models.imagenette import IMAGENETTE_NAMES
     from tests.bad_inputs import TEST_PAIR, write_test_weights
 
     weights = write_test_weights(tmp_path / "weights")
     data = make_image_folder(tmp_path / "val", list(IMAGENETTE_NAMES), per_class=1)
-    out = tmp_path / "out"
-    assert main(["channel-profiles", "--data", str(data), "--out", str(out), "--weights", str(weights),
+    top = tmp_path / "out"
+    assert main(["channel-profiles", "--data", str(data), "--out", str(top), "--weights", str(weights),
                  "--pair", TEST_PAIR, "--max-images", "6", "--batch-size", "4", "--threads", "1",
                  "--no-progress"]) == 0
+    lineup_doc = json.loads((top / "channel_profiles.json").read_text())
+    (member,) = lineup_doc["members"]
+    assert lineup_doc["lineup"] == TEST_PAIR and len(lineup_doc["skipped"]) == 1
+    out = top / lineup_doc["folders"][member]
     assert sorted(p.name for p in out.iterdir()) == [
         "channel_profiles.json", "channel_profiles.md", "channel_profiles.png", "profiles.npz"]
     doc = json.loads((out / "channel_profiles.json").read_text())

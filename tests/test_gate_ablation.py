@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_viz.attention import record_attention
-from cbam_viz.gate_ablation import (
-    ALL_BLOCKS, ablate_gates, ablate_image, ablation_chart, ablation_effects, ablation_grid, cbam_blocks,
-    gate_means, load_gate_means,
+from cbam_viz.engine.attention import record_attention
+from cbam_viz.research.ablation_report import ablation_chart
+from cbam_viz.research.gate_ablation import (
+    ALL_BLOCKS, ablate_gates, ablate_image, ablation_effects, ablation_grid, gate_means, gated_blocks,
+    load_gate_means,
 )
-from cbam_viz.pair import model_lock
-from cbam_viz.quality.stats import pearson
+from cbam_viz.engine.locks import model_lock
+from cbam_viz.research.quality.stats import pearson
 from conftest import assert_no_hooks, make_image, make_loaded, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +39,7 @@ def _logits(model, x):
 
 
 def test_grid_lists_every_block_and_gate_then_all_blocks(cbam_model):
-    assert cbam_blocks(cbam_model) == BLOCKS
+    assert gated_blocks(cbam_model) == BLOCKS
     grid = ablation_grid(cbam_model)
     assert grid[:3] == [("layer1.0", "channel"), ("layer1.0", "spatial"), ("layer1.0", "both")]
     assert grid[-3:] == [(ALL_BLOCKS, g) for g in ("channel", "spatial", "both")]
@@ -156,7 +157,7 @@ def test_mean_ablation_feeds_the_dataset_means_and_the_means_are_direct_averages
 
 
 def test_wrong_names_and_missing_means_fail_before_any_hook(cbam_model):
-    with pytest.raises(ValueError, match="no CBAM block.*layer9.0"):
+    with pytest.raises(ValueError, match="no gated block.*layer9.0"):
         with ablate_gates(cbam_model, blocks="layer9.0"):
             pass
     with pytest.raises(ValueError, match="unknown gate"):
@@ -165,8 +166,11 @@ def test_wrong_names_and_missing_means_fail_before_any_hook(cbam_model):
     with pytest.raises(ValueError, match="needs the dataset means of layer1.0.channel"):
         with ablate_gates(cbam_model, blocks="layer1.0", gate="channel", constant="mean", means={}):
             pass
-    with pytest.raises(ValueError, match="no CBAM gate"):
+    with pytest.raises(ValueError, match="no attention gate"):
         with ablate_gates(make_model("resnet18")):
+            pass
+    with pytest.raises(ValueError, match="layer1.0 has no spatial gate; it has: channel"):
+        with ablate_gates(make_model("resnet18_se"), blocks="layer1.0", gate="spatial"):
             pass
     assert_no_hooks(cbam_model)
 
@@ -194,20 +198,24 @@ def test_one_image_rows_and_chart_for_the_app():
 
 
 def test_cli_writes_table_and_json_with_paired_intervals(tmp_path):
+    """A manifest pair is a lineup of two: the plain member is skipped, the CBAM member ablated."""
     from cbam_viz.cli import main
-    from cbam_viz.data import IMAGENETTE_NAMES
-    from cbam_viz.evaluate import evaluate_record, resolve_models
+    from cbam_viz.models.imagenette import IMAGENETTE_NAMES
+    from cbam_viz.training.evaluate import evaluate_record, resolve_models
     from tests.bad_inputs import TEST_PAIR, write_test_weights
     from tests.synthetic import make_image_folder
 
     weights = write_test_weights(tmp_path / "weights")
     data = make_image_folder(tmp_path / "val", list(IMAGENETTE_NAMES), per_class=1)
     out = tmp_path / "out"
-    assert main(["ablate-gates", "--data", str(data), "--weights", str(weights), "--pair", TEST_PAIR,
+    assert main(["ablate-gates", "--data", str(data), "--weights", str(weights), "--lineup", TEST_PAIR,
                  "--out", str(out), "--batch-size", "4", "--threads", "1", "--no-progress", "--constant", "mean"]) == 0
-    report = json.loads((out / "gate_ablation.json").read_text())
+    doc = json.loads((out / "gate_ablation.json").read_text())
+    plain_record, cbam_record = resolve_models(weights, lineup=TEST_PAIR)
+    assert doc["lineup"] == TEST_PAIR and doc["skipped"] == [plain_record.name]
+    assert list(doc["models"]) == [cbam_record.name]
+    report = doc["models"][cbam_record.name]
     assert report["n"] == 10 and report["constant"] == "mean"
-    cbam_record = resolve_models(weights, pair=TEST_PAIR)[1]
     evaluated = evaluate_record(cbam_record, data, weights_dir=weights, progress=False)
     assert report["intact_top1"] == pytest.approx(evaluated.top1)  # decoded and labelled as `evaluate` does
     assert [(r["block"], r["gate"]) for r in report["rows"]] == [
@@ -217,6 +225,76 @@ def test_cli_writes_table_and_json_with_paired_intervals(tmp_path):
         assert d["n"] == 10 and d["low"] <= d["value"] <= d["high"]
         assert d["value"] == pytest.approx(report["intact_top1"] - r["top1"])
     md = (out / "gate_ablation.md").read_text()
-    assert "| layer4.1 | spatial |" in md and "| all | both |" in md
-    means = load_gate_means(out / "gate_means.npz")
+    assert "| layer4.1 | spatial |" in md and "| all | both |" in md and f"No gate to ablate: {plain_record.name}" in md
+    means = load_gate_means(out / f"gate_means_{cbam_record.name}.npz")
     assert means["layer1.0"]["channel"].shape == (64,) and means["layer4.1"]["spatial"].shape == ()
+
+
+# ------------------------------------------------------------------------- the attention family
+
+
+def test_se_blocks_have_a_channel_gate_only_and_switching_it_off_removes_the_se_module(x):
+    """Known answer: SE's gate set to 1 is the block without its SE module (``x * 1``)."""
+    import copy
+
+    se = make_model("resnet18_se", seed=2)
+    assert gated_blocks(se) == BLOCKS
+    assert ablation_grid(se) == [(b, "channel") for b in BLOCKS] + [(ALL_BLOCKS, "channel")]
+    plain = copy.deepcopy(se)
+    for name, module in list(plain.named_modules()):
+        if name.endswith(".se"):
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, torch.nn.Identity())
+    with ablate_gates(se, gate="channel"):
+        ablated = _logits(se, x)
+    torch.testing.assert_close(ablated, _logits(plain, x))
+    assert not torch.allclose(ablated, _logits(se, x))
+    means = gate_means(se, [x])
+    assert set(means["layer2.0"]) == {"channel"} and means["layer2.0"]["channel"].shape == (128,)
+    assert_no_hooks(se)
+
+
+def test_bam_modules_ablate_as_one_joint_gate_and_off_is_the_identity(x):
+    """Known answer: BAM's joint gate set to its off value (0) makes ``x * (1 + 0)``: the network
+    without its BAM modules; ``both`` is the only choice a BAM module has."""
+    import copy
+
+    bam = make_model("resnet18_bam", seed=3)
+    assert gated_blocks(bam) == ["bam1", "bam2", "bam3"]
+    assert ablation_grid(bam) == [("bam1", "both"), ("bam2", "both"), ("bam3", "both"), (ALL_BLOCKS, "both")]
+    plain = copy.deepcopy(bam)
+    plain.bam2 = torch.nn.Identity()
+    with ablate_gates(bam, blocks="bam2"):
+        ablated = _logits(bam, x)
+    torch.testing.assert_close(ablated, _logits(plain, x))
+    assert not torch.allclose(ablated, _logits(bam, x))
+    with pytest.raises(ValueError, match="bam1 has no spatial gate; it has: joint"):
+        with ablate_gates(bam, blocks="bam1", gate="spatial"):
+            pass
+    means = gate_means(bam, [x])
+    with record_attention(bam) as maps, torch.no_grad():
+        bam(x)
+    torch.testing.assert_close(means["bam2"]["joint"], maps["bam2"]["channel"].mean(0))  # per channel, over positions
+    rows = ablate_image(make_loaded("resnet18_bam", seed=3), make_image(80, 60), include_all=False)
+    assert [(r["block"], r["gate"]) for r in rows] == [("bam1", "both"), ("bam2", "both"), ("bam3", "both")]
+    assert_no_hooks(bam)
+
+
+def test_ablate_lineup_runs_every_gated_member_and_skips_the_plain_one(tmp_path):
+    from cbam_viz.research.ablation_report import ablate_lineup, markdown_report, write_report
+    from tests.research_lineups import make_lineup
+    from tests.synthetic import make_image_folder
+
+    lineup = make_lineup(("resnet18", "resnet18_se", "resnet18_bam"))
+    data = make_image_folder(tmp_path / "val", ["c0", "c1", "c2"], per_class=1)
+    report, means = ablate_lineup(lineup, data, constant="mean", gates=("both",), batch_size=3, workers=1,
+                                  n_boot=50, progress=False)
+    assert report["skipped"] == ["tiny resnet18"] and list(report["models"]) == ["tiny resnet18_se", "tiny resnet18_bam"]
+    assert [r["block"] for r in report["models"]["tiny resnet18_bam"]["rows"]] == ["bam1", "bam2", "bam3", "all"]
+    assert report["models"]["tiny resnet18_se"]["rows"] == []  # SE has no "both" row: its channel gate is the whole of it
+    assert set(means) == {"tiny resnet18_se", "tiny resnet18_bam"}
+    paths = write_report(report, tmp_path / "out", means=means)
+    assert (tmp_path / "out" / "gate_means_tiny_resnet18_bam.npz").is_file() and paths["json"].is_file()
+    assert "### tiny resnet18_bam" in markdown_report(report)
+    with pytest.raises(ValueError, match="no member of lineup 'plain' has an attention gate"):
+        ablate_lineup(make_lineup(("resnet18",), name="plain"), data, progress=False)

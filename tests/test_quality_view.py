@@ -7,14 +7,15 @@ from PIL import Image
 
 from cbam_viz.research.quality import METRICS, evaluate_cams, load_report, write_report
 from cbam_viz.research.quality import view as quality_view
+from tests.research_lineups import make_lineup
 
 pytestmark = pytest.mark.usefixtures("no_cbam_env")
 
 
 @pytest.fixture
-def report_dir(boxed_folder, micro_pair, tmp_path):
+def report_dir(boxed_folder, tmp_path):
     data, csv = boxed_folder
-    report, cams = evaluate_cams(data, csv, pair=micro_pair, methods=["gradcam"], n_boot=50, progress=False)
+    report, cams = evaluate_cams(data, csv, lineup=make_lineup(), methods=["gradcam"], n_boot=50, progress=False)
     write_report(report, cams, tmp_path / "report")
     return tmp_path / "report", data
 
@@ -26,7 +27,8 @@ def test_pictures_use_the_photos_when_present(report_dir):
     pictures, note = quality_view.differing_images(report, "energy", "gradcam", "both", 3)
     assert len(pictures) == 3 and note == ""
     for picture, caption in pictures:
-        assert "Energy in box" in caption and "baseline" in caption and "CBAM" in caption
+        # the reference and the compared member (default: the last), by name
+        assert "Energy in box" in caption and "tiny resnet18 " in caption and "tiny resnet18_cbam" in caption
         assert picture.width > 3 * 40 and picture.height > 40
         # the first panel is the photo itself: not the grey placeholder
         assert np.asarray(picture)[30:38, 10:40].std() > 1
@@ -37,14 +39,14 @@ def test_missing_photos_are_drawn_on_grey_and_found_through_data_dir(report_dir,
     moved = tmp_path / "elsewhere"
     shutil.move(str(data), moved)
     report, _ = quality_view.load_app_report(path)
-    pictures, note = quality_view.differing_images(report, "pointing", None, "cbam", 2)
+    pictures, note = quality_view.differing_images(report, "pointing", None, "member", 2, member="tiny resnet18_se")
     assert len(pictures) == 2 and "CBAM_VIZ_DATA" in note
     first_panel = np.asarray(pictures[0][0])[42:46, 24:28]  # inside the box outline, below the text
     assert (first_panel == quality_view.PLACEHOLDER_GREY).all()
-    pictures, note = quality_view.differing_images(report, "pointing", None, "cbam", 2, data_dir=moved)
+    pictures, note = quality_view.differing_images(report, "pointing", None, "member", 2, data_dir=moved)
     assert note == ""
     monkeypatch.setenv("CBAM_VIZ_DATA", str(moved))
-    assert quality_view.differing_images(report, "road", None, "baseline", 1)[1] == ""
+    assert quality_view.differing_images(report, "road", None, "reference", 1)[1] == ""
 
 
 def test_report_problems_become_a_note(report_dir, tmp_path, monkeypatch):

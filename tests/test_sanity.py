@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_viz.cam import compute_cams
-from cbam_viz.sanity import (
+from cbam_viz.engine.cam import compute_cams
+from cbam_viz.research.sanity import (
     PASS_THRESHOLD, STAGES, SanityResult, cascading_randomization, rank_correlation, sanity_check, sanity_flags,
     sanity_image, ssim, stage_modules,
 )
@@ -93,7 +93,7 @@ def test_stem_is_conv1_and_bn1(cbam_model):
 
 
 def test_randomising_changes_the_cams(cbam_model):
-    from cbam_viz.preprocess import to_model_batch
+    from cbam_viz.engine.preprocess import to_model_batch
 
     loaded = make_loaded("resnet18_cbam", input_size=128)
     x = to_model_batch([make_image(128, 128, seed=s) for s in range(2)], 128, loaded.mean, loaded.std)
@@ -137,9 +137,9 @@ def test_one_call_for_the_app_keeps_the_cams():
     assert set(sanity_flags(result)) == {"gradcam"}
 
 
-def test_cli_writes_json_and_markdown_for_both_models(tmp_path):
+def test_cli_writes_json_and_markdown_for_every_member(tmp_path):
     from cbam_viz.cli import main
-    from cbam_viz.data import IMAGENETTE_NAMES
+    from cbam_viz.models.imagenette import IMAGENETTE_NAMES
     from tests.bad_inputs import TEST_PAIR, write_test_weights
     from tests.synthetic import make_image_folder
 
@@ -150,7 +150,8 @@ def test_cli_writes_json_and_markdown_for_both_models(tmp_path):
                  "--methods", "gradcam", "layercam", "--max-images", "3", "--batch-size", "2", "--threads", "1",
                  "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "sanity.json").read_text())
-    assert list(report["models"]) == ["baseline", "cbam"]
+    assert report["lineup"] == TEST_PAIR and len(report["models"]) == 2  # a manifest pair: a lineup of two
+    assert list(report["vs_reference"]) == [n for n in report["models"] if n != report["reference"]]
     for m in report["models"].values():
         assert m["n"] == 3 and m["steps"] == list(STAGES) and list(m["methods"]) == ["gradcam", "layercam"]
         for res in m["methods"].values():

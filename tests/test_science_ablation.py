@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_viz.attention import record_attention
-from cbam_viz.cam import compute_cams
+from cbam_viz.engine.attention import record_attention
+from cbam_viz.engine.cam import compute_cams
+from cbam_viz.research.ablation_report import ablate_dataset
 from cbam_viz.research.gate_ablation import (
-    ALL_BLOCKS, GATE_KINDS, ablate_dataset, ablate_gates, ablate_image, ablation_effects, ablation_grid,
-    gate_means, load_gate_means, save_gate_means,
+    ALL_BLOCKS, GATE_KINDS, ablate_gates, ablate_image, ablation_effects, ablation_grid, gate_means,
+    load_gate_means, save_gate_means,
 )
-from cbam_viz.preprocess import open_image, to_model_batch
+from cbam_viz.engine.preprocess import open_image, to_model_batch
 from cbam_viz.research.quality.stats import pearson
 from conftest import assert_no_hooks, make_image, make_loaded, make_model
 

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from cbam_viz.research.channel_profiles import (
-    ChannelProfiles, accumulate_profiles, block_similarity, chance_variance_ratio, load_profiles, profiles_figure,
-    profiles_image, report_json, similarity_rows, write_profiles,
+    ChannelProfiles, accumulate_profiles, block_similarity, chance_variance_ratio, profiles_figure, profiles_image,
+    similarity_rows,
 )
+from cbam_viz.research.profile_files import load_profiles, report_json, write_profiles
 from conftest import make_loaded, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,7 +132,7 @@ def test_similarity_edge_cases():
 
 
 def test_means_follow_the_labels_in_any_order_and_round_trip(tmp_path):
-    from cbam_viz.attention import record_attention
+    from cbam_viz.engine.attention import record_attention
 
     model = make_model("resnet18_cbam", seed=3)
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -163,7 +164,7 @@ def test_profile_dataset_reads_the_folder_in_the_models_class_order(tmp_path):
     import time
 
     from cbam_viz.research.channel_profiles import profile_dataset
-    from cbam_viz.preprocess import open_image, to_model_batch
+    from cbam_viz.engine.preprocess import open_image, to_model_batch
     from tests.synthetic import make_image_folder
 
     loaded = make_loaded("resnet18_cbam", input_size=32, seed=2)

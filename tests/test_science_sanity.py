@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_viz.cam import compute_cams
-from cbam_viz.preprocess import open_image, to_model_batch
+from cbam_viz.engine.cam import compute_cams
+from cbam_viz.engine.preprocess import open_image, to_model_batch
 from cbam_viz.research.sanity import (
     PASS_THRESHOLD, STAGES, SanityResult, _summary, cascading_randomization, markdown_report, rank_correlation,
     sanity_check, sanity_dataset, sanity_flags, ssim, stage_modules,
 )
-from conftest import make_model, make_pair
+from conftest import make_model
+from tests.research_lineups import make_lineup
 from tests.synthetic import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +44,7 @@ def test_stored_passes_is_the_rule_on_the_stored_numbers():
             assert iv["value"] == pytest.approx(result.ssim[m][i].mean())
     assert verdicts == {"stuck": False, "good": True}
     assert summary["n"] == 3 and summary["steps"] == list(STAGES) and summary["name"] == "m"
-    text = markdown_report({"pair": "p", "data": "d", "pass_threshold": PASS_THRESHOLD, "seconds": 1.0,
+    text = markdown_report({"lineup": "p", "data": "d", "pass_threshold": PASS_THRESHOLD, "seconds": 1.0,
                             "settings": {"torch_threads": 1},
                             "models": {"cbam": {**summary, "trained": True}}})
     assert "stuck: **FAILS**" in text and "good: passes" in text
@@ -151,31 +152,44 @@ def test_every_number_equals_a_recomputation_from_the_randomised_copies():
 
 
 def test_dataset_report_holds_the_values_of_the_images_it_read(tmp_path):
+    """Every member of a lineup of three (one without gates), each against a direct cascade; each
+    other member's final-step rank correlation paired against the reference's."""
     import time
 
-    pair = make_pair(32)
-    data = make_image_folder(tmp_path / "val", pair.cbam.class_ids, per_class=2, size=(36, 30))
+    from cbam_viz.research.quality.stats import paired_bootstrap
+
+    lineup = make_lineup()
+    data = make_image_folder(tmp_path / "val", lineup.reference_model.class_ids, per_class=2, size=(36, 30))
     t0 = time.perf_counter()
-    report = sanity_dataset(pair, data, methods=("gradcam",), layer=LAYER, batch_size=4, workers=1, seed=2,
+    report = sanity_dataset(lineup, data, methods=("gradcam",), layer=LAYER, batch_size=4, workers=1, seed=2,
                             n_boot=100, progress=False)
     wall = time.perf_counter() - t0
     assert 0 <= report["seconds"] <= wall + 0.01 and report["seconds"] == round(report["seconds"], 2)
-    assert list(report["models"]) == ["baseline", "cbam"] and report["pass_threshold"] == PASS_THRESHOLD
+    assert list(report["models"]) == lineup.names and report["pass_threshold"] == PASS_THRESHOLD
+    assert report["lineup"] == lineup.name and report["reference"] == lineup.reference
     assert report["settings"]["methods"] == ["gradcam"] and report["settings"]["seed"] == 2
     files = sorted(data.glob("*/*.png"))
-    for role, stored in report["models"].items():
-        loaded = getattr(pair, role)
+    direct = {}
+    for name, stored in report["models"].items():
+        loaded = lineup.member(name)
         assert stored["name"] == loaded.name and stored["n"] == 6 and stored["input_size"] == 32
         assert stored["trained"] is False and stored["layer"] == LAYER
         x = to_model_batch([open_image(f) for f in files], 32, loaded.mean, loaded.std)
-        direct = sanity_check(loaded.model, x, methods=("gradcam",), layer=LAYER, seed=2)
+        direct[name] = sanity_check(loaded.model, x, methods=("gradcam",), layer=LAYER, seed=2)
         g = stored["methods"]["gradcam"]
         for i in range(len(STAGES)):
-            assert g["rank_correlation"][i]["value"] == pytest.approx(direct.rank["gradcam"][i].mean(), abs=1e-6)
-            assert g["ssim"][i]["value"] == pytest.approx(direct.ssim["gradcam"][i].mean(), abs=1e-6)
+            assert g["rank_correlation"][i]["value"] == pytest.approx(direct[name].rank["gradcam"][i].mean(), abs=1e-6)
+            assert g["ssim"][i]["value"] == pytest.approx(direct[name].ssim["gradcam"][i].mean(), abs=1e-6)
         assert g["passes"] is (g["rank_correlation"][-1]["value"] < PASS_THRESHOLD)
-        assert g["passes"] == sanity_flags(direct)["gradcam"]
-    smaller = sanity_dataset(pair, data, methods=("gradcam",), layer=LAYER, max_images=3, workers=1, n_boot=50,
+        assert g["passes"] == sanity_flags(direct[name])["gradcam"]
+    ref = lineup.reference
+    assert set(report["vs_reference"]) == set(lineup.names) - {ref}
+    for name, d in report["vs_reference"].items():
+        expected = paired_bootstrap(direct[name].rank["gradcam"][-1], direct[ref].rank["gradcam"][-1], n_boot=100,
+                                    seed=2).to_json()
+        assert d["gradcam"]["value"] == pytest.approx(expected["value"], abs=1e-9)
+    assert "rank correlation at the last step" in markdown_report(report)
+    one = make_lineup(("resnet18_cbam",), name="alone")
+    smaller = sanity_dataset(one, data, methods=("gradcam",), layer=LAYER, max_images=3, workers=1, n_boot=50,
                              progress=False)
-    assert smaller["models"]["cbam"]["n"] == 3
-
+    assert smaller["models"]["tiny resnet18_cbam"]["n"] == 3 and smaller["vs_reference"] == {}

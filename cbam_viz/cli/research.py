@@ -13,27 +13,39 @@ import sys
 __all__ = ["add_parsers"]
 
 
-def _cmd_evaluate_cams(args: argparse.Namespace) -> int:
-    import torch
+def _lineup(command: str, args: argparse.Namespace, **kw):
+    """The lineup the command runs on (``--lineup``, alias ``--pair``), with a warning when a member is untrained."""
+    from cbam_viz.engine.lineup import load_lineup
 
-    from cbam_viz.pair import load_pair
-    from cbam_viz.research.quality import evaluate_cams, write_report
+    lineup = load_lineup(args.lineup, weights_dir=args.weights, **kw)
+    untrained = [m.name for m in lineup.members if not m.trained]
+    if untrained:
+        print(f"{command}: warning: {', '.join(untrained)} of lineup {lineup.name!r} untrained; "
+              "their numbers describe random networks", file=sys.stderr)
+    return lineup
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+def _method_limits(items) -> dict[str, int]:
     limits = {}
-    for item in args.method_limit or ():
+    for item in items or ():
         method, _, count = item.partition("=")
         if not count.isdigit():
             raise SystemExit(f"--method-limit expects METHOD=N, got {item!r}")
         limits[method.strip().lower()] = int(count)
-    kw = {"weights_dir": args.weights} if args.weights else {}
-    pair = load_pair(args.pair, device=args.device, **kw)
-    if not pair.trained:
-        print(f"warning: pair {pair.name!r} is untrained (no trained weights found); its numbers mean nothing",
-              file=sys.stderr)
+    return limits
+
+
+def _cmd_evaluate_cams(args: argparse.Namespace) -> int:
+    import torch
+
+    from cbam_viz.research.quality import evaluate_cams, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limits = _method_limits(args.method_limit)
+    lineup = _lineup("evaluate-cams", args, device=args.device)
     report, cams = evaluate_cams(
-        args.data, args.boxes, pair=pair, methods=args.methods, layer=args.layer, batch_size=args.batch_size,
+        args.data, args.boxes, lineup=lineup, methods=args.methods, layer=args.layer, batch_size=args.batch_size,
         fractions=tuple(float(f) for f in args.fractions.split(",")), imputer=args.imputer, n_boot=args.n_boot,
         seed=args.seed, max_images=args.max_images, method_limits=limits, allow_missing=args.allow_missing,
         progress=not args.no_progress,
@@ -45,27 +57,23 @@ def _cmd_evaluate_cams(args: argparse.Namespace) -> int:
 
 
 def _run_research(command: str, args: argparse.Namespace, run) -> int:
-    """Shared by the issue-15 commands: threads, output folder checked first, the pair, known errors as one line.
+    """Shared by the dataset commands: threads, output folder checked first, the lineup, known errors as one line.
 
-    ``run(pair)`` does the work and returns the written paths; the Markdown one is printed.
+    ``run(lineup)`` does the work and returns the written paths; the Markdown one is printed.
     """
     import torch
 
-    from cbam_viz.training.evaluate import ClassMismatchError
+    from cbam_viz.engine.loading import ModelLoadError
+    from cbam_viz.engine.preprocess import ImageError
     from cbam_viz.messages import UserFacingError
     from cbam_viz.outputs import prepare_output_dir
-    from cbam_viz.pair import ModelLoadError, load_pair
-    from cbam_viz.preprocess import ImageError
+    from cbam_viz.training.evaluate import ClassMismatchError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         prepare_output_dir(args.out)
-        pair = load_pair(args.pair, weights_dir=args.weights)
-        if not pair.trained:
-            print(f"{command}: warning: pair {pair.name!r} is untrained; its numbers describe random networks",
-                  file=sys.stderr)
-        paths = run(pair)
+        paths = run(_lineup(command, args))
     except (KeyError, FileNotFoundError, ClassMismatchError, ImageError, UserFacingError, ModelLoadError) as err:
         print(f"{command}: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
@@ -75,29 +83,30 @@ def _run_research(command: str, args: argparse.Namespace, run) -> int:
 
 
 def _cmd_ablate_gates(args: argparse.Namespace) -> int:
-    from cbam_viz.research.gate_ablation import ablate_dataset, write_report
+    from cbam_viz.research.ablation_report import ablate_lineup, write_report
 
-    def run(pair):
-        report, means = ablate_dataset(pair.cbam, args.data, constant=args.constant, max_images=args.max_images,
-                                       batch_size=args.batch_size, progress=not args.no_progress)
+    def run(lineup):
+        report, means = ablate_lineup(lineup, args.data, constant=args.constant, max_images=args.max_images,
+                                      batch_size=args.batch_size, progress=not args.no_progress)
         return write_report(report, args.out, means=means)
 
     return _run_research("ablate-gates", args, run)
 
 
 def _cmd_channel_profiles(args: argparse.Namespace) -> int:
-    from cbam_viz.research.channel_profiles import profile_dataset, write_profiles
+    from cbam_viz.research.channel_profiles import profile_lineup
+    from cbam_viz.research.profile_files import write_lineup_profiles
 
-    def run(pair):
-        profiles = profile_dataset(pair.cbam, args.data, max_images=args.max_images, batch_size=args.batch_size,
-                                   progress=not args.no_progress)
-        return write_profiles(profiles, args.out)
+    def run(lineup):
+        profiles = profile_lineup(lineup, args.data, max_images=args.max_images, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
+        return write_lineup_profiles(profiles, args.out, lineup=lineup)
 
     return _run_research("channel-profiles", args, run)
 
 
 def _cmd_sanity_check(args: argparse.Namespace) -> int:
-    from cbam_viz.cam import list_methods
+    from cbam_viz.engine.cam import list_methods
     from cbam_viz.research.sanity import sanity_dataset, write_report
 
     unknown = [m for m in args.methods if m.lower() not in list_methods()]
@@ -106,8 +115,8 @@ def _cmd_sanity_check(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
 
-    def run(pair):
-        report = sanity_dataset(pair, args.data, methods=[m.lower() for m in args.methods], layer=args.layer,
+    def run(lineup):
+        report = sanity_dataset(lineup, args.data, methods=[m.lower() for m in args.methods], layer=args.layer,
                                 max_images=args.max_images, batch_size=args.batch_size, seed=args.seed,
                                 progress=not args.no_progress)
         return write_report(report, args.out)
@@ -115,16 +124,23 @@ def _cmd_sanity_check(args: argparse.Namespace) -> int:
     return _run_research("sanity-check", args, run)
 
 
+def _add_lineup_args(sp: argparse.ArgumentParser) -> None:
+    """``--lineup`` (with ``--pair`` as a hidden alias) and ``--weights``."""
+    sp.add_argument("--lineup", help="lineup name from the weights manifest (default: its default lineup); every "
+                                     "member is measured, each compared with the lineup's reference")
+    sp.add_argument("--pair", dest="lineup", help=argparse.SUPPRESS)
+    sp.add_argument("--weights", help="folder holding manifest.json (default: $CBAM_VIZ_WEIGHTS_DIR, else the "
+                                      "repository's weights/)")
+
+
 def _add_research_args(sp: argparse.ArgumentParser, *, out_default: str | None, batch_size: int) -> None:
-    """The options the three issue-15 commands share."""
+    """The options the three dataset commands share."""
     sp.add_argument("--data", required=True, help="ImageFolder split whose folder names are the class ids")
     if out_default is None:
         sp.add_argument("--out", required=True, help="output folder (created if needed)")
     else:
         sp.add_argument("--out", default=out_default, help=f"output folder (default: {out_default})")
-    sp.add_argument("--pair", help="pair name from the weights manifest (default: its default pair)")
-    sp.add_argument("--weights", help="folder holding manifest.json (default: $CBAM_VIZ_WEIGHTS_DIR, else the "
-                                      "repository's weights/)")
+    _add_lineup_args(sp)
     sp.add_argument("--max-images", type=int, help="use only this many images, spread evenly over the classes")
     sp.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward (default {batch_size})")
     sp.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -133,8 +149,8 @@ def _add_research_args(sp: argparse.ArgumentParser, *, out_default: str | None, 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this group's sub-commands on the top-level parser's sub-parsers."""
-    q = sub.add_parser("evaluate-cams", help="score both models' CAMs on boxed images (pointing game, energy, "
-                       "MaxBoxAcc, ROAD-style faithfulness) with paired bootstrap intervals")
+    q = sub.add_parser("evaluate-cams", help="score every lineup member's CAMs on boxed images (pointing game, "
+                       "energy, MaxBoxAcc, ROAD-style faithfulness), paired against the reference")
     q.add_argument("--data", required=True, help="ImageFolder-layout folder (one sub-folder per class id)")
     q.add_argument("--boxes", required=True, help="CSV with wnid,file,xmin,ymin,xmax,ymax in image pixels")
     q.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "layercam"],
@@ -142,8 +158,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--method-limit", action="append", metavar="METHOD=N",
                    help="run METHOD on N evenly spread images only, e.g. scorecam=16 (repeatable)")
     q.add_argument("--out", default="docs/explanation_quality", help="folder for report.json/.md, summary.png, cams.npz")
-    q.add_argument("--pair", help="pair name from the weights manifest (default: its default pair)")
-    q.add_argument("--weights", help="folder holding manifest.json (default: the repository's weights/)")
+    _add_lineup_args(q)
     q.add_argument("--device", help="cpu, cuda, mps or auto (default: $CBAM_VIZ_DEVICE, else auto)")
     q.add_argument("--layer", help="CAM layer, dotted module name (default: last block of layer4)")
     q.add_argument("--batch-size", type=int, default=8, help="images per explain() call")
@@ -158,19 +173,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_evaluate_cams)
 
-    a = sub.add_parser("ablate-gates", help="accuracy of the CBAM model with each gate replaced by a constant "
-                       "(1 or its dataset mean), with paired bootstrap intervals of the drop")
+    a = sub.add_parser("ablate-gates", help="accuracy of every gated member with each gate replaced by a constant "
+                       "(off or its dataset mean), with paired bootstrap intervals of the drop")
     _add_research_args(a, out_default="docs/gate_ablation", batch_size=32)
     a.add_argument("--constant", choices=["one", "mean"], default="one",
-                   help="replacement: one (gate off) or mean (the gate's mean over --data; also writes gate_means.npz)")
+                   help="replacement: one (gate off) or mean (the gate's mean over --data; also writes "
+                        "gate_means_<member>.npz)")
     a.set_defaults(func=_cmd_ablate_gates)
 
-    cp = sub.add_parser("channel-profiles", help="mean channel-gate vector of every CBAM block per class, "
-                        "with class-similarity numbers per block (SE-Net Fig. 6)")
+    cp = sub.add_parser("channel-profiles", help="mean channel-gate vector of every gated block per class, for "
+                        "every member with channel gates, with class-similarity numbers per block (SE-Net Fig. 6)")
     _add_research_args(cp, out_default="docs/channel_profiles", batch_size=32)
     cp.set_defaults(func=_cmd_channel_profiles)
 
-    sc = sub.add_parser("sanity-check", help="CAMs of each model vs its cascading randomisation "
+    sc = sub.add_parser("sanity-check", help="CAMs of every lineup member vs its cascading randomisation "
                         "(Adebayo et al. 2018): SSIM and rank correlation per step and method")
     _add_research_args(sc, out_default="docs/sanity", batch_size=16)
     sc.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "layercam"], help="CAM methods")

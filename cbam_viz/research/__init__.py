@@ -1,6 +1,6 @@
 """The research layer: measurements over a dataset that say whether what the app shows holds up.
 
-Every command here runs on a :class:`~cbam_viz.lineup.Lineup` (1 to 4 members, one of them the
+Every command here runs on a :class:`~cbam_viz.engine.lineup.Lineup` (1 to 4 members, one of them the
 reference) and compares each other member with the reference by a paired difference over the
 same images, with a bootstrap interval; a lineup of one is measured without comparisons.
 

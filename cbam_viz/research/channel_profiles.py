@@ -1,16 +1,21 @@
-"""Channel attention per class: which CBAM blocks gate channels differently for different classes?
+"""Channel attention per class: which blocks gate channels differently for different classes?
 
 SE-Net (Hu et al., CVPR 2018, arXiv 1709.01507, Sec. 7.2 and Fig. 6) plots the mean
 excitation of each channel per class and finds early blocks *class-agnostic* (every class gets
 the same profile: the gate re-weights general features) and late blocks *class-specific*. CBAM's
 channel gate (Woo et al., ECCV 2018, arXiv 1807.06521) is the same kind of gate with max pooling
-added, so the same question applies. For each CBAM block this module averages the channel-gate
-vector ``Mc`` (``(C,)`` per image) over the images of each class, over an ImageFolder split, and
-summarises each block by two numbers (see :func:`block_similarity` for why these two).
+added, so the same question applies, and BAM's joint gate averaged over positions gives one
+channel vector per stage transition (:mod:`cbam_viz.engine.attention`). For each gated block this
+module averages the channel-gate vector ``Mc`` (``(C,)`` per image) over the images of each class,
+over an ImageFolder split, and summarises each block by two numbers (see :func:`block_similarity`
+for why these two). A lineup is profiled member by member (:func:`profile_lineup`), every member
+with a channel gate; the others are listed as skipped.
 
-Files of ``python -m cbam_viz channel-profiles`` (:func:`write_profiles`): ``profiles.npz``
-(per block the ``(K, C)`` class means, plus counts), ``channel_profiles.json`` (the numbers per
-block), ``channel_profiles.md`` and ``channel_profiles.png`` (one panel per block), all atomic.
+Their files (:mod:`cbam_viz.research.profile_files`): of one member (``write_profiles``): ``profiles.npz`` (per block the ``(K, C)`` class
+means, plus counts), ``channel_profiles.json`` (the numbers per block), ``channel_profiles.md`` and
+``channel_profiles.png`` (one panel per block), all atomic. ``python -m cbam_viz channel-profiles``
+writes a lineup (``write_lineup_profiles``): each member's files in a sub-folder named after it,
+and beside them one ``channel_profiles.md`` / ``.json`` with every member's numbers side by side.
 """
 from __future__ import annotations
 
@@ -20,7 +25,6 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,24 +32,30 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cbam_viz.attention import record_attention
+from cbam_viz.engine.attention import attention_gates, record_attention
+from cbam_viz.engine.lineup import Lineup
 from cbam_viz.training.evaluate import image_batches, labelled_images
 from cbam_viz.outputs import json_float
-from cbam_viz.pair import LoadedModel, model_lock
+from cbam_viz.engine.loading import LoadedModel
+from cbam_viz.engine.locks import model_lock
 
 __all__ = [
-    "ChannelProfiles", "accumulate_profiles", "profile_dataset", "block_similarity", "chance_variance_ratio",
-    "similarity_rows",
-    "profiles_figure", "profiles_image", "report_json", "markdown_report", "write_profiles", "load_profiles",
+    "ChannelProfiles", "accumulate_profiles", "has_channel_gates", "profile_dataset", "profile_lineup",
+    "block_similarity", "chance_variance_ratio", "similarity_rows", "profiles_figure", "profiles_image",
 ]
 
 #: Tiny total variance below which a block's gate counts as constant (then nothing is class-specific).
 _CONSTANT_VARIANCE = 1e-12
 
 
+def has_channel_gates(model: nn.Module) -> bool:
+    """Whether ``model`` has a gate with a channel map (CBAM, SE, BAM's joint gate); a plain ResNet has none."""
+    return any(kind in ("channel", "joint") for _, kind, _ in attention_gates(model))
+
+
 @dataclass(frozen=True)
 class ChannelProfiles:
-    """Per-class mean channel gates of every CBAM block, and what is needed to decompose their variance.
+    """Per-class mean channel gates of every gated block, and what is needed to decompose their variance.
 
     Attributes:
         class_ids, class_names: the model's classes, in its order (rows of every array).
@@ -73,8 +83,8 @@ def accumulate_profiles(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
                         num_classes: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Run ``model`` over ``(x, labels)`` batches and average each block's channel gate per class.
 
-    Every forward holds the model's lock (:func:`cbam_viz.pair.model_lock`) while
-    :func:`cbam_viz.attention.record_attention` hooks the gates.
+    Every forward holds the model's lock (:func:`cbam_viz.engine.locks.model_lock`) while
+    :func:`cbam_viz.engine.attention.record_attention` hooks the gates.
 
     Returns:
         ``(counts (K,), means {block: (K, C)}, mean_squares {block: (K, C)})``, float64; a class
@@ -89,6 +99,8 @@ def accumulate_profiles(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         y = y.to(torch.int64).cpu()
         counts += np.bincount(y.numpy(), minlength=num_classes)
         for block, gate in maps.items():
+            if "channel" not in gate:
+                continue
             g = gate["channel"].cpu().double()  # float64 on the CPU: MPS has no float64
             if block not in sums:
                 sums[block] = torch.zeros((num_classes, g.shape[1]), dtype=torch.float64)
@@ -100,6 +112,18 @@ def accumulate_profiles(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         means = {b: s.numpy() / n for b, s in sums.items()}
         mean_squares = {b: s.numpy() / n for b, s in squares.items()}
     return counts, means, mean_squares
+
+
+def profile_lineup(lineup: Lineup, data_dir: str | os.PathLike, **kw) -> dict[str, ChannelProfiles]:
+    """:func:`profile_dataset` for every member of ``lineup`` with channel gates, in its order.
+
+    Raises:
+        ValueError: no member has a channel gate.
+    """
+    gated = [m for m in lineup.members if has_channel_gates(m.model)]
+    if not gated:
+        raise ValueError(f"no member of lineup {lineup.name!r} has a channel gate ({', '.join(lineup.names)})")
+    return {m.name: profile_dataset(m, data_dir, **kw) for m in gated}
 
 
 def profile_dataset(
@@ -117,13 +141,11 @@ def profile_dataset(
     (:func:`cbam_viz.training.evaluate.image_batches`); ``max_images`` keeps an evenly spread subset.
 
     Raises:
-        ValueError: the model has no CBAM gate.
+        ValueError: the model has no channel gate.
         cbam_viz.training.evaluate.ClassMismatchError: the folder names are not the model's class ids.
     """
-    from cbam_viz.attention import cbam_gates
-
-    if not cbam_gates(loaded.model):
-        raise ValueError(f"{loaded.name} has no CBAM gates: channel profiles need the CBAM model")
+    if not has_channel_gates(loaded.model):
+        raise ValueError(f"{loaded.name} has no channel gate: channel profiles need a CBAM, SE or BAM model")
     t0 = time.perf_counter()
     images = labelled_images(loaded.class_ids, data_dir, model_name=loaded.name, max_images=max_images)
     batches = image_batches(images, loaded, batch_size=batch_size, workers=workers, progress=progress,
@@ -262,73 +284,3 @@ def profiles_image(profiles: ChannelProfiles, *, dpi: int = 110) -> Image.Image:
     buf.seek(0)
     with Image.open(buf) as im:
         return im.convert("RGB")
-
-
-# ---------------------------------------------------------------------------------- files
-
-
-def report_json(profiles: ChannelProfiles) -> dict[str, Any]:
-    """The JSON document of ``channel_profiles.json``."""
-    return {"model": profiles.model_name, "data": profiles.data, "n": int(profiles.counts.sum()),
-            "counts": {c: int(n) for c, n in zip(profiles.class_ids, profiles.counts)},
-            "classes": [{"id": i, "name": n} for i, n in zip(profiles.class_ids, profiles.class_names)],
-            "blocks": {r["block"]: {k: v for k, v in r.items() if k != "block"} for r in similarity_rows(profiles)},
-            "chance_variance_ratio": json_float(chance_variance_ratio(profiles), 4),
-            **profiles.extra}
-
-
-def markdown_report(profiles: ChannelProfiles) -> str:
-    """The ``channel-profiles`` table: per block, the two class-similarity numbers."""
-    lines = [f"## Channel attention per class: {profiles.model_name}", "",
-             f"{int(profiles.counts.sum())} images of {int((profiles.counts > 0).sum())} classes from "
-             f"`{profiles.data}`. *r*: mean over class pairs of the Pearson correlation between their mean "
-             "channel-gate profiles (1 = every class gated alike). *η²*: share of the per-image gate "
-             "variance explained by the class (0 = class-agnostic, 1 = determined by the class; a class-agnostic "
-             f"gate scores {chance_variance_ratio(profiles):.3f} by chance with these counts). "
-             "SE-Net's finding, to compare with: early blocks class-agnostic, late blocks class-specific.", ""]
-    if profiles.extra.get("trained") is False:
-        lines += ["> **Untrained model**: these numbers describe a random network.", ""]
-    lines += ["| block | channels | r | η² |", "|---|---:|---:|---:|"]
-    for r in similarity_rows(profiles):
-        cells = ["n/a" if r[k] is None else f"{r[k]:.3f}" for k in ("profile_correlation", "class_variance_ratio")]
-        lines.append(f"| {r['block']} | {r['channels']} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines + [""])
-
-
-def write_profiles(profiles: ChannelProfiles, out: str | os.PathLike) -> dict[str, Path]:
-    """Write ``profiles.npz``, ``channel_profiles.png``, ``.md`` and ``.json`` (last) to ``out``, atomically.
-
-    ``profiles.npz`` holds, per block, the ``(K, C)`` means under the block's name, their mean
-    squares under ``mean_square/<block>``, and ``counts``, ``class_ids``, ``class_names``, ``model_name``, ``data``.
-    """
-    from cbam_viz.outputs import atomic_write, atomic_write_text, prepare_output_dir, write_json, write_npz
-
-    out = prepare_output_dir(out)
-    paths = {"npz": out / "profiles.npz", "figure": out / "channel_profiles.png",
-             "markdown": out / "channel_profiles.md", "json": out / "channel_profiles.json"}
-    arrays = {"counts": profiles.counts, "class_ids": np.array(profiles.class_ids),
-              "class_names": np.array(profiles.class_names), "model_name": np.array(profiles.model_name),
-              "data": np.array(profiles.data), **profiles.means,
-              **{f"mean_square/{b}": v for b, v in profiles.mean_squares.items()}}
-    write_npz(arrays, paths["npz"])
-    figure = profiles_figure(profiles)
-    atomic_write(paths["figure"], lambda f: figure.savefig(f, format="png", dpi=110))
-    atomic_write_text(paths["markdown"], markdown_report(profiles))
-    write_json(report_json(profiles), paths["json"])
-    return paths
-
-
-def load_profiles(path: str | os.PathLike) -> ChannelProfiles:
-    """Read the ``profiles.npz`` of :func:`write_profiles` (a file or its folder) back."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "profiles.npz"
-    with np.load(path) as data:
-        fixed = {"counts", "class_ids", "class_names", "model_name", "data"}
-        means = {k: data[k] for k in data.files if k not in fixed and not k.startswith("mean_square/")}
-        return ChannelProfiles(
-            class_ids=tuple(str(c) for c in data["class_ids"]), class_names=tuple(str(c) for c in data["class_names"]),
-            counts=data["counts"], means=means,
-            mean_squares={b: data[f"mean_square/{b}"] for b in means},
-            model_name=str(data["model_name"]) if "model_name" in data.files else "",
-            data=str(data["data"]) if "data" in data.files else str(path))

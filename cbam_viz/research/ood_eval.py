@@ -1,7 +1,7 @@
 """Which out-of-distribution score works? The comparison behind ``docs/out_of_distribution.md``.
 
-For every model of a pair (nothing pair-specific: one record at a time) this fits the four scores
-of :mod:`cbam_viz.ood` on the training split, sets each threshold to accept 95 % of the validation
+For every member of a lineup (nothing lineup-specific: one record at a time) this fits the four scores
+of :mod:`cbam_viz.engine.ood` on the training split, sets each threshold to accept 95 % of the validation
 images, and scores an out-of-class set: the photos and pictures that installed packages ship
 (Gradio's media assets and test data, matplotlib's and scikit-learn's samples, scikit-image's
 data when it is installed) and pictures drawn here from a seed (noise, gradients, stripes,
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from cbam_viz import ood
+from cbam_viz.engine import ood
+from cbam_viz.engine.lineup import load_lineup
 from cbam_viz.research.ood_fit import extract, split_features
 
 __all__ = ["packaged_images", "generated_images", "compare", "main"]
@@ -157,20 +158,19 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cbam_viz.research.ood_eval", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, type=Path, help="ImageFolder root with train/ and val/")
-    p.add_argument("--pair", default=None, help="the pair whose models are compared (default: the default pair)")
+    p.add_argument("--lineup", default=None, help="the lineup whose members are compared (default: the default one)")
+    p.add_argument("--pair", dest="lineup", help=argparse.SUPPRESS)
     p.add_argument("--weights", default=None, help="weights folder (default: the repository's weights/)")
     p.add_argument("--cache", type=Path, default=None, help="keep the extracted features here for re-runs")
     p.add_argument("--out", type=Path, default=None, help="write the full results (JSON) here")
     p.add_argument("--train-per-class", type=int, help="fit on at most N images per class (default: all)")
     p.add_argument("--val-per-class", type=int, help="calibrate on at most N images per class (default: all)")
-    p.add_argument("--model", choices=["baseline", "cbam"], action="append", help="only this member (repeatable)")
+    p.add_argument("--model", action="append", help="only this member, by name (repeatable)")
     args = p.parse_args(argv)
-    from cbam_viz.pair import load_pair
-
-    pair = load_pair(args.pair, weights_dir=args.weights, device="cpu")
+    lineup = load_lineup(args.lineup, weights_dir=args.weights, device="cpu")
     caps = (args.train_per_class, args.val_per_class)
-    results = [compare(getattr(pair, role), args.data, cache_dir=args.cache, per_class=caps, progress=True)
-               for role in (args.model or ("baseline", "cbam"))]
+    results = [compare(lineup.member(name), args.data, cache_dir=args.cache, per_class=caps, progress=True)
+               for name in (args.model or lineup.names)]
     print(markdown(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,15 @@
 """Fit a model record's out-of-distribution statistics (``python -m cbam_viz fit-ood``).
 
-The features come from the same preprocessing the app uses (:func:`cbam_viz.preprocess.to_model_batch`
+The features come from the same preprocessing the app uses (:func:`cbam_viz.engine.preprocess.to_model_batch`
 at the record's input size, images decoded by :func:`cbam_viz.training.data.load_rgb`), so a threshold set
 here means the same thing on an uploaded photo. The statistics are fitted on ``DATA/train`` and the
-threshold is set to accept :data:`cbam_viz.ood.ACCEPT` of ``DATA/val``; nothing else is chosen on
+threshold is set to accept :data:`cbam_viz.engine.ood.ACCEPT` of ``DATA/val``; nothing else is chosen on
 val. Works for any manifest record (a user's own model included): only its ``avgpool`` and ``fc``
-are assumed (:mod:`cbam_viz.ood`).
+are assumed (:mod:`cbam_viz.engine.ood`).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cbam_viz import ood
+from cbam_viz.engine import ood
 
 __all__ = ["extract", "split_features", "fit_record", "add_parser", "DEFAULT_METHOD"]
 
@@ -36,8 +37,8 @@ def extract(model: torch.nn.Module, images: Sequence[str | os.PathLike | Image.I
     from tqdm.auto import tqdm
 
     from cbam_viz.training.data import load_rgb
-    from cbam_viz.pair import model_lock
-    from cbam_viz.preprocess import to_model_batch
+    from cbam_viz.engine.locks import model_lock
+    from cbam_viz.engine.preprocess import to_model_batch
 
     device = next(model.parameters()).device
     feats, logits = [], []
@@ -120,8 +121,8 @@ def fit_record(name: str, data: str | os.PathLike, *, weights_dir: str | os.Path
 
     ``per_class``: (train, val) caps per class (:func:`split_features`); the default uses every image.
     """
-    from cbam_viz.pair import load_model
-    from cbam_viz.weights import resolve_weights_dir, update_manifest
+    from cbam_viz.engine.loading import load_model
+    from cbam_viz.models.weights import resolve_weights_dir, update_manifest
 
     if method not in ood.METHODS:
         raise ValueError(f"unknown out-of-distribution method {method!r}; choose one of {', '.join(ood.METHODS)}")
@@ -152,20 +153,19 @@ def _cmd_fit_ood(args) -> int:
     """``fit-ood``: fit the statistics of every model of a lineup (or the named records)."""
     import sys
 
-    from cbam_viz.pair import ModelLoadError, default_pair_name
-    from cbam_viz.weights import read_manifest, resolve_weights_dir
+    from cbam_viz.engine.lineup import default_lineup_name, lineup_specs
+    from cbam_viz.engine.loading import ModelLoadError
+    from cbam_viz.models.weights import resolve_weights_dir
 
     weights_dir = resolve_weights_dir(args.weights)
     try:
         names = list(args.model or [])
         if not names:
-            manifest = read_manifest(weights_dir)
-            lineup = args.lineup or default_pair_name(weights_dir)
-            spec = manifest.get("lineups", {}).get(lineup) or manifest["pairs"].get(lineup) if lineup else None
-            if not isinstance(spec, dict):
+            specs = lineup_specs(weights_dir)  # a manifest's lineups, and its old pairs as lineups of two
+            lineup = args.lineup or default_lineup_name(weights_dir)
+            if lineup not in specs:
                 raise KeyError(f"no lineup {lineup!r} in {weights_dir / 'manifest.json'}")
-            # A lineup lists its members; a pair names its baseline and CBAM models.
-            names = list(spec.get("members") or [spec[role] for role in ("baseline", "cbam") if spec.get(role)])
+            names = list(specs[lineup][1]["members"])
         for name in names:
             entry = fit_record(name, args.data, weights_dir=weights_dir, method=args.method, cache_dir=args.cache,
                                per_class=(args.train_per_class, args.val_per_class), batch_size=args.batch_size,
@@ -184,7 +184,8 @@ def add_parser(sub) -> None:
     f = sub.add_parser("fit-ood", help="fit each model's out-of-distribution statistics (training split) and "
                        "threshold (95 %% of val accepted); stored beside its weights")
     f.add_argument("--data", required=True, type=Path, help="ImageFolder root with train/<class>/ and val/<class>/")
-    f.add_argument("--lineup", help="the lineup (pair) whose models are fitted (default: the default one)")
+    f.add_argument("--lineup", help="the lineup whose models are fitted (default: the default one)")
+    f.add_argument("--pair", dest="lineup", help=argparse.SUPPRESS)
     f.add_argument("--model", action="append", help="fit this manifest record instead (repeatable)")
     f.add_argument("--weights", help="folder of manifest.json and the weights (default: $CBAM_VIZ_WEIGHTS_DIR, "
                    "else the repository's weights/)")

@@ -11,7 +11,7 @@ Here the stages of a ResNet are re-initialised cumulatively: ``fc``, then ``laye
 ``layer2``, ``layer1`` and the stem (``conv1``/``bn1``), each step adding one stage, with every
 module's own ``reset_parameters()`` (PyTorch's default init; BatchNorm back to weight 1, bias 0
 and unit running statistics), seeded per step, on a deep copy: the original model is never
-touched. CAMs (:func:`cbam_viz.cam.compute_cams`) of the *same* class (the trained model's
+touched. CAMs (:func:`cbam_viz.engine.cam.compute_cams`) of the *same* class (the trained model's
 prediction) are compared at each step by SSIM (:func:`ssim`) and Spearman rank correlation
 (:func:`rank_correlation`), both on the [0, 1] maps at the input size.
 
@@ -35,10 +35,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cbam_viz.engine.cam import compute_cams
+from cbam_viz.engine.lineup import Lineup
+from cbam_viz.engine.loading import LoadedModel
+from cbam_viz.engine.locks import model_lock
+from cbam_viz.engine.preprocess import to_model_batch
+from cbam_viz.outputs import atomic_write_text, json_float, prepare_output_dir, write_json
+from cbam_viz.research.quality.stats import bootstrap, paired_bootstrap, pearson
 from cbam_viz.training.evaluate import image_batches, labelled_images
-from cbam_viz.outputs import json_float
-from cbam_viz.research.quality.stats import pearson
-from cbam_viz.pair import LoadedModel, ModelPair, model_lock
 
 __all__ = [
     "DEFAULT_METHODS", "STAGES", "PASS_THRESHOLD", "SanityResult", "stage_modules", "cascading_randomization",
@@ -211,14 +215,12 @@ def sanity_check(
     Args:
         model: a ResNet (baseline or CBAM), left untouched.
         inputs: normalised ``(B, 3, S, S)`` batch.
-        methods: CAM methods (:func:`cbam_viz.cam.list_methods`).
+        methods: CAM methods (:func:`cbam_viz.engine.cam.list_methods`).
         layer: CAM layer name (default: last block of ``layer4``); the same in every copy.
         seed: seed of the re-initialisation.
         model_name: recorded in the result.
         keep_cams: also return every CAM (memory: ``7 x B x S x S`` floats per method).
     """
-    from cbam_viz.cam import compute_cams
-
     methods = tuple(methods)
     if not methods:
         raise ValueError("no CAM method to check")
@@ -256,8 +258,6 @@ def sanity_image(
     Show ``result.rows()`` as a table, :func:`sanity_flags` beside each method, and
     ``result.cams[method][:, i]`` (trained, then each step) with :func:`cbam_viz.render.overlay`.
     """
-    from cbam_viz.preprocess import to_model_batch
-
     images = [images] if isinstance(images, Image.Image) else list(images)
     x = to_model_batch(images, loaded.input_size, loaded.mean, loaded.std).to(loaded.device)
     return sanity_check(loaded.model, x, methods=methods, layer=layer, seed=seed, model_name=loaded.name,
@@ -275,8 +275,6 @@ def sanity_flags(result: SanityResult, *, threshold: float = PASS_THRESHOLD) -> 
 
 
 def _summary(result: SanityResult, *, n_boot: int, seed: int) -> dict[str, Any]:
-    from cbam_viz.research.quality.stats import bootstrap
-
     flags = sanity_flags(result)
     return {"name": result.model_name, "layer": result.layer, "n": result.n_images, "steps": list(result.steps),
             "methods": {m: {"ssim": [bootstrap(v, n_boot=n_boot, seed=seed).to_json() for v in result.ssim[m]],
@@ -285,8 +283,19 @@ def _summary(result: SanityResult, *, n_boot: int, seed: int) -> dict[str, Any]:
                             "passes": flags[m]} for m in result.methods}}
 
 
+def _vs_reference(results: Mapping[str, SanityResult], reference: str, *, n_boot: int, seed: int) -> dict:
+    """Per member other than the reference and per method: the paired interval, over the same
+    images, of ``member - reference`` mean rank correlation at the fully randomised step."""
+    ref = results.get(reference)
+    if ref is None:
+        return {}
+    return {name: {m: paired_bootstrap(r.rank[m][-1], ref.rank[m][-1], n_boot=n_boot, seed=seed).to_json()
+                   for m in r.methods}
+            for name, r in results.items() if name != reference}
+
+
 def sanity_dataset(
-    pair: ModelPair,
+    lineup: Lineup,
     data_dir: str | os.PathLike,
     *,
     methods: Sequence[str] = DEFAULT_METHODS,
@@ -298,22 +307,26 @@ def sanity_dataset(
     n_boot: int = 2000,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The cascade for both models of ``pair`` over an ImageFolder split; a JSON-ready report.
+    """The cascade for every member of ``lineup`` over an ImageFolder split; a JSON-ready report.
 
-    Images are decoded as ``python -m cbam_viz evaluate`` does, at each model's own input size;
-    each mean gets a 95 % bootstrap interval over images (:func:`cbam_viz.research.quality.stats.bootstrap`).
+    Images are decoded as ``python -m cbam_viz evaluate`` does, at each member's own input size;
+    each mean gets a 95 % bootstrap interval over images (:func:`cbam_viz.research.quality.stats.bootstrap`),
+    and each member other than the reference the paired interval of its final-step rank
+    correlation minus the reference's (``vs_reference``; empty for a lineup of one).
     """
     t0 = time.perf_counter()
-    models = {}
-    for role in ("baseline", "cbam"):
-        loaded = getattr(pair, role)
+    models, results = {}, {}
+    for loaded in lineup.members:
         images = labelled_images(loaded.class_ids, data_dir, model_name=loaded.name, max_images=max_images)
         parts = [sanity_check(loaded.model, x, methods=methods, layer=layer, seed=seed, model_name=loaded.name)
                  for x, _ in image_batches(images, loaded, batch_size=batch_size, workers=workers,
                                            progress=progress, desc=f"sanity {loaded.name}")]
-        models[role] = {**_summary(SanityResult.concat(parts), n_boot=n_boot, seed=seed),
-                        "trained": loaded.trained, "input_size": loaded.input_size}
-    return {"pair": pair.name, "data": str(data_dir), "models": models, "pass_threshold": PASS_THRESHOLD,
+        results[loaded.name] = SanityResult.concat(parts)
+        models[loaded.name] = {**_summary(results[loaded.name], n_boot=n_boot, seed=seed),
+                               "trained": loaded.trained, "input_size": loaded.input_size}
+    return {"lineup": lineup.name, "reference": lineup.reference, "data": str(data_dir), "models": models,
+            "vs_reference": _vs_reference(results, lineup.reference, n_boot=n_boot, seed=seed),
+            "pass_threshold": PASS_THRESHOLD,
             "settings": {"methods": list(methods), "seed": seed, "n_boot": n_boot, "max_images": max_images,
                          "batch_size": batch_size, "torch_threads": torch.get_num_threads()},
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -323,16 +336,28 @@ def _cell(iv: Mapping[str, Any]) -> str:
     return "n/a" if iv["value"] is None else f"{iv['value']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]"
 
 
+def _vs_reference_markdown(report: Mapping[str, Any]) -> list[str]:
+    vs = report.get("vs_reference") or {}
+    if not vs:
+        return []
+    methods = list(next(iter(vs.values())))
+    lines = [f"### Each model − {report['reference']}: rank correlation at the last step (lower: more dependent "
+             "on the learnt weights), paired over the same images", "",
+             "| model | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines += [f"| {name} | " + " | ".join(_cell(d[m]) for m in methods) + " |" for name, d in vs.items()]
+    return lines + [""]
+
+
 def markdown_report(report: Mapping[str, Any]) -> str:
     """One table per model: cascade step x method -> SSIM and rank correlation with 95 % intervals."""
-    lines = [f"## Sanity check: cascading model randomisation ({report['pair']})", "",
+    lines = [f"## Sanity check: cascading model randomisation (lineup {report.get('lineup', report.get('pair'))})", "",
              f"CAMs of the trained model vs the same model with its stages re-initialised top-down, cumulatively "
              f"(Adebayo et al., NeurIPS 2018), on `{report['data']}`. Values: mean over images [95 % bootstrap "
              f"interval]. A method passes when its mean rank correlation at the last step is below "
              f"{report['pass_threshold']}: its maps depend on the learnt weights.", ""]
-    for role, m in report["models"].items():
+    for m in report["models"].values():
         methods = list(m["methods"])
-        lines += [f"### {role}: {m['name']} ({m['n']} images, layer {m['layer']})", ""]
+        lines += [f"### {m['name']} ({m['n']} images, layer {m['layer']})", ""]
         if not m["trained"]:
             lines += ["> **Untrained model**: the 'trained' CAMs come from a random network.", ""]
         lines += ["| re-initialised up to | " + " | ".join(f"{x} SSIM | {x} rank corr." for x in methods) + " |",
@@ -343,14 +368,13 @@ def markdown_report(report: Mapping[str, Any]) -> str:
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
         verdicts = ", ".join(f"{x}: {'passes' if m['methods'][x]['passes'] else '**FAILS**'}" for x in methods)
         lines += ["", f"Verdict: {verdicts}.", ""]
+    lines += _vs_reference_markdown(report)
     lines += [f"Run time: {report['seconds']:.0f} s, {report['settings']['torch_threads']} threads.", ""]
     return "\n".join(lines)
 
 
 def write_report(report: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Path]:
     """Write ``sanity.md`` and ``sanity.json`` (last) to ``out``, atomically."""
-    from cbam_viz.outputs import atomic_write_text, prepare_output_dir, write_json
-
     out = prepare_output_dir(out)
     paths = {"markdown": out / "sanity.md", "json": out / "sanity.json"}
     atomic_write_text(paths["markdown"], markdown_report(report))

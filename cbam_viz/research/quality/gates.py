@@ -1,11 +1,13 @@
-"""Does CBAM's spatial gate itself localize the object? The paper's claim, measured on boxes.
+"""Does a spatial gate itself localize the object? The CBAM paper's claim, measured on boxes.
 
 CBAM's spatial gate (Woo et al., ECCV 2018, arXiv 1807.06521, Sec. 3) is a sigmoid map ``Ms`` per
 residual block that says *where* the block lets features through; the paper reads it as the
-network "focusing on the target object". Each block's map is scored here with the same
+network "focusing on the target object". BAM (arXiv 1807.06514) has one at each stage transition
+(its joint gate averaged over channels, :mod:`cbam_viz.engine.attention`); SE has none. Every spatial
+map of a member (per block, or per BAM module) is scored here with the same
 localization metrics as the CAMs (pointing game, energy in box, MaxBoxAcc:
 :mod:`cbam_viz.research.quality.metrics`), after the same post-processing the CAMs get (bilinear upsampling
-to the image, min-max scaling: :func:`cbam_viz.cam.normalize_cam`), against the true boxes.
+to the image, min-max scaling: :func:`cbam_viz.engine.cam.normalize_cam`), against the true boxes.
 
 A map that is bright in the middle scores well on photos of centred objects without knowing
 anything about them, so every block is compared with a **centre Gaussian** (sigma a quarter of
@@ -19,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from cbam_viz.cam import normalize_cam
+from cbam_viz.engine.cam import normalize_cam
 from cbam_viz.research.quality.boxes import Box
 from cbam_viz.research.quality.metrics import DEFAULT_THRESHOLDS, box_hits_over_thresholds, energy_in_boxes, pointing_game
-from cbam_viz.research.quality.stats import bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap
+from cbam_viz.research.quality.stats import bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap, to_json_list
 
 __all__ = ["CENTRE", "LOCALIZATION_METRICS", "centre_gaussian", "score_map", "spatial_gate_scores"]
 
@@ -66,7 +68,7 @@ def spatial_gate_scores(
     """Every block's spatial-gate map and the centre Gaussian, scored on the boxed images.
 
     Args:
-        gates: per image, ``{block: (h, w) spatial attention}`` as the CBAM model produced it.
+        gates: per image, ``{block: (h, w) spatial attention}`` as the member produced it (block or BAM module).
         sizes: per image, ``(W, H)`` of the photo the boxes belong to.
         boxes: per image, its true boxes.
 
@@ -75,10 +77,8 @@ def spatial_gate_scores(
         "vs_centre": {block: {metric: paired interval of block - centre}},
         "per_image": {name: {"pointing": [...], "energy": [...]}}}``.
     """
-    from cbam_viz.research.quality.report import to_json_list
-
     if not gates:
-        raise ValueError("no spatial-gate maps to score (a baseline model has none)")
+        raise ValueError("no spatial-gate maps to score (a model without a spatial gate has none)")
     blocks = list(gates[0])
     values: dict[str, list[dict]] = {name: [] for name in (*blocks, CENTRE)}
     for maps, size, bxs in zip(gates, sizes, boxes):

@@ -16,7 +16,7 @@ Localization (needs boxes of the true class; all arrays at the image's own size)
   methods right", CVPR 2020, clovaai/wsolevaluation) is the best threshold's accuracy,
   :func:`max_box_acc`.
 
-The faithfulness scores (no boxes) are in :mod:`cbam_viz.faithfulness`; :data:`METRICS` names
+The faithfulness scores (no boxes) are in :mod:`cbam_viz.engine.faithfulness`; :data:`METRICS` names
 and explains every metric a report holds, of both kinds.
 
 Conventions: a CAM is a float ``(H, W)`` array with values >= 0 (the engine scales it to
@@ -33,21 +33,17 @@ import cv2
 import numpy as np
 import torch
 
-from cbam_viz.faithfulness import check_cam
+from cbam_viz.engine.faithfulness import check_cam
 from cbam_viz.research.quality.boxes import Box, boxes_mask
 
 __all__ = [
-    "DEFAULT_THRESHOLDS", "METRICS", "PERCENT_METRICS", "ROLES", "MetricInfo", "box_hits_over_thresholds",
+    "DEFAULT_THRESHOLDS", "METRICS", "PERCENT_METRICS", "MetricInfo", "box_hits_over_thresholds",
     "box_iou", "cam_to_box", "energy_in_boxes", "max_box_acc", "per_image_text", "pointing_game",
 ]
 
 # wsolevaluation's cam_curve_interval 0.01: thresholds 0.00, 0.01, ..., 0.99.
 DEFAULT_THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.01), 2)
 _FLAT = 1e-6
-
-#: The two models of a pair, in the order every report lists them.
-ROLES = ("baseline", "cbam")
-
 
 @dataclass(frozen=True)
 class MetricInfo:

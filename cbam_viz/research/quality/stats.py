@@ -16,9 +16,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import math
+
 import numpy as np
 
-__all__ = ["Interval", "bootstrap", "paired_bootstrap", "mean_stat", "max_box_acc_stat", "pearson"]
+__all__ = ["Interval", "bootstrap", "paired_bootstrap", "mean_stat", "max_box_acc_stat", "pearson", "to_json_list",
+           "from_json_list"]
 
 Statistic = Callable[[np.ndarray], np.ndarray]
 
@@ -154,3 +157,13 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     if flat_a or flat_b:
         return 1.0 if flat_a and flat_b and np.allclose(a, b, atol=1e-6) else 0.0
     return float(da @ db / np.sqrt(saa * sbb))
+
+
+def to_json_list(values, digits: int = 4) -> list:
+    """Per-image numbers -> a JSON list, rounded, with ``None`` for NaN or infinity (strict JSON has neither)."""
+    return [None if not math.isfinite(v) else round(v, digits) for v in np.asarray(values, np.float64).tolist()]
+
+
+def from_json_list(values) -> np.ndarray:
+    """A JSON list of :func:`to_json_list` -> float64 array, ``None`` back to NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)

@@ -1,9 +1,9 @@
-"""The app's Explanation-quality tab: the images where the two models' CAMs differ most.
+"""The app's Explanation-quality tab: the images where a member's and the reference's CAMs differ most.
 
 The measured table comes from ``python -m cbam_viz evaluate-cams`` (``report.json`` plus the
 CAMs it stored in ``cams.npz``, both under ``docs/explanation_quality``). Averages hide what a
 difference looks like, so the tab lets a person pick a metric and see the photos behind it: the
-true boxes, both CAMs and each CAM's own box (drawn by :func:`cbam_viz.render.render_comparison`).
+true boxes, both CAMs and each CAM's own box (drawn by :func:`cbam_viz.figures.render_comparison`).
 
 The photos are dataset images and never ship with the project. They are looked up where the
 report found them, then under ``$CBAM_VIZ_DATA`` (an ImageFolder split such as
@@ -21,7 +21,7 @@ from PIL import Image
 from cbam_viz.training.data import load_rgb
 from cbam_viz.research.quality.metrics import METRICS, per_image_text
 from cbam_viz.research.quality.report import load_report, most_different_images, record_cams
-from cbam_viz.render import PLACEHOLDER_GREY, photo_placeholder, render_comparison
+from cbam_viz.figures import PLACEHOLDER_GREY, photo_placeholder, render_comparison
 from cbam_viz.resources import SHIPPED_ROOT
 
 __all__ = [
@@ -35,7 +35,8 @@ REPORT_ENV = "CBAM_VIZ_QUALITY_REPORT"
 #: Where the evaluated photos are on this machine, if not where the report found them.
 DATA_ENV = "CBAM_VIZ_DATA"
 #: Radio label -> ``direction`` of :func:`cbam_viz.research.quality.report.most_different_images`.
-DIRECTIONS = {"largest difference either way": "both", "CBAM better": "cbam", "baseline better": "baseline"}
+DIRECTIONS = {"largest difference either way": "both", "the compared model better": "member",
+              "the reference better": "reference"}
 
 
 def load_app_report(path: str | os.PathLike | None = None) -> tuple[dict | None, str]:
@@ -79,8 +80,8 @@ def record_image(record: dict) -> Image.Image:
 
 
 def render_record(report: dict, record: dict, *, alpha: float = 0.5, image: Image.Image | None = None) -> Image.Image:
-    """:func:`cbam_viz.render.render_comparison` for a :func:`~cbam_viz.research.quality.report.most_different_images`
-    record, from the stored CAMs.
+    """:func:`cbam_viz.figures.render_comparison` for a :func:`~cbam_viz.research.quality.report.most_different_images`
+    record, from the stored CAMs: the photo, the reference's CAM, the compared member's CAM.
 
     ``image``: the photo to draw on; default: read it from ``record["path"]``.
 
@@ -88,16 +89,17 @@ def render_record(report: dict, record: dict, *, alpha: float = 0.5, image: Imag
         FileNotFoundError: the report has no stored CAMs (``cams.npz``).
     """
     cams = record_cams(report)
+    ref, member = record["reference"], record["member"]
     key = f"{record['method']}/"
-    if key + "baseline" not in cams:
+    if key + ref not in cams or key + member not in cams:
         raise FileNotFoundError(f"no stored CAMs (cams.npz) next to the report in {report.get('_dir')}")
-    titles = ("image + true boxes",
-              f"baseline {per_image_text(record['metric'], record['baseline'])}",
-              f"CBAM {per_image_text(record['metric'], record['cbam'])}")
-    cam_b = cams[key + "baseline"][record["row"]].astype(np.float32) / 255.0
-    cam_c = cams[key + "cbam"][record["row"]].astype(np.float32) / 255.0
-    return render_comparison(record_image(record) if image is None else image, cam_b, cam_c, record["boxes"],
-                             cam_boxes=(record["baseline_box"], record["cbam_box"]), titles=titles, alpha=alpha)
+    titles = ("image + true boxes", *(f"{name} {per_image_text(record['metric'], record['values'][name])}"
+                                      for name in (ref, member)))
+    cam_r = cams[key + ref][record["row"]].astype(np.float32) / 255.0
+    cam_m = cams[key + member][record["row"]].astype(np.float32) / 255.0
+    return render_comparison(record_image(record) if image is None else image, cam_r, cam_m, record["boxes"],
+                             cam_boxes=(record["cam_boxes"][ref], record["cam_boxes"][member]), titles=titles,
+                             alpha=alpha)
 
 
 def differing_images(
@@ -107,18 +109,21 @@ def differing_images(
     direction: str = "both",
     k: int = 6,
     *,
+    member: str | None = None,
     data_dir: str | os.PathLike | None = None,
     alpha: float = 0.5,
 ) -> tuple[list[tuple[Image.Image, str]], str]:
     """The ``k`` most different images for ``metric`` as (picture, caption), plus a note.
 
-    Each picture has three panels: the photo with its true boxes (green), then the baseline's
-    and CBAM's CAM with the CAM's own box at its MaxBoxAcc threshold (white).
+    Each picture has three panels: the photo with its true boxes (green), then the reference's
+    and ``member``'s CAM (default: the last member) with the CAM's own box at its MaxBoxAcc
+    threshold (white).
 
     Raises:
-        ValueError: unknown metric, method or direction (from :func:`most_different_images`).
+        ValueError: unknown metric, method, direction or member (from :func:`most_different_images`).
     """
-    records = most_different_images(report, metric, k=max(1, int(k)), method=method, direction=direction)
+    records = most_different_images(report, metric, k=max(1, int(k)), method=method, direction=direction,
+                                    member=member)
     info = METRICS[metric]
     out: list[tuple[Image.Image, str]] = []
     missing = 0
@@ -136,8 +141,8 @@ def differing_images(
                 resized += 1
                 photo = photo.resize(size, Image.BILINEAR)
         picture = render_record(report, r, alpha=alpha, image=photo)
-        caption = (f"{Path(r['file']).name} ({r['class_name']}): baseline "
-                   f"{per_image_text(metric, r['baseline'])}, CBAM {per_image_text(metric, r['cbam'])}")
+        caption = f"{Path(r['file']).name} ({r['class_name']}): " + ", ".join(
+            f"{name} {per_image_text(metric, value)}" for name, value in r["values"].items())
         out.append((picture, caption))
     notes = []
     if not out:
