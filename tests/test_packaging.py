@@ -23,7 +23,7 @@ from cbam_viz import resources
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What a build reads (a fresh clone has these; nothing else is copied, so the test never builds in the tree).
-BUILD_INPUTS = ("pyproject.toml", "README.md", "requirements.txt", "app.py", "cbam_viz", "weights", "docs")
+BUILD_INPUTS = ("pyproject.toml", "README.md", "requirements.txt", "app.py", "cbam_viz", "weights", "docs", "examples")
 
 
 def test_pyproject_lists_every_package():
@@ -74,7 +74,7 @@ def test_pip_install_gives_library_and_console_command(tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=elsewhere)
 
-    where = run(str(python), "-c", "import cbam_viz, cbam_viz.resources as r, cbam_viz.weights as w; "
+    where = run(str(python), "-c", "import cbam_viz, cbam_viz.resources as r, cbam_viz.models.weights as w; "
                 "print(cbam_viz.__file__); print(r.SHIPPED_ROOT); print(w.resolve_weights_dir())")
     assert where.returncode == 0, where.stderr
     module, shipped, weights = (Path(line) for line in where.stdout.split())
@@ -82,6 +82,12 @@ def test_pip_install_gives_library_and_console_command(tmp_path):
     assert site in module.parents and site in shipped.parents and site in weights.parents  # the installed copy
     assert (weights / "manifest.json").is_file() and (shipped / "app.py").is_file()
     assert (shipped / "docs" / "sanity" / "sanity.json").is_file()
+    listed = run(str(python), "-c", "from cbam_viz.app.examples import list_examples; "
+                 "print('\\n'.join(str(e.path) for e in list_examples(include_generated=False)))")
+    photos = [Path(line) for line in listed.stdout.splitlines() if "imagenette" in line]
+    assert listed.returncode == 0 and len(photos) == 10, listed.stderr  # the example photos ship in the wheel
+    assert all(p.is_file() and shipped in p.parents for p in photos)
+    assert (shipped / "examples" / "imagenette" / "LICENSE").is_file()
 
     helped = run(str(tmp_path / "venv" / "bin" / "cbam-viz"), "--help")
     assert helped.returncode == 0 and "usage: cbam-viz" in helped.stdout and "explain" in helped.stdout
@@ -95,5 +101,7 @@ def test_pip_install_gives_library_and_console_command(tmp_path):
     assert explained.returncode == 0, explained.stderr
     doc = json.loads((elsewhere / "results" / "photo.json").read_text())
     manifest = json.loads((weights / "manifest.json").read_text())
-    assert doc["pair"] in manifest["pairs"]  # the shipped, trained pair: found from the installed package
+    # the shipped, trained lineup (a manifest's old pairs are lineups too): found from the installed package
+    assert doc["lineup"] in {**manifest.get("pairs", {}), **manifest.get("lineups", {})}
+    assert doc["members"] and all(m in manifest["models"] and doc["models"][m]["trained"] for m in doc["members"])
     assert "CAM of" in explained.stdout + explained.stderr
