@@ -264,9 +264,9 @@ def write_test_weights(folder: str | Path, *, input_size: int = 64, corrupt: str
 
     import torch
 
-    from cbam_viz.training.data import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
+    from cbam_viz.models.imagenette import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
     from cbam_viz.models import create_model
-    from cbam_viz.weights import WeightRecord, save_safetensors, update_manifest
+    from cbam_viz.models.weights import WeightRecord, save_safetensors, update_manifest
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

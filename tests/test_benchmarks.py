@@ -112,7 +112,7 @@ def test_recipe_estimate_adds_each_epoch_at_its_size():
 
 @pytest.mark.timeout(600)
 def test_bn_recalibration_scores_the_held_out_files_and_changes_no_file(tmp_path):
-    from cbam_viz.training.data import IMAGENETTE_NAMES
+    from cbam_viz.models.imagenette import IMAGENETTE_NAMES
     from cbam_viz.models.weights import sha256_file
     from tests.bad_inputs import TEST_PAIR, write_test_weights
     from tests.synthetic import make_image_folder

@@ -27,15 +27,15 @@ from tqdm.auto import tqdm
 from cbam_viz.engine.preprocess import open_image
 from cbam_viz.outputs import atomic_write
 
-from cbam_viz.models.imagenette import IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_NAMES
-
 __all__ = [
-    "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENETTE_NAMES", "ImageFolderScan",
+    "IMAGE_EXTENSIONS", "ImageFolderScan",
     "TensorDataset", "scan_image_folder", "load_rgb", "decode_images", "load_cached_split", "holdout_split",
     "random_resized_crop_flip", "mix_batch", "normalize", "resize_batch",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
 @dataclass(frozen=True)
 class ImageFolderScan:
     """Files of an ImageFolder layout (``root/<class>/<file>``), classes sorted as torchvision does."""

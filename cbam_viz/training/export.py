@@ -38,8 +38,8 @@ import torch
 
 from cbam_viz.engine.lineup import default_lineup_name, lineup_specs
 from cbam_viz.models import backbone_of
+from cbam_viz.models.imagenette import IMAGENETTE_NAMES
 from cbam_viz.models.weights import WeightRecord, read_manifest, save_safetensors, sha256_file, update_manifest
-from cbam_viz.training.data import IMAGENETTE_NAMES
 from cbam_viz.training.holdout import WEIGHT_KINDS, choose_for_lineup, holdout_scores
 from cbam_viz.training.recipe import Recipe, json_differences, recipe_differences
 from cbam_viz.training.train import TrainResult

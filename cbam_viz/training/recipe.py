@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cbam_viz.training.data import IMAGENET_MEAN, IMAGENET_STD
+from cbam_viz.models.imagenette import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["Recipe", "recipe_differences", "json_differences", "train_size_at", "lr_at", "cpu_has_fast_bf16",
            "hardware_description"]
