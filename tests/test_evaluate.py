@@ -320,3 +320,16 @@ def test_a_single_model_has_no_comparison_and_an_existing_markdown_is_kept(setup
     assert main(["evaluate", "--weights", str(weights), "--model", "resnet18_cbam_tiny", "--data", str(data),
                  "--markdown", str(md), "--no-progress", "--overwrite"]) == 0
     assert md.read_text().startswith("# Evaluation")
+
+
+def test_without_a_name_the_default_lineup_is_evaluated(trio, tmp_path, capsys):
+    weights, data = trio
+    update_manifest(weights, lineup=("trio", {"members": ["resnet18_tiny", "resnet18_se_tiny", "resnet18_cbam_tiny"],
+                                              "reference": "resnet18_tiny", "default": True}))
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--weights", str(weights), "--data", str(data), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["lineup"] == "trio"
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--weights", str(tmp_path / "empty"), "--data", str(data), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no lineup" in err and "--model" in err and "Traceback" not in err

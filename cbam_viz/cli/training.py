@@ -170,6 +170,7 @@ def _export_trained(args: argparse.Namespace, results: dict, recipe, settings) -
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cbam_viz.engine.lineup import default_lineup_name
     from cbam_viz.models.weights import ChecksumError, resolve_weights_dir
     from cbam_viz.training.compare import evaluation_document, format_paired, lineup_differences
     from cbam_viz.training.evaluate import evaluate_models, format_report, resolve_lineup
@@ -180,6 +181,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
               f"another --markdown.", file=sys.stderr)
         return 2
     try:
+        if not args.model and not args.lineup:  # neither: the folder's default lineup
+            args.lineup = default_lineup_name(weights) if (weights / "manifest.json").exists() else None
+        if not args.model and not args.lineup:
+            raise KeyError(f"no lineup in {weights / 'manifest.json'}; name a model with --model, or train and "
+                           f"export a lineup first")
         records, reference = resolve_lineup(weights, model=args.model, lineup=args.lineup)
         results = evaluate_models(records, args.data, weights_dir=weights, batch_size=args.batch_size,
                                   hflip=args.hflip, progress=not args.no_progress)
@@ -301,10 +307,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion of shipped weights")
     e.add_argument("--weights", help="folder holding manifest.json and the safetensors files (default: "
                                       "$CBAM_VIZ_WEIGHTS_DIR, else the repository's weights/)")
-    which = e.add_mutually_exclusive_group(required=True)
+    which = e.add_mutually_exclusive_group()
     which.add_argument("--model", help="record name in the manifest")
-    which.add_argument("--lineup", help="lineup name in the manifest: evaluates every member, and each one against "
-                                        "the reference (paired bootstrap interval, McNemar)")
+    which.add_argument("--lineup", help="lineup name in the manifest (default: its default lineup): evaluates every "
+                                        "member, and each one against the reference (paired bootstrap interval, "
+                                        "McNemar)")
     which.add_argument("--pair", dest="lineup", help=argparse.SUPPRESS)  # the name before lineups
     e.add_argument("--data", required=True, help="ImageFolder split whose folder names are the class ids")
     e.add_argument("--out", help="write the results (every member, the differences) as JSON to this file")

@@ -1,7 +1,7 @@
 """Training-curves figure for the model card: loss, train accuracy and monitored top-1 per epoch.
 
 Reads the ``log.jsonl`` files the trainer appends to (one JSON object per epoch) and draws every
-run on shared axes, so a baseline and its CBAM twin trained with one recipe compare at a glance.
+run on shared axes, so the members of a lineup trained with one recipe compare at a glance.
 The third panel shows what the runs monitored: the held-out part of the training folder (raw and
 weight-averaged), or ``--val`` for runs without a holdout; runs on every training file without
 ``--val`` monitored nothing and get no third panel. ``python -m cbam_viz plot-curves``.

@@ -126,7 +126,7 @@ def holdout_split(ds: TensorDataset, fraction: float) -> tuple[torch.Tensor, tor
     The recipe's choices that are made after training (evaluation size, EMA or raw weights) are
     made on this held-out part of the *training* folder, so the validation split stays untouched
     until the final, reported measurement. Which files are held out depends only on their names
-    (a hash of ``<class>/<file>``), not on the seed or on the other files, so both models of a pair
+    (a hash of ``<class>/<file>``), not on the seed or on the other files, so every model of a lineup
     and a resumed run hold out exactly the same images.
     """
     if not 0.0 <= fraction < 1.0:
