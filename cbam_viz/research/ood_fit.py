@@ -12,13 +12,21 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from cbam_viz.engine import ood
+from cbam_viz.engine.lineup import default_lineup_name, lineup_specs
+from cbam_viz.engine.loading import ModelLoadError, load_model
+from cbam_viz.engine.locks import model_lock
+from cbam_viz.engine.preprocess import to_model_batch
+from cbam_viz.models.weights import resolve_weights_dir, update_manifest
+from cbam_viz.training.data import load_rgb, scan_image_folder
 
 __all__ = ["extract", "split_features", "fit_record", "add_parser", "DEFAULT_METHOD"]
 
@@ -34,12 +42,6 @@ def extract(model: torch.nn.Module, images: Sequence[str | os.PathLike | Image.I
     Raises:
         ValueError: the model has no ``avgpool`` whose output could be read.
     """
-    from tqdm.auto import tqdm
-
-    from cbam_viz.training.data import load_rgb
-    from cbam_viz.engine.locks import model_lock
-    from cbam_viz.engine.preprocess import to_model_batch
-
     device = next(model.parameters()).device
     feats, logits = [], []
     with model_lock(model), torch.inference_mode(), ood.penultimate_features(model) as captured:
@@ -67,8 +69,6 @@ def split_features(loaded, folder: str | os.PathLike, *, cache_dir: str | os.Pat
     Raises:
         ValueError: a class folder that the model does not know.
     """
-    from cbam_viz.training.data import scan_image_folder
-
     scan = scan_image_folder(folder)
     unknown = [c for c in scan.classes if c not in loaded.class_ids]
     if unknown:
@@ -121,9 +121,6 @@ def fit_record(name: str, data: str | os.PathLike, *, weights_dir: str | os.Path
 
     ``per_class``: (train, val) caps per class (:func:`split_features`); the default uses every image.
     """
-    from cbam_viz.engine.loading import load_model
-    from cbam_viz.models.weights import resolve_weights_dir, update_manifest
-
     if method not in ood.METHODS:
         raise ValueError(f"unknown out-of-distribution method {method!r}; choose one of {', '.join(ood.METHODS)}")
     weights_dir = resolve_weights_dir(weights_dir)
@@ -151,12 +148,6 @@ def fit_record(name: str, data: str | os.PathLike, *, weights_dir: str | os.Path
 
 def _cmd_fit_ood(args) -> int:
     """``fit-ood``: fit the statistics of every model of a lineup (or the named records)."""
-    import sys
-
-    from cbam_viz.engine.lineup import default_lineup_name, lineup_specs
-    from cbam_viz.engine.loading import ModelLoadError
-    from cbam_viz.models.weights import resolve_weights_dir
-
     weights_dir = resolve_weights_dir(args.weights)
     try:
         names = list(args.model or [])
