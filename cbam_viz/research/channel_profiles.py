@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state touched
 from PIL import Image
 from torch import nn
 
@@ -247,8 +248,6 @@ def profiles_figure(profiles: ChannelProfiles):
     channel more than the others, blue where less, on a symmetric scale per block. Channels are
     sorted by their mean over classes; the block title gives r and eta^2.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state touched
-
     blocks = profiles.blocks
     sim = block_similarity(profiles)
     ncols = min(4, max(1, len(blocks)))

@@ -100,7 +100,7 @@ def generated_images(per_kind: int = 5, size: int = 224, seed: int = 0) -> dict[
 
 def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     """P(score of an out-of-class image > score of an in-class one), ties counted half."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # not a dependency of the package: only this script needs it
 
     y = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
     return float(roc_auc_score(y, np.r_[inside, outside]))
