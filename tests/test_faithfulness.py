@@ -1,4 +1,4 @@
-"""Faithfulness scores (cbam_viz.faithfulness): removal, imputers, confidence drop, and the model lock."""
+"""Faithfulness scores (cbam_viz.engine.faithfulness): removal, imputers, confidence drop, and the model lock."""
 import threading
 
 import cv2
@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from cbam_viz.faithfulness import (
+from cbam_viz.engine.faithfulness import (
     blur_fill_image, confidence_drop, perturbation_scores, remove_by_cam, removal_mask,
 )
-from cbam_viz.pair import model_lock
+from cbam_viz.engine.locks import model_lock
 
 
 def blob(x0, y0, x1, y1, shape=(64, 64), value=1.0):

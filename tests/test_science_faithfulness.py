@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from cbam_viz.faithfulness import (
-    IMPUTERS, ConfidenceDrop, blur_fill_image, check_cam, confidence_drop, pair_confidence_drop,
+from cbam_viz.engine.faithfulness import (
+    IMPUTERS, ConfidenceDrop, blur_fill_image, check_cam, confidence_drop, lineup_confidence_drop,
     perturbation_scores, remove_by_cam, removal_mask, resize_cam,
 )
-from cbam_viz.preprocess import to_model_tensor
+from cbam_viz.engine.preprocess import to_model_tensor
 from conftest import make_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,20 +191,35 @@ def test_confidence_drop_equals_separate_forwards():
         _prob(model, remove_by_cam(image, resize_cam(cam[::2, ::2], (16, 16)), 0.2, imputer="mean"), 2), abs=1e-6)
 
 
-def test_pair_confidence_drop_scores_each_member_with_its_own_cam_and_class(tiny_pair):
-    from cbam_viz.explain import explain
+def _mixed_sizes():
+    """A lineup whose members read different input sizes (64 px and 48 px)."""
+    from cbam_viz.engine.lineup import Lineup
+    from conftest import make_loaded
 
+    members = (make_loaded("resnet18", input_size=64), make_loaded("resnet18_cbam", input_size=48, seed=1))
+    return Lineup(name="mixed", members=members, reference=members[0].name)
+
+
+@pytest.mark.parametrize("lineup_fixture", ["tiny_lineup", "family_lineup", "mixed"])
+@pytest.mark.parametrize("target", [1, None])
+def test_lineup_confidence_drop_scores_each_member_with_its_own_cam_and_class(lineup_fixture, target, request):
+    from cbam_viz.engine.explain import explain
+
+    lineup = _mixed_sizes() if lineup_fixture == "mixed" else request.getfixturevalue(lineup_fixture)
     image = make_image(80, 60, seed=4)
-    explanation = explain([image], tiny_pair, target=1)[0]
-    drops = pair_confidence_drop(image, explanation, tiny_pair, fraction=0.3, imputer="mean")
-    assert set(drops) == {"baseline", "cbam"}
-    for role, d in drops.items():
-        loaded, me = getattr(tiny_pair, role), getattr(explanation, role)
+    explanation = explain([image], lineup, target=target)[0]
+    drops = lineup_confidence_drop(image, explanation, lineup, fraction=0.3, imputer="mean")
+    assert list(drops) == lineup.names  # every member, in the lineup's order
+    for name, d in drops.items():
+        loaded, me = lineup.member(name), explanation.models[name]
         x = to_model_tensor(image, loaded.input_size, loaded.mean, loaded.std)[0]
         ref = confidence_drop(loaded.model, x, me.cam, me.target, fraction=0.3, imputer="mean")
-        assert d.target == me.target == 1
+        assert d.target == me.target == (1 if target == 1 else me.predictions[0].index)
+        assert d.perturbed.shape == (3, loaded.input_size, loaded.input_size)  # the member's own input
         assert d.prob_before == pytest.approx(ref.prob_before, abs=1e-5)
         assert d.prob_after == pytest.approx(ref.prob_after, abs=1e-6)
         assert torch.equal(d.perturbed, ref.perturbed)
-    default = pair_confidence_drop(image, explanation, tiny_pair)
+    perturbed = [d.perturbed for d in drops.values()]
+    assert all(not torch.equal(perturbed[0], p) for p in perturbed[1:] if p.shape == perturbed[0].shape)  # own CAMs
+    default = lineup_confidence_drop(image, explanation, lineup)
     assert {(d.fraction, d.imputer) for d in default.values()} == {(0.2, "blur")}
