@@ -137,22 +137,22 @@ def write_zip(files: Iterable[Path], path: str | os.PathLike, *, durable: bool =
 
 
 def npz_arrays(explanation, image=None) -> dict[str, np.ndarray]:
-    """The raw maps by key: ``baseline/cam``, ``cbam/cam``, ``cbam/channel/<block>``, ``cbam/spatial/<block>``.
+    """The raw maps by key: ``MEMBER/cam``, ``MEMBER/channel/<block>``, ``MEMBER/spatial/<block>`` for
+    every member of the lineup (a member's name is its record name).
 
     Args:
-        explanation: a :class:`cbam_viz.explain.Explanation`.
+        explanation: a :class:`cbam_viz.engine.explain.Explanation`.
         image: the RGB picture it explains, stored as ``image`` (uint8 ``(H, W, 3)``) if given.
     """
     arrays: dict[str, np.ndarray] = {}
     if image is not None:
         arrays["image"] = np.asarray(image, dtype=np.uint8)
-    for role in ("baseline", "cbam"):
-        m = getattr(explanation, role)
-        arrays[f"{role}/cam"] = np.asarray(m.cam, dtype=np.float32)
+    for name, m in explanation.models.items():
+        arrays[f"{name}/cam"] = np.asarray(m.cam, dtype=np.float32)
         for block, v in m.channel_attention.items():
-            arrays[f"{role}/channel/{block}"] = np.asarray(v, dtype=np.float32)
+            arrays[f"{name}/channel/{block}"] = np.asarray(v, dtype=np.float32)
         for block, v in m.spatial_attention.items():
-            arrays[f"{role}/spatial/{block}"] = np.asarray(v, dtype=np.float32)
+            arrays[f"{name}/spatial/{block}"] = np.asarray(v, dtype=np.float32)
     return arrays
 
 

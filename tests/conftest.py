@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded tiny images and a tiny baseline/CBAM pair (3 classes, 64 px input)."""
+"""Shared fixtures: seeded tiny images and tiny lineups (a plain ResNet-18 and its CBAM twin; 3 classes, 64 px)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from cbam_viz.models import create_model
-from cbam_viz.pair import LoadedModel, ModelPair
+from cbam_viz.engine.lineup import Lineup
+from cbam_viz.engine.loading import LoadedModel
 
 TINY_CLASSES = ("cat", "dog", "bird")
 
@@ -41,9 +42,11 @@ def make_loaded(arch: str, *, input_size: int = 64, seed: int = 0) -> LoadedMode
     )
 
 
-def make_pair(input_size: int = 64) -> ModelPair:
-    return ModelPair(name=f"tiny{input_size}", baseline=make_loaded("resnet18", input_size=input_size),
-                     cbam=make_loaded("resnet18_cbam", input_size=input_size, seed=1))
+def make_lineup(input_size: int = 64, archs=("resnet18", "resnet18_cbam")) -> Lineup:
+    """A lineup of tiny members, one per ``arch`` (seeds 0, 1, ...); the first is the reference."""
+    members = tuple(make_loaded(a, input_size=input_size, seed=i) for i, a in enumerate(archs))
+    return Lineup(name=f"tiny{input_size}" + ("" if len(archs) == 2 else f"x{len(archs)}"), members=members,
+                  reference=members[0].name)
 
 
 def assert_no_hooks(model: torch.nn.Module) -> None:
@@ -54,14 +57,21 @@ def assert_no_hooks(model: torch.nn.Module) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_pair() -> ModelPair:
-    return make_pair(64)
+def tiny_lineup() -> Lineup:
+    """ResNet-18 (the reference) and ResNet-18-CBAM, 64 px."""
+    return make_lineup(64)
 
 
 @pytest.fixture(scope="session")
-def micro_pair() -> ModelPair:
+def family_lineup() -> Lineup:
+    """Three tiny members, one without gates: ResNet-18 (reference), SE, CBAM; 64 px."""
+    return make_lineup(64, ("resnet18", "resnet18_se", "resnet18_cbam"))
+
+
+@pytest.fixture(scope="session")
+def micro_lineup() -> Lineup:
     """32 px input: for the perturbation methods (hundreds of forwards)."""
-    return make_pair(32)
+    return make_lineup(32)
 
 
 @pytest.fixture
@@ -114,8 +124,9 @@ def no_cbam_env(monkeypatch):
 SERVICE_CLASSES = ("tench", "church", "golf ball")
 
 
-def make_service_pair(name: str = "tiny", *, trained: bool = False) -> ModelPair:
-    """A tiny 64 px pair on three Imagenette names (class ids ``n0``..``n2``), seeded models."""
+def make_service_lineup(name: str = "tiny", *, trained: bool = False, archs=("resnet18", "resnet18_cbam")) -> Lineup:
+    """A tiny 64 px lineup on three Imagenette names (class ids ``n0``..``n2``), seeded models; the
+    first member is the reference."""
     def loaded(arch: str, seed: int) -> LoadedModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -126,22 +137,23 @@ def make_service_pair(name: str = "tiny", *, trained: bool = False) -> ModelPair
             std=(0.229, 0.224, 0.225), input_size=64, trained=trained, record=None, device=torch.device("cpu"),
         )
 
-    return ModelPair(name=name, baseline=loaded("resnet18", 0), cbam=loaded("resnet18_cbam", 1))
+    members = tuple(loaded(arch, i) for i, arch in enumerate(archs))
+    return Lineup(name=name, members=members, reference=members[0].name)
 
 
 @pytest.fixture(scope="session")
-def service_pair() -> ModelPair:
-    """The untrained tiny pair of :func:`make_service_pair` (one per test session)."""
-    return make_service_pair("tiny", trained=False)
+def service_lineup() -> Lineup:
+    """The untrained tiny lineup of :func:`make_service_lineup` (one per test session)."""
+    return make_service_lineup("tiny", trained=False)
 
 
 @pytest.fixture
-def use_service_pair(monkeypatch, service_pair) -> ModelPair:
-    """``cbam_viz.service.get_pair`` returns :func:`service_pair` (no weights, no manifest involved)."""
-    from cbam_viz import service
+def use_service_lineup(monkeypatch, service_lineup) -> Lineup:
+    """The service's lineup is :func:`service_lineup` (no weights, no manifest involved)."""
+    from cbam_viz.service import access
 
-    monkeypatch.setattr(service, "get_pair", lambda name=None: service_pair)
-    return service_pair
+    monkeypatch.setattr(access, "get_lineup", lambda name=None: service_lineup)
+    return service_lineup
 
 
 @pytest.fixture(scope="module")

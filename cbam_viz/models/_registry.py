@@ -5,7 +5,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["register_model", "list_models", "create_model", "is_model", "backbone_of"]
+__all__ = ["register_model", "list_models", "build_model", "is_model", "backbone_of"]
 
 _ATTENTION_SUFFIXES = ("_cbam", "_se", "_bam")
 
@@ -38,12 +38,11 @@ def is_model(name: str) -> bool:
     return name in _MODELS
 
 
-def create_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Module:
-    """Build a registered architecture, optionally loading a checkpoint file into it.
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered architecture with fresh weights (:func:`cbam_viz.models.create_model` also loads a file).
 
     Args:
         name: a name from :func:`list_models`.
-        weights: path of a checkpoint in any layout :func:`cbam_viz.checkpoints.load_checkpoint_into` reads.
         **kwargs: builder options, e.g. ``num_classes=10`` or ``cbam_config=SIMPLIFIED``.
 
     Raises:
@@ -51,9 +50,4 @@ def create_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Modul
     """
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    model = _MODELS[name](**kwargs)
-    if weights is not None:
-        from cbam_viz.checkpoints import load_checkpoint_into
-
-        load_checkpoint_into(model, weights)
-    return model
+    return _MODELS[name](**kwargs)

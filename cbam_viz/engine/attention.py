@@ -94,7 +94,7 @@ def record_attention(model: nn.Module) -> Iterator[AttentionMaps]:
     [0, 1], the sigmoid outputs). A gate that runs several times keeps its last output.
 
     Not thread-safe on one model by itself: hooks are per module, so two threads recording the
-    same model at once would see each other's passes. :mod:`cbam_viz.cam` serialises per model.
+    same model at once would see each other's passes. :mod:`cbam_viz.engine.cam` serialises per model.
 
     Example::
 

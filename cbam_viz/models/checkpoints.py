@@ -1,6 +1,6 @@
 """Checkpoints in foreign layouts: torchvision, the official CBAM code, the simplified snippet.
 
-Our own files (:mod:`cbam_viz.weights`) are safetensors with a manifest record. Everything else a
+Our own files (:mod:`cbam_viz.models.weights`) are safetensors with a manifest record. Everything else a
 user may bring — a torchvision ``.pth``, the paper's Jongchan/attention-module checkpoint, the popular
 ``resnet_cbam.py`` snippet's — is read here safely (``weights_only=True``; safetensors as such),
 unwrapped, renamed to our keys and loaded strictly, with the layout detected from the key names.
@@ -8,13 +8,18 @@ unwrapped, renamed to our keys and loaded strictly, with the layout detected fro
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cbam_viz.weights import load_state_strict
+from cbam_viz.models._registry import build_model
+from cbam_viz.models.bam import BAMConfig
+from cbam_viz.models.cbam import OFFICIAL, SIMPLIFIED
+from cbam_viz.models.se import se_hidden
+from cbam_viz.models.weights import load_state_strict
 
 __all__ = [
     "UnsafeCheckpointError", "LAYOUTS", "read_state_dict", "detect_layout", "convert_state_dict",
@@ -197,10 +202,6 @@ def infer_model_kwargs(state: dict[str, torch.Tensor], *, layout: str | None = N
     The CBAM reduction ratio is read from the first channel MLP (``C // hidden``), so a
     checkpoint made with a ratio other than 16 still loads.
     """
-    from dataclasses import replace
-
-    from cbam_viz.models import OFFICIAL, SIMPLIFIED
-
     layout = layout or detect_layout(state)
     conv = convert_state_dict(state, layout=layout)
     kwargs: dict[str, Any] = {}
@@ -222,7 +223,6 @@ def infer_model_kwargs(state: dict[str, torch.Tensor], *, layout: str | None = N
         kwargs["se_reduction"], kwargs["se_divisor"] = se
     bam = conv.get("bam1.channel.fc1.weight")
     if bam is not None:
-        from cbam_viz.models.bam import BAMConfig
 
         kwargs["bam_config"] = BAMConfig(reduction=max(1, bam.shape[1] // bam.shape[0]),
                                          join="product" if layout == "official_bam" else "sum")
@@ -234,7 +234,6 @@ def _se_options(conv: dict[str, torch.Tensor]) -> tuple[int, int] | None:
 
     The paper's ``C // r`` is tried first, then timm's rounding to multiples of 8 (``make_divisible``).
     """
-    from cbam_viz.models.se import se_hidden
 
     shapes = [v.shape[:2] for k, v in conv.items() if k.endswith(".se.fc1.weight")]
     if not shapes:
@@ -251,7 +250,7 @@ def _layout_hint(model: nn.Module, layout: str) -> str:
     cfg = getattr(model, "cbam_config", None)
     if layout == "simplified" and (cfg is None or cfg.spatial_bn or cfg.mlp_bias):
         return (" (this is a checkpoint of the simplified resnet_cbam.py snippet: build the *_cbam model "
-                "with cbam_config=SIMPLIFIED, or use cbam_viz.checkpoints.load_any)")
+                "with cbam_config=SIMPLIFIED, or use cbam_viz.models.checkpoints.load_any)")
     if layout == "official" and (cfg is None or not cfg.spatial_bn):
         return (" (this is an official CBAM checkpoint: use the matching *_cbam architecture with "
                 "the default (official) cbam_config)")
@@ -294,7 +293,6 @@ def load_any(arch: str, path: str | os.PathLike, *, num_classes: int | None = No
     Example:
         >>> model = load_any("resnet18_cbam", "resnet_cbam_seed.pth")  # doctest: +SKIP
     """
-    from cbam_viz.models import create_model
 
     raw = read_state_dict(path)
     inferred = infer_model_kwargs(raw)
@@ -305,6 +303,6 @@ def load_any(arch: str, path: str | os.PathLike, *, num_classes: int | None = No
         if not arch.endswith(suffix):
             inferred.pop(option, None)
     inferred.update(kwargs)
-    model = create_model(arch, **inferred)
+    model = build_model(arch, **inferred)
     load_checkpoint_into(model, path)
     return model.eval()

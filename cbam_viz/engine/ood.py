@@ -190,7 +190,7 @@ def save_stats(stats: OODStats, path: str | os.PathLike) -> str:
     from safetensors.torch import save
 
     from cbam_viz.outputs import atomic_write_bytes
-    from cbam_viz.weights import sha256_file
+    from cbam_viz.models.weights import sha256_file
 
     tensors = {k: v.contiguous() for k, v in stats.tensors.items()}
     meta = {"method": stats.method, "k": str(stats.k)}
@@ -212,7 +212,7 @@ def load_stats(record, weights_dir: str | os.PathLike, model: nn.Module) -> OODS
     """
     from safetensors.torch import load_file
 
-    from cbam_viz.weights import sha256_file
+    from cbam_viz.models.weights import sha256_file
 
     entry = (getattr(record, "metrics", None) or {}).get("ood")
     if not entry:

@@ -11,10 +11,10 @@ image (the Explain tab) as well as to a dataset (:mod:`cbam_viz.research.quality
   noisy-linear imputer: the paper's, but ~0.05-0.5 s per image on a CPU).
 * :func:`perturbation_scores` -- the true-class probability after MoRF and LeRF removal at
   several fractions, in one batched forward (ROAD's combined score is ``(LeRF - MoRF) / 2``).
-* :func:`confidence_drop` / :func:`pair_confidence_drop` -- the target probability before and
+* :func:`confidence_drop` / :func:`lineup_confidence_drop` -- the target probability before and
   after removing the top 20 % of the CAM: one number per model for the image the app explained.
 
-Every forward holds :func:`cbam_viz.pair.model_lock` of its model: another thread's CAM hooks
+Every forward holds :func:`cbam_viz.engine.locks.model_lock` of its model: another thread's CAM hooks
 may be attached to the same modules, and must not record these passes.
 
 Conventions: a CAM is a float ``(H, W)`` array with values >= 0 (the engine scales it to
@@ -30,11 +30,11 @@ import cv2
 import numpy as np
 import torch
 
-from cbam_viz.pair import model_lock
-from cbam_viz.preprocess import to_model_tensor
+from cbam_viz.engine.locks import model_lock
+from cbam_viz.engine.preprocess import to_model_tensor
 
 __all__ = [
-    "IMPUTERS", "ConfidenceDrop", "blur_fill_image", "check_cam", "confidence_drop", "pair_confidence_drop",
+    "IMPUTERS", "ConfidenceDrop", "blur_fill_image", "check_cam", "confidence_drop", "lineup_confidence_drop",
     "perturbation_scores", "remove_by_cam", "removal_mask", "resize_cam",
 ]
 
@@ -285,27 +285,28 @@ def confidence_drop(
     return ConfidenceDrop(target, before, float(probs[-1]), fraction, imputer, perturbed)
 
 
-def pair_confidence_drop(image, explanation, pair, *, fraction: float = 0.2, imputer: str = "blur") -> dict[str, ConfidenceDrop]:
-    """:func:`confidence_drop` for both models of a pair on the image the app just explained.
+def lineup_confidence_drop(image, explanation, lineup, *, fraction: float = 0.2, imputer: str = "blur"
+                           ) -> dict[str, ConfidenceDrop]:
+    """:func:`confidence_drop` for every member of a lineup on the image the app just explained.
 
     Each model is scored with its own CAM and its own explained class (``ModelExplanation.target``),
-    on the input the app built for it (:func:`cbam_viz.preprocess.to_model_tensor`).
+    on the input the app built for it (:func:`cbam_viz.engine.preprocess.to_model_tensor`).
 
     Args:
-        image: the PIL image passed to :func:`cbam_viz.explain.explain`.
-        explanation: its :class:`cbam_viz.explain.Explanation`.
-        pair: the :class:`cbam_viz.pair.ModelPair` that produced it.
+        image: the PIL image passed to :func:`cbam_viz.engine.explain.explain`.
+        explanation: its :class:`cbam_viz.engine.explain.Explanation`.
+        lineup: the :class:`cbam_viz.engine.lineup.Lineup` that produced it.
         fraction, imputer: as in :func:`confidence_drop`.
 
     Returns:
-        ``{"baseline": ConfidenceDrop, "cbam": ConfidenceDrop}``.
+        member name -> its :class:`ConfidenceDrop`, in the lineup's order.
     """
     out = {}
-    for role in ("baseline", "cbam"):
-        loaded, me = getattr(pair, role), getattr(explanation, role)
+    for loaded in lineup.members:
+        me = explanation.models[loaded.name]
         x = to_model_tensor(image, loaded.input_size, loaded.mean, loaded.std)[0]
         # The explanation's forward already gave the probability before (when the target is in its top-k).
         known = next((p.prob for p in me.predictions if p.index == me.target), None)
-        out[role] = confidence_drop(loaded.model, x, me.cam, me.target, fraction=fraction, imputer=imputer,
-                                    prob_before=known)
+        out[loaded.name] = confidence_drop(loaded.model, x, me.cam, me.target, fraction=fraction, imputer=imputer,
+                                           prob_before=known)
     return out

@@ -1,7 +1,7 @@
-"""One call from images to everything the app shows: predictions, CAMs and CBAM attention.
+"""One call from images to everything the app shows: predictions, CAMs and what every attention gate did.
 
-:func:`explain` runs each model of a :class:`~cbam_viz.pair.ModelPair` once over the whole batch
-(one forward, plus one backward to the CAM layer for gradient methods, see :mod:`cbam_viz.cam`)
+:func:`explain` runs each member of a :class:`~cbam_viz.engine.lineup.Lineup` once over the whole batch
+(one forward, plus one backward to the CAM layer for gradient methods, see :mod:`cbam_viz.engine.cam`)
 and returns frozen :class:`Explanation` objects holding plain numpy arrays, ready for
 :mod:`cbam_viz.render`. CBAM: Woo et al., ECCV 2018, arXiv 1807.06521.
 """
@@ -15,15 +15,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cbam_viz import ood
-from cbam_viz.cam import compute_cams, list_methods
-from cbam_viz.controls import check_layer, check_method, check_target
-from cbam_viz.lineup import Lineup, lineup_of_pair
-from cbam_viz.pair import LoadedModel, ModelPair
-from cbam_viz.preprocess import is_display_rgb, to_model_batch, to_rgb
+from cbam_viz.engine import ood
+from cbam_viz.engine.cam import compute_cams, list_methods
+from cbam_viz.engine.controls import Controls, check_layer, check_method, check_target
+from cbam_viz.engine.lineup import Lineup
+from cbam_viz.engine.loading import LoadedModel
+from cbam_viz.engine.preprocess import is_display_rgb, to_model_batch, to_rgb
 
-__all__ = ["Prediction", "ModelExplanation", "Explanation", "LineupExplanation", "explain", "explain_lineup",
-           "explain_model", "list_methods"]
+__all__ = ["Prediction", "ModelExplanation", "Explanation", "explain", "explain_checked", "explain_model",
+           "list_methods"]
 
 Target = int | str | None
 
@@ -42,10 +42,10 @@ class ModelExplanation:
     target: int
     target_label: str                         # class the CAM explains
     cam: np.ndarray                           # float32 (H, W) in [0, 1] at the image's own size
-    channel_attention: dict[str, np.ndarray]  # "layer1.0" -> (C,) float32   (empty for baseline)
+    channel_attention: dict[str, np.ndarray]  # "layer1.0" -> (C,) float32   (empty without gates)
     spatial_attention: dict[str, np.ndarray]  # "layer1.0" -> (h, w) float32 in [0,1] (feature-map size)
     timings: dict[str, float]                 # seconds: "forward_backward", "cam", ...
-    # {"method", "score", "threshold", "flagged"} from the same forward (cbam_viz.ood.assess)
+    # {"method", "score", "threshold", "flagged"} from the same forward (cbam_viz.engine.ood.assess)
     out_of_distribution: dict | None = None
 
     @property
@@ -55,11 +55,17 @@ class ModelExplanation:
 
 @dataclass(frozen=True, eq=False)
 class Explanation:
+    """One image explained by every member of a lineup; ``models`` in the lineup's order."""
+
     image_size: tuple[int, int]  # (W, H) of the input image
     method: str
     layer: str
-    baseline: ModelExplanation
-    cbam: ModelExplanation
+    reference: str                      # the member the others are compared with
+    models: dict[str, ModelExplanation]  # member (record) name -> its explanation
+
+    @property
+    def reference_model(self) -> ModelExplanation:
+        return self.models[self.reference]
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -77,7 +83,7 @@ def explain_model(
     layer: str | None = None,
     topk: int = 5,
 ) -> list[ModelExplanation]:
-    """:func:`explain` for a single model (the app can keep going when one model of a pair fails).
+    """:func:`explain` for a single model, outside any lineup.
 
     Arguments as in :func:`explain`; returns one :class:`ModelExplanation` per image.
     """
@@ -95,26 +101,28 @@ def explain_model(
 
 def explain(
     images: Image.Image | Sequence[Image.Image],
-    pair: ModelPair,
+    lineup: Lineup,
     *,
     method: str = "gradcam",
     target: Target | Sequence[Target] = None,
     layer: str | None = None,
     topk: int = 5,
 ) -> list[Explanation]:
-    """Explain each image with both models of ``pair``, one batched pass per model.
+    """Explain each image with every member of ``lineup``, one batched pass per member.
 
-    Each model's pass holds that model's lock (:func:`cbam_viz.pair.model_lock`): its hooks must
-    see only its own forward, even when another pair shares the model.
+    Every check (method, a layer every member has, each member's target) is made before any pass;
+    members sharing the preprocessing share one batch. Each member's pass holds that model's lock
+    (:func:`cbam_viz.engine.locks.model_lock`): its hooks must see only its own forward, even when
+    another lineup shares the model.
 
     Args:
-        images: a PIL image or a list of them, any mode and size (see :func:`cbam_viz.preprocess.to_rgb`).
-        pair: from :func:`cbam_viz.pair.load_pair`.
+        images: a PIL image or a list of them, any mode and size (see :func:`cbam_viz.engine.preprocess.to_rgb`).
+        lineup: from :func:`cbam_viz.engine.lineup.load_lineup`.
         method: one of :func:`list_methods`.
         target: None for each model's own predicted class, a class index, a class name or id
-            (see :func:`cbam_viz.controls.check_target`), or one of those per image (a list as
+            (see :func:`cbam_viz.engine.controls.check_target`), or one of those per image (a list as
             long as ``images``).
-        layer: dotted module name of the CAM layer (the same in both models); default the last
+        layer: dotted module name of the CAM layer (one every member has); default the last
             block of ``layer4`` (``"layer4.1"`` for resnet18).
         topk: how many predictions to return per model (at most the number of classes).
 
@@ -123,39 +131,8 @@ def explain(
 
     Raises:
         ValueError: unknown method, layer or class, a target out of range (the checks of
-            :mod:`cbam_viz.controls`, raised as :class:`~cbam_viz.messages.UserFacingError`), an
-            invalid image (:class:`cbam_viz.preprocess.ImageError`).
-    """
-    lineup = lineup_of_pair(pair)
-    return [Explanation(image_size=e.image_size, method=e.method, layer=e.layer,
-                        baseline=e.models[pair.baseline.name], cbam=e.models[pair.cbam.name])
-            for e in explain_lineup(images, lineup, method=method, target=target, layer=layer, topk=topk)]
-
-
-@dataclass(frozen=True, eq=False)
-class LineupExplanation:
-    """One image explained by every member of a lineup; ``models`` in the lineup's order."""
-
-    image_size: tuple[int, int]  # (W, H) of the input image
-    method: str
-    layer: str
-    reference: str
-    models: dict[str, ModelExplanation]
-
-
-def explain_lineup(
-    images: Image.Image | Sequence[Image.Image],
-    lineup: Lineup,
-    *,
-    method: str = "gradcam",
-    target: Target | Sequence[Target] = None,
-    layer: str | None = None,
-    topk: int = 5,
-) -> list[LineupExplanation]:
-    """:func:`explain` for a :class:`~cbam_viz.lineup.Lineup` of 1 to 4 members, one batched pass each.
-
-    Every check (method, a layer every member has, each member's target) is made before any pass;
-    members sharing the preprocessing share one batch. Arguments and errors as in :func:`explain`.
+            :mod:`cbam_viz.engine.controls`, raised as :class:`~cbam_viz.messages.UserFacingError`), an
+            invalid image (:class:`cbam_viz.engine.preprocess.ImageError`).
     """
     t0 = time.perf_counter()
     method = check_method(method)
@@ -164,6 +141,21 @@ def explain_lineup(
     targets = {m.name: _per_image_targets(target, len(rgb), m) for m in lineup.members}
     _check_topk(topk)
     t_common = time.perf_counter() - t0
+    return _explain_members(rgb, lineup, method=method, layer=layer_name, topk=topk, targets=targets,
+                            t_common=t_common)
+
+
+def explain_checked(images: Sequence[Image.Image], lineup: Lineup, controls: Controls, *, topk: int = 5
+                    ) -> list[Explanation]:
+    """:func:`explain` with controls already checked once (:func:`cbam_viz.engine.controls.check_controls`):
+    nothing is checked or resolved again; each member explains ``controls.targets[member]``."""
+    rgb = _as_rgb_list(images)
+    return _explain_members(rgb, lineup, method=controls.method, layer=controls.layer, topk=topk,
+                            targets={m.name: [controls.targets.get(m.name)] * len(rgb) for m in lineup.members},
+                            t_common=0.0)
+
+
+def _explain_members(rgb, lineup: Lineup, *, method, layer, topk, targets, t_common) -> list[Explanation]:
     batches: dict[tuple, torch.Tensor] = {}
     results = {}
     for m in lineup.members:
@@ -172,10 +164,10 @@ def explain_lineup(
         if key not in batches:
             batches[key] = to_model_batch(rgb, m.input_size, m.mean, m.std)
         results[m.name] = _explain_batch(rgb, batches[key], m, method=method, targets=targets[m.name],
-                                         layer=layer_name, topk=int(topk),
+                                         layer=layer, topk=int(topk),
                                          preprocess_s=t_common + time.perf_counter() - t1)
-    return [LineupExplanation(image_size=im.size, method=method, layer=layer_name, reference=lineup.reference,
-                              models={name: per_image[i] for name, per_image in results.items()})
+    return [Explanation(image_size=im.size, method=method, layer=layer, reference=lineup.reference,
+                        models={name: per_image[i] for name, per_image in results.items()})
             for i, im in enumerate(rgb)]
 
 

@@ -1,4 +1,4 @@
-"""Our own weight files: records, the manifest, safetensors (foreign layouts: :mod:`cbam_viz.checkpoints`).
+"""Our own weight files: records, the manifest, safetensors (foreign layouts: :mod:`cbam_viz.models.checkpoints`).
 
 Our own checkpoints are safetensors files listed in ``weights/manifest.json``: each record holds
 the file name, its sha256 (verified at load), the architecture, the classes with readable names,
@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbam_viz.models._registry import build_model
+from cbam_viz.models.options import options_to_kwargs
 from cbam_viz.outputs import atomic_write_bytes, atomic_write_text
 from cbam_viz.resources import SHIPPED_ROOT
 
@@ -201,8 +203,6 @@ def load_record(record: WeightRecord, weights_dir: str | os.PathLike | None = No
     """
     from safetensors.torch import load_file
 
-    from cbam_viz.models import create_model
-
     path = resolve_weights_dir(weights_dir) / record.file
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} listed in the manifest is missing")
@@ -212,9 +212,7 @@ def load_record(record: WeightRecord, weights_dir: str | os.PathLike | None = No
             f"weights file {path} is corrupted or was replaced: sha256 {digest[:12]}... "
             f"but the manifest records {record.sha256[:12]}..."
         )
-    from cbam_viz.models.options import options_to_kwargs
-
-    model = create_model(record.arch, num_classes=record.num_classes, **options_to_kwargs(record.arch_options))
+    model = build_model(record.arch, num_classes=record.num_classes, **options_to_kwargs(record.arch_options))
     load_state_strict(model, load_file(str(path)), path)
     return model.eval()
 

@@ -39,7 +39,7 @@ REPORTED_TOP1 = {"resnet50": 0.76130, "resnet50_cbam": 0.77622}
 
 def official_checkpoint(weights_dir: str | os.PathLike | None = None) -> Path | None:
     """The official ResNet-50-CBAM file: ``$CBAM_VIZ_OFFICIAL_CBAM50``, else in the weights folder; None if absent."""
-    from cbam_viz.weights import resolve_weights_dir
+    from cbam_viz.models.weights import resolve_weights_dir
 
     env = os.environ.get(OFFICIAL_ENV, "").strip()
     candidates = [Path(env)] if env else []
@@ -97,9 +97,9 @@ def build_models(weights_dir: str | os.PathLike | None = None) -> tuple[torch.nn
         FileNotFoundError: the official checkpoint is missing (:func:`unavailable_reason` says why).
         RuntimeError: the baseline could not be fetched, or a file does not fit the architecture.
     """
-    from cbam_viz.checkpoints import load_any
+    from cbam_viz.models.checkpoints import load_any
     from cbam_viz.models import create_model
-    from cbam_viz.weights import load_state_strict
+    from cbam_viz.models.weights import load_state_strict
 
     reason = unavailable_reason(weights_dir)
     if reason:
@@ -113,7 +113,7 @@ def build_models(weights_dir: str | os.PathLike | None = None) -> tuple[torch.nn
 def records(baseline: torch.nn.Module, cbam: torch.nn.Module,
             weights_dir: str | os.PathLike | None = None) -> tuple["WeightRecord", "WeightRecord"]:
     """Weight records for the two foreign files, so the app's model card describes them like ours."""
-    from cbam_viz.weights import WeightRecord
+    from cbam_viz.models.weights import WeightRecord
 
     classes = [{"id": str(i), "name": name} for i, name in enumerate(imagenet_classes())]
     url = _torchvision_weights().url

@@ -6,23 +6,23 @@ leaves hooks registered until it is garbage-collected. The app also needs the pr
 the CBAM attention of the same pass, so for every gradient (and activation-only) method this
 module does the pass itself:
 
-1. one forward with a hook on the target layer and the CBAM gates (:mod:`cbam_viz.attention`);
+1. one forward with a hook on the target layer and the CBAM gates (:mod:`cbam_viz.engine.attention`);
    the forward up to the target layer runs under ``no_grad`` and the hook turns the layer's
    output into a fresh leaf that requires grad, so autograd only records the head of the network;
 2. logits -> softmax predictions, from that same forward;
 3. ``torch.autograd.grad(scores.sum(), activation)``: gradients down to the target layer only,
    no parameter ``.grad`` touched;
 4. the library's own ``get_cam_image`` / ``get_cam_weights`` for the chosen method, called on a
-   method object that never saw the model (:mod:`cbam_viz.cam_library`, the one adapter to the
+   method object that never saw the model (:mod:`cbam_viz.engine.cam_library`, the one adapter to the
    library), then the library's ``scale_cam_image`` post-processing.
 
 Perturbation methods (Score-CAM, Ablation-CAM) and FullGrad / Shapley-CAM need passes of their
-own; they run the library's classes (:func:`cbam_viz.cam_library.run_library_cam`) inside
+own; they run the library's classes (:func:`cbam_viz.engine.cam_library.run_library_cam`) inside
 :func:`preserved_state`, which restores
 train/eval flags, ``requires_grad`` and ``.grad``, puts back a layer Ablation-CAM swapped out, and
 releases the library's hooks.
 
-All of it runs under the model's one lock (:func:`cbam_viz.pair.model_lock`): hooks live on
+All of it runs under the model's one lock (:func:`cbam_viz.engine.locks.model_lock`): hooks live on
 modules, so two threads explaining with one model must take turns, and then get exactly what they
 would have got sequentially.
 """
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cbam_viz.attention import AttentionMaps, record_attention
-from cbam_viz.cam_library import math_object, run_library_cam
-from cbam_viz.pair import model_lock
+from cbam_viz.engine.attention import AttentionMaps, record_attention
+from cbam_viz.engine.cam_library import math_object, run_library_cam
+from cbam_viz.engine.locks import model_lock
 
 __all__ = [
     "CamResult", "list_methods", "method_kind", "resolve_layer", "default_layer", "compute_cams",
@@ -70,7 +70,7 @@ _METHODS: dict[str, tuple[str, str]] = {
 }
 
 def list_methods() -> list[str]:
-    """Every CAM method :func:`compute_cams` (and :func:`cbam_viz.explain.explain`) accepts."""
+    """Every CAM method :func:`compute_cams` (and :func:`cbam_viz.engine.explain.explain`) accepts."""
     return list(_METHODS)
 
 

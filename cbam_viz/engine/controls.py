@@ -1,6 +1,6 @@
 """One validator per control of an explanation: CAM method, target class, CAM layer, overlay opacity.
 
-The app, the ``explain`` command, :mod:`cbam_viz.service` and :func:`cbam_viz.explain.explain`
+The app, the ``explain`` command, :mod:`cbam_viz.service` and :func:`cbam_viz.engine.explain.explain`
 all check their controls here, so one value is accepted or refused the same way everywhere, with
 the same sentence (a :class:`~cbam_viz.messages.UserFacingError`, which is a ``ValueError``).
 
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 from torch import nn
 
-from cbam_viz.cam import default_layer, list_methods, resolve_layer
+from cbam_viz.engine.cam import default_layer, list_methods, resolve_layer
 from cbam_viz.messages import SHOWN_CLASSES, UserFacingError
 from cbam_viz.method_names import canonical_method, close_methods
 
@@ -149,27 +150,37 @@ def check_alpha(alpha) -> float:
 
 @dataclass(frozen=True)
 class Controls:
-    """Checked controls of one request."""
+    """The checked controls of one request: made once, up front, then passed along as they are.
+
+    Nothing downstream re-checks or re-resolves them: :func:`cbam_viz.engine.explain.explain_checked`
+    takes each member's resolved target index from :attr:`targets`.
+    """
 
     method: str                  # a registered CAM method name
-    target: int | str | None     # None: each model's predicted class; else resolvable by both models
-    layer: str                   # a dotted module name both models have
+    target: int | str | None     # as asked (stripped), None for auto: what a shared link reopens
+    layer: str                   # a dotted module name every member has
     alpha: float
-    cbam_target: int | None = None  # the target's index in the CBAM model's classes (None: auto)
+    targets: Mapping[str, int | None] = field(default_factory=dict)  # member -> its class index (None: its own top-1)
+    layer_auto: bool = True      # the layer was left to its default (the last block)
+    target_index: int | None = None  # the target's index in the reference's classes (None: auto)
+    target_label: str | None = None
 
 
-def check_controls(pair, *, method=DEFAULT_METHOD, target=None, layer=None, alpha=0.5) -> Controls:
-    """Every control checked against both models of ``pair``, before any image is opened.
+def check_controls(lineup, *, method=DEFAULT_METHOD, target=None, layer=None, alpha=0.5) -> Controls:
+    """Every control checked against every member of ``lineup``, before any image is opened.
 
-    The target stays as given (a name is resolved by each model, whose class lists may differ);
-    auto becomes None; ``cbam_target`` is its index among the CBAM model's classes.
+    A class name or id is resolved by each member against its own class list (which may differ);
+    auto becomes None.
 
     Raises:
         UserFacingError: the first wrong control, naming the value and the valid choices.
     """
     method = check_method(method)
-    check_target(target, pair.baseline.classes, pair.baseline.class_ids)
-    cbam_target = check_target(target, pair.cbam.classes, pair.cbam.class_ids)
-    target = None if cbam_target is None else (target.strip() if isinstance(target, str) else int(target))
-    return Controls(method=method, target=target, layer=check_layer(layer, pair.cbam.model, pair.baseline.model),
-                    alpha=check_alpha(alpha), cbam_target=cbam_target)
+    targets = {m.name: check_target(target, m.classes, m.class_ids) for m in lineup.members}
+    index = targets[lineup.reference]
+    asked = None if index is None else (target.strip() if isinstance(target, str) else int(target))
+    reference = lineup.reference_model
+    return Controls(method=method, target=asked, layer=check_layer(layer, *(m.model for m in lineup.members)),
+                    alpha=check_alpha(alpha), targets=MappingProxyType(targets),
+                    layer_auto=is_auto(layer, AUTO_LAYER), target_index=index,
+                    target_label=None if index is None else reference.classes[index])

@@ -8,7 +8,7 @@ ImageNet or CIFAR stem, the number of classes); :func:`add_model` loads the file
 architecture and writes our safetensors file and a manifest record, so every command and the page
 can use it like a shipped model.
 
-The file is read safely (:func:`cbam_viz.checkpoints.read_state_dict`: safetensors, or
+The file is read safely (:func:`cbam_viz.models.checkpoints.read_state_dict`: safetensors, or
 ``torch.load(weights_only=True)``, which refuses a pickle that would run code). The manifest is the
 commit point: the new file is written first under a name of its own, then the manifest, atomically;
 an interrupted ``add-model`` leaves the manifest as it was.
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from cbam_viz.checkpoints import convert_state_dict, detect_layout, infer_model_kwargs, read_state_dict
+from cbam_viz.models.checkpoints import convert_state_dict, detect_layout, infer_model_kwargs, read_state_dict
 from cbam_viz.models import backbone_of, create_model, is_model
 from cbam_viz.models.options import kwargs_to_options, options_to_kwargs
-from cbam_viz.weights import (
+from cbam_viz.models.weights import (
     MANIFEST_NAME, WeightRecord, load_state_strict, read_manifest, save_safetensors, update_manifest,
 )
 

@@ -1,8 +1,8 @@
-"""The one place that touches pytorch-grad-cam's objects (the library adapter of :mod:`cbam_viz.cam`).
+"""The one place that touches pytorch-grad-cam's objects (the library adapter of :mod:`cbam_viz.engine.cam`).
 
 Two uses, both careful to leave the library, the user's model and the process as they were:
 
-* **Maths objects.** For the gradient and activation methods :mod:`cbam_viz.cam` runs the pass
+* **Maths objects.** For the gradient and activation methods :mod:`cbam_viz.engine.cam` runs the pass
   itself and only borrows each class's ``get_cam_image``. A library object is built through its
   own constructor, on a one-parameter placeholder model (``BaseCAM.__init__`` switches its model
   to eval and hooks its target layers: on the placeholder that harms nothing), its hooks are
@@ -89,7 +89,7 @@ def run_library_cam(model: nn.Module, x: torch.Tensor, class_name: str, layer_mo
                     targets: Sequence[int]) -> np.ndarray:
     """Run a pytorch-grad-cam class on ``model`` itself; its ``(B, S, S)`` CAMs in [0, 1].
 
-    The caller restores the model's flags and gradients (:func:`cbam_viz.cam.preserved_state`);
+    The caller restores the model's flags and gradients (:func:`cbam_viz.engine.cam.preserved_state`);
     the library's hooks are released here, also after an exception.
     """
     import pytorch_grad_cam
