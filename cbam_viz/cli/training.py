@@ -252,6 +252,12 @@ def _cmd_plot_curves(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this group's sub-commands on the top-level parser's sub-parsers."""
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_curves_parser(sub)
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train one or more architectures with one shared recipe")
     t.add_argument("--arch", nargs="+", default=["resnet18", "resnet18_cbam"], help="registered model names")
     t.add_argument("--data", required=True, help="training folder in ImageFolder layout")
@@ -304,6 +310,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                        "training are kept in the exported record)")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion of shipped weights")
     e.add_argument("--weights", help="folder holding manifest.json and the safetensors files (default: "
                                       "$CBAM_VIZ_WEIGHTS_DIR, else the repository's weights/)")
@@ -317,13 +325,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", help="write the results (every member, the differences) as JSON to this file")
     e.add_argument("--markdown", help="write the results as a Markdown report to this file")
     e.add_argument("--update-manifest", action="store_true",
-                   help="merge val_top1/val_top5/val_per_class/val_confusion/val_n into the records' metrics")
+                   help="merge val_top1/val_top5/val_per_class/val_confusion/val_n into the records' metrics, and "
+                        "each member's difference against the reference (val_paired_difference)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--hflip", action="store_true", help="average each image's softmax with its mirror image's "
                    "(test-time augmentation; the app does not do it); --update-manifest stores it as val_hflip_*")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_evaluate)
 
+
+def _add_curves_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("plot-curves", help="training-curves figure (loss, train accuracy, monitored top-1) "
                        "from the trainer's log.jsonl files")
     c.add_argument("--run", action="append", required=True, metavar="LABEL=LOG",
