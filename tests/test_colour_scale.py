@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbam_viz import colour_scale, render
-from cbam_viz.explain import explain
+from cbam_viz import colour_scale, figures, render
+from cbam_viz.engine.explain import explain
 
 
 def _has_scale(picture, colormap: str = "jet") -> bool:
@@ -43,11 +43,12 @@ def test_colour_bar_runs_low_to_high():
         colour_scale.colour_bar("rainbow-ish")
 
 
-def test_composite_and_attention_sheet_carry_the_scale(tiny_pair, image):
-    (e,) = explain([image], tiny_pair)
-    assert _has_scale(render.composite(image, e))
-    assert _has_scale(render.attention_sheet(image, e.cbam))
-    assert not _has_scale(render.overlay(image, e.cbam.cam))  # the page's slider overlay stays the photo's size
+def test_composite_and_attention_sheet_carry_the_scale(tiny_lineup, image):
+    (e,) = explain([image], tiny_lineup)
+    cbam = e.models[tiny_lineup.members[-1].name]
+    assert _has_scale(figures.composite(image, e))
+    assert _has_scale(render.attention_sheet(image, cbam))
+    assert not _has_scale(render.overlay(image, cbam.cam))  # the page's slider overlay stays the photo's size
 
 
 def test_a_narrow_picture_still_gets_a_readable_scale():
