@@ -1,28 +1,24 @@
-"""cbam-viz web app: what CBAM changes inside a ResNet, side by side with its baseline twin.
+"""cbam-viz web app: what attention gates (CBAM, SE, BAM) change inside a ResNet, model beside model.
 
-Layout and event wiring only: each event function makes one call into :mod:`cbam_viz.app_views`
-(which calls :mod:`cbam_viz.service`) and hands the result to Gradio. Importing this module reads
-no file: the pair names, examples and the Explanation-quality report load with the page.
+Layout and event wiring only: each event function makes one call into :mod:`cbam_viz.app` (which
+calls :mod:`cbam_viz.service`) and maps the named result onto the components. Importing this
+module reads no file: the lineups, examples and the Explanation-quality report load with the page.
 Run ``python app.py`` (127.0.0.1:7860; ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` override).
 
-Environment:
-    CBAM_VIZ_CONCURRENCY      explanations run at once (default 2)
-    CBAM_VIZ_QUEUE_SIZE       requests waiting at most before new ones are refused (default 32)
-    CBAM_VIZ_MAX_FILE_SIZE    largest upload, e.g. "20mb" (default)
-    CBAM_VIZ_MAX_IMAGES       images per request (default 16)
-    CBAM_VIZ_WARMUP           "0": no warm-up explanation at start-up (default: one, in the background)
-    CBAM_VIZ_WEIGHTS_DIR      folder with manifest.json and the weights (default: the repository's weights/)
-    CBAM_VIZ_QUALITY_REPORT   evaluate-cams output shown in the Explanation-quality tab
-                              (default: docs/explanation_quality)
-    CBAM_VIZ_DATA             where that report's boxed photos are, if not where they were evaluated
-    CBAM_VIZ_SANITY_REPORT    sanity-check output whose failed CAM methods are flagged (default: docs/sanity)
-    CBAM_VIZ_CHANNEL_PROFILES channel-profiles folder shown in the quality tab (default: docs/channel_profiles)
-    CBAM_VIZ_MCP              "1": also serve ``/explain`` and ``/info`` as MCP tools (at /gradio_api/mcp)
-    CBAM_VIZ_GPU_DURATION     seconds of GPU asked per request on a ZeroGPU Space (see cbam_viz/zerogpu.py)
+Environment (defaults in brackets): CBAM_VIZ_CONCURRENCY explanations at once [2]; CBAM_VIZ_QUEUE_SIZE
+requests waiting at most [32]; CBAM_VIZ_MAX_FILE_SIZE largest upload [20mb, 500mb with model uploads
+on]; CBAM_VIZ_MAX_IMAGES images per request [16]; CBAM_VIZ_WARMUP "0": no warm-up explanation at
+start-up; CBAM_VIZ_WEIGHTS_DIR folders of manifest.json and weights, a path-separator list [weights/];
+CBAM_VIZ_ALLOW_MODEL_UPLOAD "1": a local user may add a checkpoint from the page (never on a Space);
+CBAM_VIZ_QUALITY_REPORT evaluate-cams output of the Explanation-quality tab [docs/explanation_quality];
+CBAM_VIZ_DATA where that report's photos are, if moved; CBAM_VIZ_SANITY_REPORT sanity-check output whose
+failed CAM methods are flagged [docs/sanity]; CBAM_VIZ_CHANNEL_PROFILES channel-profiles folder of the
+quality tab [docs/channel_profiles]; CBAM_VIZ_MCP "1": ``/explain`` and ``/info`` as MCP tools too (at
+/gradio_api/mcp); CBAM_VIZ_GPU_DURATION GPU seconds per request on a ZeroGPU Space (cbam_viz/zerogpu.py).
 
-API (``gradio_client``, and MCP with ``CBAM_VIZ_MCP=1``): ``/explain`` (one image) and ``/info``
-(classes, layers, methods); see the "Use via API" link at the bottom of the page. Every other
-event is the page's own (private).
+API (``gradio_client``, and MCP with ``CBAM_VIZ_MCP=1``): ``/explain`` (one image, every member of a
+lineup) and ``/info`` (lineups, members, classes, layers, methods); see the "Use via API" link at the
+bottom of the page. Every other event is the page's own (private).
 """
 from __future__ import annotations
 
@@ -31,29 +27,31 @@ import threading
 
 import gradio as gr
 
-from cbam_viz import app_views as views
-from cbam_viz.colour_scale import colour_scale_html
-from cbam_viz.controls import AUTO_LAYER, AUTO_TARGET, list_methods
+from cbam_viz.app import api, content, gates, page, panels, quality, results, upload
+from cbam_viz.engine.controls import AUTO_LAYER, AUTO_TARGET, list_methods
 from cbam_viz.messages import format_error
 from cbam_viz.service import warm_up
 
 CONCURRENCY = int(os.environ.get("CBAM_VIZ_CONCURRENCY", "2"))
 QUEUE_SIZE = int(os.environ.get("CBAM_VIZ_QUEUE_SIZE", "32"))
-MAX_FILE_SIZE = os.environ.get("CBAM_VIZ_MAX_FILE_SIZE", "20mb")
+UPLOAD = upload.upload_allowed()
+MAX_FILE_SIZE = os.environ.get("CBAM_VIZ_MAX_FILE_SIZE", "500mb" if UPLOAD else "20mb")
 MAX_IMAGES = int(os.environ.get("CBAM_VIZ_MAX_IMAGES", "16"))
 MCP_SERVER = os.environ.get("CBAM_VIZ_MCP", "0") == "1"
 METHODS = list_methods()  # the registry's names: code, not files
+SLOTS = range(page.MAX_MEMBERS)
 
 INTRO = """\
-# cbam-viz: what does CBAM change inside a ResNet?
+# cbam-viz: what does attention change inside a ResNet?
 
 **CBAM** (Convolutional Block Attention Module, [Woo et al., ECCV 2018](https://arxiv.org/abs/1807.06521))
 adds two small gates to every residual block: a **channel gate** that re-weights *what* feature
 maps matter (one weight per channel, from average- and max-pooled features through a shared MLP)
 and then a **spatial gate** that re-weights *where* to look (one weight per position, from a 7x7
-convolution over channel-pooled maps). Upload a photo to see a plain ResNet and its CBAM twin,
-trained the same way, side by side: their predictions, their Grad-CAM heatmaps, and what every
-CBAM gate did to the features.
+convolution over channel-pooled maps). **SE** (Hu et al., 2018) has the channel gate only; **BAM**
+(Park et al., 2018) puts both, in parallel, at the stage transitions. Upload a photo to see a
+lineup of models trained the same way side by side: their predictions, their Grad-CAM heatmaps,
+and what every gate did to the features.
 """
 
 
@@ -67,86 +65,95 @@ def _run(fn, *args, **kwargs):
         raise gr.Error(format_error(err), print_exception=False) from None
 
 
-def _update(choices: views.Choices | None):
-    return gr.update() if choices is None else gr.update(choices=choices.choices, value=choices.value,
-                                                         visible=choices.visible)
-
-
-def _pair_outputs(view: views.PairView) -> tuple:
-    if view.error:
-        gr.Warning(view.error)
-    return view.markdown, _update(view.targets), _update(view.layers), view.card
-
-
-def on_load(pair_name=None, method=None, target=None, layer=None, result_id=None):
-    """Fill the page once it is open: pairs, examples, the quality tab, the chosen pair's parts.
+def on_load(lineup_name=None, method_value=None, target_value=None, layer_value=None, result_id=None):
+    """Fill the page once it is open: lineups, examples, the quality tab, the chosen lineup's parts.
 
     Takes the controls' values and the shown result as the page opened: a shared link restores the
     result, and the page reopens with the controls that made it.
     """
-    page = _run(views.page_view, method, pair_name=pair_name, target=target, layer=layer, result_id=result_id)
-    return (_update(page.pairs), gr.Dataset(samples=[[path] for path, _ in page.examples],
-                                            sample_labels=[caption for _, caption in page.examples],
-                                            visible=bool(page.examples)),
-            page.quality_markdown, gr.update(value=page.quality_figure, visible=page.quality_figure is not None),
-            _update(page.quality_metrics), _update(page.quality_methods), _update(page.quality_directions),
-            page.quality_note, page.method, page.method_note, *_pair_outputs(page.pair))
+    view = _run(page.page_view, method_value, lineup_name=lineup_name, target=target_value, layer=layer_value,
+                result_id=result_id)
+    samples = gr.Dataset(samples=[[path] for path, _ in view.examples],
+                         sample_labels=[caption for _, caption in view.examples], visible=bool(view.examples))
+    return {lineup: panels.update(view.lineups), examples: samples, quality_md: view.quality_markdown,
+            quality_reading: view.quality_reading,
+            quality_fig: gr.update(value=view.quality_figure, visible=view.quality_figure is not None),
+            q_metric: panels.update(view.quality_metrics), q_method: panels.update(view.quality_methods),
+            q_direction: panels.update(view.quality_directions), q_note: view.quality_note, method: view.method,
+            method_md: view.method_note,
+            **ui.lineup(view.lineup, markdown=lineup_md, target=target, layer=layer, card=about_md)}
 
 
-def on_pair_change(pair_name: str, target=None, layer=None):
-    """Fill the pair-dependent parts of the page (classes, layers, warnings, model card); the target
-    and layer stay where the pair offers them."""
-    return _pair_outputs(views.pair_view(pair_name, target=target, layer=layer))
+def on_lineup_change(lineup_name: str, target_value=None, layer_value=None, result_id=None, items=None):
+    """Fill the lineup-dependent parts of the page (members, classes, layers, warnings, model card); the
+    target and layer stay where the lineup offers them."""
+    view = _run(page.lineup_change_view, lineup_name, target=target_value, layer=layer_value, result_id=result_id,
+                items=items)
+    return ui.lineup(view, markdown=lineup_md, target=target, layer=layer, card=about_md)
 
 
-def on_method_change(method: str):
+def on_method_change(method_value: str):
     """A CAM method that failed the model-randomisation sanity check is flagged beside its dropdown."""
-    return views.method_note(method)
+    return content.method_note(method_value)
 
 
-def explain_ui(image, files, pair_name, method, target, layer, alpha, progress=gr.Progress()):
-    """The Explain button: one or several images -> the side-by-side view of the first one."""
-    view = _run(views.explain_view, image, files, pair_name=pair_name, method=method, target=target, layer=layer,
-                alpha=alpha, max_images=MAX_IMAGES, progress=progress)
-    return (view.items, _update(view.picker), view.status, *view.shown)
+def explain_ui(image, files, lineup_name, method_value, target_value, layer_value, alpha_value,
+               progress=gr.Progress()):
+    """The Explain button: one or several images -> every member's view of the first one."""
+    view = _run(results.explain_view, image, files, lineup_name=lineup_name, method=method_value, target=target_value,
+                layer=layer_value, alpha=alpha_value, max_images=MAX_IMAGES, progress=progress)
+    return ui.explained(view, items_state=items_state, picker=picker, status=status)
 
 
-def explain_example(index: int, pair_name, method, target, layer, alpha):
+def explain_example(index: int, lineup_name, method_value, target_value, layer_value, alpha_value):
     """A click on an example: its explanation, at once from the cache after its first use."""
-    view = _run(views.example_view, index, pair_name=pair_name, method=method, target=target, layer=layer,
-                alpha=alpha)
-    return (view.items, _update(view.picker), view.status, *view.shown)
+    view = _run(results.example_view, index, lineup_name=lineup_name, method=method_value, target=target_value,
+                layer=layer_value, alpha=alpha_value)
+    return ui.explained(view, items_state=items_state, picker=picker, status=status)
 
 
 def show_item(choice: str, items: list[dict]):
     """The image picker: show another image of the last batch."""
-    return _run(views.show_item, choice, items)
+    text, view = _run(results.show_item, choice, items)
+    return {status: text, **ui.show(view)}
+
+
+def compare_members(a: str, b: str, result_id: str, items: list[dict]):
+    """The compare slider's two dropdowns: one member's CAM | another's."""
+    return _run(results.compare_view, a, b, result_id, items)
 
 
 def build_downloads(result_id: str, items: list[dict]):
     """The downloads button: the composite PNG, JSON and npz of the shown image, built now."""
-    return _run(views.downloads_view, result_id, items)
+    return _run(results.downloads_view, result_id, items)
 
 
-def probe(result_id: str, evt: gr.SelectData):
-    """A click on the photo: every CBAM block's spatial attention at that point."""
-    return _run(views.probe_view, result_id, evt.index)
+def probe(result_id: str, member: str, items: list[dict], evt: gr.SelectData):
+    """A click on the photo: every block's spatial attention at that point, of the chosen gated member."""
+    return _run(gates.probe_view, result_id, evt.index, member, items)
 
 
-def ablate(result_id: str):
-    """"Is this attention used?": switch each CBAM gate off on the shown photo."""
-    return _run(views.ablation_view, result_id)
+def ablate(result_id: str, member: str, items: list[dict]):
+    """"Is this attention used?": switch each gate of the chosen member off on the shown photo."""
+    return _run(gates.ablation_view, result_id, member, items)
+
+
+def add_own_model(checkpoint, classes, name: str):
+    """A local user's checkpoint (+ class file): what was detected; its lineup chosen at once."""
+    added = _run(upload.add_model_view, checkpoint, classes, name)
+    return added.markdown, panels.update(added.lineups)
 
 
 def show_quality_extras():
     """The quality tab's research sections: spatial-gate localization, channel profiles."""
-    extras = _run(views.quality_extras)
+    extras = _run(quality.quality_extras)
     return (extras.spatial_gates, gr.update(value=extras.profiles_image, visible=extras.profiles_image is not None),
             gr.update(value=extras.profiles_rows, visible=extras.profiles_rows is not None), extras.profiles_note)
 
 
-def explain_api(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, alpha=0.5, pair_name=None):
-    """Explain one photo with a plain ResNet and its CBAM twin: predictions, CAMs, every CBAM gate's attention.
+def explain_api(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, alpha=0.5, lineup_name=None):
+    """Explain one photo with every model of a lineup (e.g. ResNet-18, + SE, + BAM, + CBAM): predictions,
+    CAMs, and what every attention gate did.
 
     Args:
         image: the photo (any common image format).
@@ -154,41 +161,43 @@ def explain_api(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, a
         target: class to explain: "auto (predicted class)", a class name, WordNet id or index.
         layer: residual block the CAM looks at: "auto (last block)" or a name such as layer3.1.
         alpha: opacity of the heat map over the photo, 0 to 1.
-        pair_name: model pair (default: the first /info lists).
+        lineup_name: the lineup of models (default: the first /info lists under "lineups").
 
     Returns:
-        summary JSON (both models' top-5 predictions, CAM targets, warnings, timings, metadata,
-        faithfulness), baseline CAM overlay, CBAM CAM overlay, composite, CBAM attention pictures
-        (spatial per block, then channel), and the JSON and npz (raw maps) files.
+        summary JSON ("models": each member's top-5 predictions, CAM target, gates, out-of-distribution
+        score; faithfulness, warnings, timings, metadata), each member's CAM overlay (captioned with its
+        title), each gated member's attention pictures, and the JSON and npz (raw maps, keyed by member
+        name) files.
     """
-    return _run(views.api_explain, image, method, target, layer, alpha, pair_name)
+    return _run(api.api_explain, image, method, target, layer, alpha, lineup_name)
 
 
-def info_api(pair_name=None):
-    """The model pair's classes, layer choices, CAM methods and warnings (what /explain accepts).
+def info_api(lineup_name=None):
+    """The lineups, and the chosen lineup's members, classes, layer choices, CAM methods and warnings
+    (what /explain accepts).
 
     Args:
-        pair_name: model pair (default: the first of "pairs" in the answer).
+        lineup_name: the lineup (default: the first of "lineups" in the answer).
     """
-    return _run(views.api_info, pair_name)
+    return _run(api.api_info, lineup_name)
 
 
-def show_differences(metric: str, method: str, direction: str, k: float):
+def show_differences(metric: str, method_value: str, direction: str, k: float):
     """The Explanation-quality tab: the images where the two CAMs score most differently."""
-    return _run(views.quality_differences, metric, method, direction, k)
+    return _run(quality.quality_differences, metric, method_value, direction, k)
 
 
 def load_example(index: int):
     """A click on an example: put its picture into the photo input."""
-    return _run(views.example_image, index)
+    return _run(content.example_image, index)
 
 
 # ------------------------------------------------------------------------------------- layout
 
-with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(3600, 3600)) as demo:
+with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(3600, 3600)) as demo:
     items_state = gr.State([])
     gr.Markdown(INTRO)
-    pair_md = gr.Markdown("*Loading the models...*")
+    lineup_md = gr.Markdown("*Loading the models...*")
 
     with gr.Tab("Explain"):
         with gr.Row():
@@ -201,7 +210,8 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
                 examples = gr.Dataset(components=[image], samples=[], type="index", visible=False,
                                       label="Examples (each answers at once after its first use)")
             with gr.Column(scale=2):
-                pair = gr.Dropdown([], value=None, label="Model pair")  # the manifest's pairs, on page load
+                lineup = gr.Dropdown([], value=None, label="Lineup (models side by side)",
+                                     elem_id="lineup")  # every lineup, on page load
                 method = gr.Dropdown(METHODS, value="gradcam" if "gradcam" in METHODS else METHODS[0],
                                      label="CAM method", elem_id="cam_method")
                 method_md = gr.Markdown(elem_id="method_note")  # a failed sanity check, if any
@@ -212,73 +222,20 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
                                     label="Target layer", info="the block the CAM looks at")
                 alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                 run = gr.Button("Explain", variant="primary", elem_id="run_button")
+                # Off by default and on a Space: then no input of the page takes a checkpoint.
+                own = panels.OwnModelInputs.build(upload.MAX_MODEL_BYTES) if UPLOAD else None
 
         status = gr.Markdown(elem_id="status")
         picker = gr.Dropdown([], label="Showing image", visible=False, interactive=True)
-        with gr.Row(equal_height=True):
-            with gr.Column():
-                gr.Markdown("### Baseline ResNet")
-                base_label = gr.Label(num_top_classes=5, label="Baseline: predictions", elem_id="pred_baseline")
-                base_cam = gr.ImageSlider(label="Baseline: photo | CAM overlay (drag the bar)", interactive=False,
-                                          type="filepath", elem_id="cam_baseline", max_height=420)
-            with gr.Column():
-                gr.Markdown("### ResNet + CBAM")
-                cbam_label = gr.Label(num_top_classes=5, label="CBAM: predictions", elem_id="pred_cbam")
-                cbam_cam = gr.ImageSlider(label="CBAM: photo | CAM overlay (drag the bar)", interactive=False,
-                                          type="filepath", elem_id="cam_cbam", max_height=420)
-        gr.HTML(colour_scale_html(), elem_id="colour_scale")  # what the heatmaps' colours mean (no file, no matplotlib)
-        with gr.Row():
-            compare = gr.ImageSlider(label="Baseline CAM | CBAM CAM on the same photo: drag across to compare",
-                                     interactive=False, type="filepath", elem_id="cam_compare", scale=3,
-                                     max_height=420)
-            with gr.Column(scale=2):
-                faithful_img = gr.Image(label="Faithfulness: each model's input with the top of its own CAM "
-                                        "blurred away", interactive=False, elem_id="faithfulness")
-                faithful_md = gr.Markdown()
-        gr.Markdown("### What the CBAM gates did")
-        spatial = gr.Image(label="CBAM spatial attention of every block (where each block looks)",
-                           interactive=False, elem_id="attention_gallery")
-        with gr.Row():
-            probe_img = gr.Image(label="Click the photo: every block's spatial attention at that point",
-                                 interactive=False, elem_id="probe_image", height=300, scale=2)
-            with gr.Column(scale=3):
-                probe_plot = gr.BarPlot(x="block", y="spatial attention", y_lim=[0, 1], elem_id="probe_plot",
-                                        label="Spatial attention at the clicked point, per block", height=240,
-                                        tooltip=["block", "spatial attention"])
-                probe_md = gr.Markdown()
-        channel = gr.LinePlot(x="rank", y="attention", color="block", y_lim=[0, 1], elem_id="channel_gallery",
-                              label="CBAM channel attention of every block: how each block re-weights its feature "
-                                    "maps, channels sorted from most to least passed (hover: block, channel, value)",
-                              x_title="channels of the block, sorted by their gate", height=340,
-                              tooltip=["block", "channel", "attention"])
-        gr.Markdown("### Is this attention used?\nSwitch each CBAM gate off (set it to 1) on this photo, one block "
-                    "at a time and all at once, and see how the prediction and the CAM change (about 25 forwards "
-                    "of the CBAM model).")
-        ablate_btn = gr.Button("Switch each gate off and measure", elem_id="ablate_button")
-        ablation_md = gr.Markdown()
-        with gr.Row():
-            ablation_plot = gr.BarPlot(x="ablation", y="prob_change", color="gate", y_lim=[-1, 1], x_label_angle=-45,
-                                       label="Change of the top-1 probability with the gate switched off",
-                                       elem_id="ablation_plot", height=300, sort=None,
-                                       tooltip=["block", "gate", "prob_change", "cam_correlation"])
-            ablation_table = gr.Dataframe(headers=list(views.ABLATION_COLUMNS), interactive=False,
-                                          label="Gate ablation: probability change, CAM correlation with the "
-                                          "intact model", elem_id="ablation_table")
-        timings_line = gr.Markdown(elem_id="timings_line")
-        with gr.Accordion("Timings, step by step", open=False):
-            timings = gr.Markdown()
-        with gr.Row():
-            downloads_btn = gr.Button("Build the downloads: composite PNG, JSON, raw maps (.npz)",
-                                      elem_id="downloads_button")
-            gr.DeepLinkButton("Share this result (copies a link)", copied_value="Link copied")
-        downloads = gr.File(label="Downloads: composite PNG, JSON, raw maps (.npz)", file_count="multiple",
-                            interactive=False, elem_id="downloads")
-        current = gr.Textbox(visible=False)  # the shown result's id (a deep link keeps it too)
+        ui = panels.ResultPanels.build(page.MAX_MEMBERS)
 
     with gr.Tab("Explanation quality") as quality_tab:
-        quality_md = gr.Markdown("*Loading the measured results...*")
-        quality_fig = gr.Image(label="Paired differences, CBAM - baseline (green: CBAM better, red: baseline "
-                               "better, grey: no clear difference)", interactive=False, format="png", visible=False)
+        quality_reading = gr.Markdown(elem_id="quality_reading")
+        quality_fig = gr.Image(label="Each model − the reference, paired over the same images, 95 % intervals "
+                               "(right: better; filled: the interval excludes 0)", interactive=False, format="png",
+                               visible=False, elem_id="quality_forest")
+        with gr.Accordion("The measured tables and how they were made", open=False):
+            quality_md = gr.Markdown("*Loading the measured results...*")
         gr.Markdown("### Where the two models differ most\n"
                     "Pick a metric to see the boxed photos behind the averages: green boxes are the "
                     "true objects, white boxes each CAM's own box at its best threshold.")
@@ -289,7 +246,7 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
             q_direction = gr.Radio([], value=None, label="Show")
             q_k = gr.Slider(1, 16, value=6, step=1, label="Images")
         q_note = gr.Markdown()
-        q_gallery = gr.Gallery(label="Boxed photo | baseline CAM | CBAM CAM", columns=2, height="auto",
+        q_gallery = gr.Gallery(label="Boxed photo | reference CAM | compared model's CAM", columns=2, height="auto",
                                object_fit="contain", format="png", elem_id="quality_gallery")
         gates_md = gr.Markdown()
         profiles_md = gr.Markdown()
@@ -307,38 +264,38 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
         api_button = gr.Button("explain (API)")
         info_button = gr.Button("info (API)")
         api_summary = gr.JSON(label="summary")
-        api_base = gr.Image(type="filepath", label="baseline CAM overlay", format="png")
-        api_cbam = gr.Image(type="filepath", label="CBAM CAM overlay", format="png")
-        api_composite = gr.Image(type="filepath", label="composite", format="png")
-        api_attention = gr.Gallery(label="CBAM attention (spatial, then channel)", format="png")
+        api_overlays = gr.Gallery(label="each member's CAM overlay", format="jpeg")
+        api_attention = gr.Gallery(label="each gated member's attention (spatial sheet, channel overview)",
+                                   format="png")
         api_files = gr.File(file_count="multiple", label="JSON and npz")
         api_info = gr.JSON(label="info")
 
-    view = [base_label, base_cam, cbam_label, cbam_cam, compare, faithful_img, faithful_md, spatial, probe_img, channel,
-            timings_line, timings, current, downloads, probe_plot, probe_md, ablation_plot, ablation_table, ablation_md]
+    view = ui.components
     explained = [items_state, picker, status, *view]
-    controls = [pair, method, target, layer, alpha]
-    # preprocess=False: a shared link restores the pair's value before on_load gives the dropdown its choices.
-    demo.load(on_load, inputs=[pair, method, target, layer, current], preprocess=False,
-              outputs=[pair, examples, quality_md, quality_fig, q_metric, q_method, q_direction, q_note, method,
-                       method_md, pair_md, target, layer, about_md], api_visibility="private")
+    lineup_parts = [lineup_md, target, layer, about_md, *view]
+    controls = [lineup, method, target, layer, alpha]
+    # preprocess=False: a shared link restores the lineup's value before on_load gives the dropdown its choices.
+    demo.load(on_load, inputs=[lineup, method, target, layer, ui.current], preprocess=False,
+              outputs=[lineup, examples, quality_md, quality_reading, quality_fig, q_metric, q_method, q_direction,
+                       q_note, method, method_md, *lineup_parts], api_visibility="private")
     # The answers about the shown result (downloads, a clicked point, the gate ablation: seconds each)
     # are cancelled when another result is shown, so a late one never lands under the new photo
     # (the cancelled work itself finishes in its thread: Gradio cannot stop a running function).
     about_result = [
-        downloads_btn.click(build_downloads, inputs=[current, items_state], outputs=[downloads],
-                            api_visibility="private"),
-        probe_img.select(probe, inputs=[current], outputs=[probe_plot, probe_md], api_visibility="private",
-                         show_progress="hidden"),
+        ui.downloads_btn.click(build_downloads, inputs=[ui.current, items_state], outputs=[ui.downloads],
+                               api_visibility="private"),
+        ui.probe_img.select(probe, inputs=[ui.current, ui.gate_member, items_state],
+                            outputs=[ui.probe_plot, ui.probe_md], api_visibility="private", show_progress="hidden"),
         # ~25 forwards: one at a time, so that explanations keep the cores.
-        ablate_btn.click(ablate, inputs=[current], outputs=[ablation_plot, ablation_table, ablation_md],
-                         api_visibility="private", concurrency_limit=1, concurrency_id="research"),
+        ui.ablate_btn.click(ablate, inputs=[ui.current, ui.gate_member, items_state],
+                            outputs=[ui.ablation_plot, ui.ablation_table, ui.ablation_md],
+                            api_visibility="private", concurrency_limit=1, concurrency_id="research"),
     ]
     examples.click(load_example, inputs=[examples], outputs=[image], api_visibility="private",
                    show_progress="hidden", cancels=about_result).then(
         explain_example, inputs=[examples, *controls], outputs=explained, api_visibility="private")
-    pair.change(on_pair_change, inputs=[pair, target, layer], outputs=[pair_md, target, layer, about_md],
-                api_visibility="private")
+    lineup.change(on_lineup_change, inputs=[lineup, target, layer, ui.current, items_state], outputs=lineup_parts,
+                  api_visibility="private")
     method.change(on_method_change, inputs=[method], outputs=[method_md], api_visibility="private", queue=False)
     # show_progress "full" (the default): the queue position while waiting, gr.Progress steps while running.
     run.click(explain_ui, inputs=[image, files, *controls], outputs=explained, api_name="explain_ui",
@@ -346,12 +303,20 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
     # ``input``: a person's pick; Explain and the examples set the picker with the view already filled.
     picker.input(show_item, inputs=[picker, items_state], outputs=[status, *view], api_visibility="private",
                  cancels=about_result)
-    api_button.click(explain_api, inputs=[image, method, target, layer, alpha, pair],
-                     outputs=[api_summary, api_base, api_cbam, api_composite, api_attention, api_files],
+    gr.on([ui.compare_a.input, ui.compare_b.input], compare_members,
+          inputs=[ui.compare_a, ui.compare_b, ui.current, items_state], outputs=[ui.compare],
+          api_visibility="private", show_progress="hidden")
+    # One model written at a time (the manifest is the commit point); preprocess=False: the uploads'
+    # original names reach the messages.
+    if own is not None:
+        own.button.click(add_own_model, inputs=[own.checkpoint, own.classes, own.name], outputs=[own.result, lineup],
+                         api_visibility="private", preprocess=False, concurrency_limit=1, concurrency_id="add_model")
+    api_button.click(explain_api, inputs=[image, method, target, layer, alpha, lineup],
+                     outputs=[api_summary, api_overlays, api_attention, api_files],
                      api_name="explain", preprocess=False)
-    # preprocess=False: the pair dropdown's choices arrive with the page, an API caller names any pair
-    # (an unknown one gets its one sentence from get_pair, not Gradio's "not in the list of choices").
-    info_button.click(info_api, inputs=[pair], outputs=[api_info], api_name="info", preprocess=False)
+    # preprocess=False: the lineup dropdown's choices arrive with the page, an API caller names any lineup
+    # (an unknown one gets its one sentence from get_lineup, not Gradio's "not in the list of choices").
+    info_button.click(info_api, inputs=[lineup], outputs=[api_info], api_name="info", preprocess=False)
     q_inputs = [q_metric, q_method, q_direction, q_k]
     # One render at a time for this tab: explanations keep the cores. ``input``, not ``change``: a person's
     # choice renders, the page load filling the choices does not.
@@ -363,6 +328,7 @@ with gr.Blocks(title="cbam-viz: CBAM attention, side by side", delete_cache=(360
 demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
 if __name__ == "__main__":
+    upload.search_user_weights()  # with uploads on: earlier uploads are listed beside the shipped lineups
     if os.environ.get("CBAM_VIZ_WARMUP", "1") != "0":
         # Load the models and pay the first explanation's import cost while the server starts.
         threading.Thread(target=warm_up, name="cbam-viz-warm-up", daemon=True).start()

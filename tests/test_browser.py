@@ -33,13 +33,9 @@ IDS = {
     "run_button": None,
     "cam_method": "CAM method",
     "target_class": "Target class",
-    "pred_baseline": "Baseline: predictions",
-    "pred_cbam": "CBAM: predictions",
-    "cam_baseline": "Baseline: CAM overlay",
-    "cam_cbam": "CBAM: CAM overlay",
-    "attention_gallery": "CBAM spatial attention",
-    "channel_gallery": "CBAM channel attention",
-    "cam_compare": "Baseline CAM | CBAM CAM",
+    "lineup": "Lineup",
+    "cam_compare": "One model's CAM | another's",
+    "gate_member": "Model whose gates",
     "probe_image": "Click the photo",
     "probe_plot": "Spatial attention at the clicked point",
     "ablation_plot": "Change of the top-1 probability",
@@ -175,18 +171,29 @@ def wait_idle(page, timeout: float = RESULT_TIMEOUT_MS) -> None:
     page.wait_for_timeout(300)
 
 
+def member_cams(page) -> list[str]:
+    """The elem_ids of the shown members' photo | CAM sliders (a column per member of the lineup)."""
+    return [f"cam_{i}" for i in range(4) if page.locator(f"#cam_{i}").count() and page.locator(f"#cam_{i}").is_visible()]
+
+
+def gate_sheets(page) -> list[str]:
+    """The elem_ids of the shown spatial-attention sheets (one per member with spatial gates)."""
+    return [f"attention_{i}" for i in range(4)
+            if page.locator(f"#attention_{i}").count() and page.locator(f"#attention_{i}").is_visible()]
+
+
 def cam_overlay(page, elem_id: str) -> list[str]:
-    """The CAM side of a photo | CAM slider (its file keeps the name the server gave it)."""
-    name = {"cam_baseline": "cam_baseline", "cam_cbam": "cam_cbam"}[elem_id]
-    return [s for s in image_srcs(page, elem_id) if s.split("?")[0].endswith((f"{name}.jpg", f"{name}.png"))]
+    """The CAM side of a photo | CAM slider (the photo side is the request's photo.jpg)."""
+    return [s for s in image_srcs(page, elem_id) if not s.split("?")[0].endswith("photo.jpg")]
 
 
 def explain_and_wait(page, *, before: dict[str, list[str]] | None = None, click=None) -> dict[str, list[str]]:
-    """Click Explain (or ``click()``), wait until both CAM sliders show new pictures; return the CAM
-    overlays' sources and the attention pictures'."""
+    """Click Explain (or ``click()``), wait until every member's CAM slider shows a new picture; return
+    the CAM overlays' sources and the attention sheets'."""
     (click or run_button(page).click)()
     before = before or {}
-    ids = ["cam_baseline", "cam_cbam"]
+    ids = member_cams(page)
+    assert ids, "no member column is shown"
     page.wait_for_function(
         """([sels, before]) => sels.every(([id, sel]) => {
                const imgs = [...document.querySelectorAll(sel)].filter(i => i.src && i.complete && i.naturalWidth);
@@ -196,7 +203,8 @@ def explain_and_wait(page, *, before: dict[str, list[str]] | None = None, click=
         timeout=RESULT_TIMEOUT_MS,
     )
     wait_idle(page)
-    return {**{i: cam_overlay(page, i) for i in ids}, "attention_gallery": image_srcs(page, "attention_gallery")}
+    return {**{i: cam_overlay(page, i) for i in member_cams(page)},
+            "sheets": [src for sheet in gate_sheets(page) for src in image_srcs(page, sheet)]}
 
 
 def _img_selector(page, elem_id: str) -> str:
@@ -236,35 +244,38 @@ def test_explain_flow(page, inputs):
     first = explain_and_wait(page)
 
     # Both models' predictions: a Label shows its top class as a heading and the top-k as bars.
-    for elem_id in ("pred_baseline", "pred_cbam"):
+    cams = member_cams(page)
+    for elem_id in [c.replace("cam_", "pred_") for c in cams]:
         label = comp(page, elem_id)
         rows = label.locator("[data-testid$=-confidence-set]")
         assert rows.count() >= 1, f"{elem_id}: no predictions shown: {label.inner_text()[:200]!r}"
         assert re.search(r"\d+(\.\d+)?%", label.inner_text()), f"{elem_id}: no probabilities shown"
 
     sizes = {}
-    for elem_id in ("cam_baseline", "cam_cbam"):
+    for elem_id in cams:
         assert first[elem_id], f"{elem_id}: no image"
         sizes[elem_id] = assert_real_image(page, first[elem_id][0], elem_id)
-    for elem_id in ("cam_baseline", "cam_cbam", "cam_compare"):  # photo | CAM, and baseline CAM | CBAM CAM
+    for elem_id in [*cams, "cam_compare"]:  # photo | CAM, and one member's CAM | another's
         assert len(image_srcs(page, elem_id)) == 2, f"{elem_id}: a slider shows two pictures"
-    assert set(image_srcs(page, "cam_compare")) == {first["cam_baseline"][0], first["cam_cbam"][0]}
-    sheet = first["attention_gallery"]
-    assert len(sheet) == 1, f"attention: expected one picture of every CBAM block, got {len(sheet)}"
-    size = assert_real_image(page, sheet[0], "attention sheet")
-    assert size[0] > 2 * size[1] * 0.9, f"attention sheet {size}: not a grid of the blocks"
-    channel = comp(page, "channel_gallery")
+    # The compare slider's default: the reference (first column) | the last member.
+    assert set(image_srcs(page, "cam_compare")) == {first[cams[0]][0], first[cams[-1]][0]}
+    sheets = first["sheets"]
+    assert sheets, "attention: no spatial sheet of a gated member"
+    for sheet in sheets:  # one picture of every block per member with spatial gates
+        size = assert_real_image(page, sheet, "attention sheet")
+        assert size[0] > 2 * size[1] * 0.9, f"attention sheet {size}: not a grid of the blocks"
+    channel = page.locator("[id^=channel_]:visible").first
     channel.scroll_into_view_if_needed()
     page.wait_for_function("el => el.querySelector('canvas, svg .mark-line, svg path')", arg=channel.element_handle(),
                            timeout=60_000)
     faithful = image_srcs(page, "faithfulness")
     assert faithful, "faithfulness: no image"
     assert_real_image(page, faithful[0], "faithfulness")
-    assert re.search(r"baseline's probability from \d\.\d\d to \d\.\d\d", page.inner_text("body")), \
+    assert re.search(r"'s probability from \d\.\d\d to \d\.\d\d", page.inner_text("body")), \
         "faithfulness: no sentence with both probabilities"
     assert re.search(r"Took \d+\.\d\d s: models \d+\.\d\d s, drawing and files \d+\.\d\d s",
                      page.inner_text("#timings_line")), "the one-line timings are missing"
-    _assert_rendered(page, ["attention_gallery", "cam_baseline", "cam_cbam", "cam_compare"])
+    _assert_rendered(page, [*gate_sheets(page), *cams, "cam_compare"])
 
     # Downloads: built on demand, a valid PNG (the composite), valid JSON (the summary), the npz.
     assert not comp(page, "downloads").locator("a[href]").count(), "downloads exist before they were asked for"
@@ -289,7 +300,7 @@ def test_explain_flow(page, inputs):
     # Another CAM method: both overlays change.
     new_method = _other_option(page, "cam_method")
     second = explain_and_wait(page, before=first)
-    for elem_id in ("cam_baseline", "cam_cbam"):
+    for elem_id in cams:
         assert_real_image(page, second[elem_id][0], f"{elem_id} ({new_method})")
         assert _pixels(page, second[elem_id][0]) != _pixels(page, first[elem_id][0]), \
             f"{elem_id}: the picture did not change after switching the CAM method to {new_method}"
@@ -297,7 +308,7 @@ def test_explain_flow(page, inputs):
     # Another target class: the overlays change again.
     new_target = _other_option(page, "target_class")
     third = explain_and_wait(page, before=second)
-    changed = [e for e in ("cam_baseline", "cam_cbam")
+    changed = [e for e in cams
                if _pixels(page, third[e][0]) != _pixels(page, second[e][0])]
     assert changed, f"no CAM overlay changed after choosing target class {new_target!r}"
     screenshot(page, "02-other-method-and-target")
@@ -305,7 +316,7 @@ def test_explain_flow(page, inputs):
 
 def test_sliders_drag_across(page):
     """Dragging a slider's handle moves the boundary between its two pictures."""
-    for elem_id in ("cam_compare", "cam_baseline"):
+    for elem_id in ("cam_compare", "cam_0"):
         slider = comp(page, elem_id)
         slider.scroll_into_view_if_needed()
         before = _slider_position(slider)
@@ -352,7 +363,7 @@ def test_click_on_the_photo_shows_every_blocks_attention_there(page):
 
 def test_gate_ablation_button(page):
     page.locator("#ablate_button").click()
-    page.wait_for_function("() => /largest fall of the CBAM model's top-1 probability/.test(document.body.innerText)",
+    page.wait_for_function("() => /largest fall of .+'s top-1 probability/.test(document.body.innerText)",
                            timeout=RESULT_TIMEOUT_MS)
     plot = comp(page, "ablation_plot")
     page.wait_for_function("el => el.querySelector('canvas, svg path, svg rect')", arg=plot.element_handle(),
@@ -363,7 +374,7 @@ def test_gate_ablation_button(page):
 def test_deep_link_reopens_the_result(page, app):
     """The share button makes a link; opening it shows the same CAMs with the controls that made them
     (the explain flow left a non-default method and target), and the downloads still build from it."""
-    shown = {i: cam_overlay(page, i) for i in ("cam_baseline", "cam_cbam")}
+    shown = {i: cam_overlay(page, i) for i in member_cams(page)}
     controls = {e: comp(page, e).locator("input[role=combobox]").input_value() for e in ("cam_method", "target_class")}
     share = page.get_by_role("button", name=re.compile("Share this result"))
     with page.expect_response(lambda r: "gradio_api/deep_link" in r.url, timeout=60_000) as resp:
@@ -375,7 +386,8 @@ def test_deep_link_reopens_the_result(page, app):
         other.goto(f"{app.url}/?deep_link={token}", wait_until="domcontentloaded")
         other.wait_for_selector("gradio-app .gradio-container", timeout=120_000)
         wait_idle(other, timeout=120_000)
-        other.wait_for_function("() => document.querySelectorAll('#cam_cbam img').length > 0", timeout=60_000)
+        last = list(shown)[-1]
+        other.wait_for_function(f"() => document.querySelectorAll('#{last} img').length > 0", timeout=60_000)
         for elem_id, srcs in shown.items():
             assert [_pixels(other, s) for s in cam_overlay(other, elem_id)] == [_pixels(page, s) for s in srcs], \
                 f"{elem_id}: the deep link shows another picture"
@@ -391,15 +403,15 @@ def test_an_example_answers(page):
     examples = page.locator(".gallery-item, [data-testid=dataset] button, table.gallery td").first
     if not examples.count():
         pytest.skip("no example pictures on this machine")
-    before = {i: cam_overlay(page, i) for i in ("cam_baseline", "cam_cbam")}
+    before = {i: cam_overlay(page, i) for i in member_cams(page)}
     explain_and_wait(page, before=before, click=examples.click)
-    for elem_id in ("cam_baseline", "cam_cbam"):
+    for elem_id in member_cams(page):
         assert_real_image(page, cam_overlay(page, elem_id)[0], f"{elem_id} of an example")
 
 
 def test_broken_upload_shows_error_then_recovers(page, inputs):
     """A file that is not an image: a readable message in the page; the next good upload works."""
-    before = {i: cam_overlay(page, i) for i in ("cam_baseline", "cam_cbam")}
+    before = {i: cam_overlay(page, i) for i in member_cams(page)}
     upload(page, inputs["broken"])
     run_button(page).click()
     # A toast with a sentence (its title "Error" shows first); #status keeps the last result's notes.
@@ -417,7 +429,7 @@ def test_broken_upload_shows_error_then_recovers(page, inputs):
         close.click()
     upload(page, inputs["second"])
     after = explain_and_wait(page, before=before)
-    for elem_id in ("cam_baseline", "cam_cbam"):
+    for elem_id in member_cams(page):
         assert_real_image(page, after[elem_id][0], f"{elem_id} after recovery")
     screenshot(page, "04-recovered")
 
