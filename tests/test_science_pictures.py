@@ -97,38 +97,43 @@ def test_overlay_refuses_what_it_cannot_draw():
     assert render.overlay(image, ok, alpha=1).size == (8, 8)
 
 
-def test_each_members_pictures_are_drawn_from_its_own_explanation(service_pair):
-    from cbam_viz.service import CHANNEL_OVERVIEW_CAPTION, analyse
+@pytest.mark.parametrize("archs", [("resnet18", "resnet18_cbam"), ("resnet18", "resnet18_se", "resnet18_cbam")])
+def test_each_members_pictures_are_drawn_from_its_own_explanation(archs):
+    from cbam_viz import figures
+    from cbam_viz.service import analyse
+    from conftest import make_service_lineup
 
-    analysis = analyse(make_image(72, 56, seed=8), pair=service_pair, alpha=0.4, faithfulness=True,
-                       pictures={"overlays", "spatial", "channel", "channel_overview", "composite", "faithfulness"})
-    roles = ("baseline", "cbam")
-    assert set(analysis.overlays) == set(roles)
-    cams = {role: getattr(analysis.explanation, role).cam for role in roles}
-    assert np.abs(cams["baseline"] - cams["cbam"]).max() > 0.05  # the two members' maps differ
-    for role in roles:
-        expected = render.overlay(analysis.image, cams[role], alpha=0.4)
-        np.testing.assert_array_equal(np.asarray(analysis.overlays[role]), np.asarray(expected), err_msg=role)
-    cbam = analysis.explanation.cbam
-    gallery = render.attention_gallery(analysis.image, cbam, alpha=0.4)
-    assert len(analysis.spatial_gallery) == len(gallery) > 0
-    for (got, caption), (want, want_caption) in zip(analysis.spatial_gallery, gallery):
-        assert caption == want_caption and np.array_equal(np.asarray(got), np.asarray(want))
-    channel = analysis.channel_gallery
-    assert channel[0][1] == CHANNEL_OVERVIEW_CAPTION
-    assert np.array_equal(np.asarray(channel[0][0]), np.asarray(render.channel_attention_summary(cbam)))
-    assert len(channel) == 1 + len(cbam.channel_attention)
-    for (img, caption), (block, v) in zip(channel[1:], cbam.channel_attention.items()):
-        assert caption.startswith(f"{block} channel ({v.size} channels)")
-        assert np.array_equal(np.asarray(img), np.asarray(render.channel_attention_image(v, title=f"{block} channel")))
+    lineup = make_service_lineup("pictures", archs=archs)
+    analysis = analyse(make_image(72, 56, seed=8), lineup=lineup, alpha=0.4, faithfulness=True,
+                       pictures={"overlays", "spatial_sheet", "channel_overview", "composite", "faithfulness"})
+    names = lineup.names
+    assert list(analysis.overlays) == names
+    cams = {name: analysis.explanation.models[name].cam for name in names}
+    assert all(np.abs(cams[names[0]] - cams[n]).max() > 0.05 for n in names[1:])  # the members' maps differ
+    for name in names:
+        expected = render.overlay(analysis.image, cams[name], alpha=0.4)
+        np.testing.assert_array_equal(np.asarray(analysis.overlays[name]), np.asarray(expected), err_msg=name)
+    models = analysis.explanation.models
+    spatial = [n for n in names if models[n].spatial_attention]
+    channel = [n for n in names if models[n].channel_attention]
+    assert spatial == [names[-1]]  # only the CBAM member has spatial maps
+    assert channel == names[1:]  # SE and CBAM have channel gates; the plain reference none
+    assert list(analysis.spatial_sheets) == spatial and list(analysis.channel_overviews) == channel
+    for name in spatial:
+        want = render.attention_sheet(analysis.image, models[name], alpha=0.4)
+        assert np.array_equal(np.asarray(analysis.spatial_sheets[name]), np.asarray(want)), name
+    for name in channel:
+        want = render.channel_attention_summary(models[name])
+        assert np.array_equal(np.asarray(analysis.channel_overviews[name]), np.asarray(want)), name
     assert np.array_equal(np.asarray(analysis.composite),
-                          np.asarray(render.composite(analysis.image, analysis.explanation, alpha=0.4)))
+                          np.asarray(figures.composite(analysis.image, analysis.explanation, alpha=0.4)))
+    assert list(analysis.faithfulness) == names
     assert np.array_equal(np.asarray(analysis.faithfulness_image),
-                          np.asarray(render.confidence_drop_figure(analysis.faithfulness, service_pair)))
-    only = analyse(analysis.image, pair=service_pair, faithfulness=False, pictures={"overlays"})
-    assert only.spatial_gallery == [] and only.channel_gallery == [] and only.composite is None
-    assert only.faithfulness_image is None and set(only.overlays) == set(roles)
-    measured = analyse(analysis.image, pair=service_pair, faithfulness=True, pictures={"overlays"})
+                          np.asarray(figures.confidence_drop_figure(analysis.faithfulness, lineup)))
+    only = analyse(analysis.image, lineup=lineup, faithfulness=False, pictures={"overlays"})
+    assert only.spatial_sheets == {} and only.channel_overviews == {} and only.composite is None
+    assert only.faithfulness_image is None and list(only.overlays) == names
+    measured = analyse(analysis.image, lineup=lineup, faithfulness=True, pictures={"overlays"})
     assert measured.faithfulness is not None and measured.faithfulness_image is None  # measured, not drawn
-    none = analyse(analysis.image, pair=service_pair, faithfulness=False, pictures=())
-    assert none.overlays == {} and none.spatial_sheet is None
+    none = analyse(analysis.image, lineup=lineup, faithfulness=False, pictures=())
+    assert none.overlays == {} and none.spatial_sheets == {} and none.channel_overviews == {}
