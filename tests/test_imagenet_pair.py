@@ -1,4 +1,4 @@
-"""The paper's own ResNet-50 pair: both foreign layouts at 1000 classes, built in tmp_path (no network)."""
+"""The paper's own ResNet-50 lineup (a plain ResNet-50 and its CBAM twin): both foreign layouts at 1000 classes, built in tmp_path (no network)."""
 from __future__ import annotations
 
 import urllib.error
@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cbam_viz import imagenet_pair as inet
+from cbam_viz.engine import imagenet as inet
 from cbam_viz.models import create_model
-from cbam_viz.pair import IMAGENET_PAIR, ModelLoadError, clear_cache, load_pair, pair_names, pair_unavailable_reason
+from cbam_viz.engine.lineup import IMAGENET_LINEUP, lineup_names, lineup_unavailable_reason, load_lineup
+from cbam_viz.engine.loading import ModelLoadError, clear_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_cbam_env")
 
@@ -45,35 +46,39 @@ def files(tmp_path, monkeypatch):
     clear_cache()
 
 
-def test_the_pair_loads_explains_and_names_the_1000_classes(files):
-    from cbam_viz.explain import explain
+def test_the_lineup_loads_explains_and_names_the_1000_classes(files):
+    from cbam_viz.engine.explain import explain
 
-    assert pair_unavailable_reason(IMAGENET_PAIR) is None
-    pair = load_pair(IMAGENET_PAIR, device="cpu")
-    assert pair.baseline.arch == "resnet50" and pair.cbam.arch == "resnet50_cbam"
-    assert len(pair.cbam.classes) == 1000 and pair.cbam.classes[:2] == ("tench", "goldfish")
-    assert pair.cbam.input_size == 224 and pair.cbam.record.metrics["reported_imagenet_top1"] == pytest.approx(0.77622)
-    assert load_pair(IMAGENET_PAIR, device="cpu").cbam is pair.cbam  # built once, cached
-    (exp,) = explain([Image.new("RGB", (96, 80), (120, 90, 60))], pair, target="goldfish", topk=3)
-    assert exp.cbam.target == 1 and exp.cbam.target_label == "goldfish" and exp.cbam.cam.shape == (80, 96)
-    assert len(exp.cbam.spatial_attention) == 16  # 3 + 4 + 6 + 3 bottleneck blocks, each gated
-    assert not exp.baseline.spatial_attention
-    assert IMAGENET_PAIR in pair_names()
+    assert lineup_unavailable_reason(IMAGENET_LINEUP) is None
+    lineup = load_lineup(IMAGENET_LINEUP, device="cpu")
+    plain, cbam = lineup.members
+    assert lineup.name == IMAGENET_LINEUP and lineup.reference == plain.name and len(lineup.members) == 2
+    assert plain.arch == "resnet50" and cbam.arch == "resnet50_cbam"
+    assert len(cbam.classes) == 1000 and cbam.classes[:2] == ("tench", "goldfish")
+    assert cbam.input_size == 224 and cbam.record.metrics["reported_imagenet_top1"] == pytest.approx(0.77622)
+    assert load_lineup(IMAGENET_LINEUP, device="cpu").members[-1] is cbam  # built once, cached
+    (exp,) = explain([Image.new("RGB", (96, 80), (120, 90, 60))], lineup, target="goldfish", topk=3)
+    assert list(exp.models) == lineup.names and exp.reference == plain.name
+    got = exp.models[cbam.name]
+    assert got.target == 1 and got.target_label == "goldfish" and got.cam.shape == (80, 96)
+    assert len(got.spatial_attention) == 16  # 3 + 4 + 6 + 3 bottleneck blocks, each gated
+    assert not exp.models[plain.name].spatial_attention
+    assert IMAGENET_LINEUP in lineup_names()
 
 
-def test_without_the_official_file_the_pair_says_what_to_fetch(tmp_path, monkeypatch):
+def test_without_the_official_file_the_lineup_says_what_to_fetch(tmp_path, monkeypatch):
     from cbam_viz import service
     from cbam_viz.messages import UserFacingError
 
     monkeypatch.setenv(inet.OFFICIAL_ENV, str(tmp_path / "nowhere.pth"))
-    reason = pair_unavailable_reason(IMAGENET_PAIR, tmp_path)
+    reason = lineup_unavailable_reason(IMAGENET_LINEUP, tmp_path)
     assert reason.count(". ") == 0 and reason.endswith(".")  # one sentence
     assert inet.OFFICIAL_FILE in reason and "Jongchan/attention-module" in reason and inet.OFFICIAL_ENV in reason
     with pytest.raises(ModelLoadError, match="official ResNet-50-CBAM"):
-        load_pair(IMAGENET_PAIR, weights_dir=tmp_path)
+        load_lineup(IMAGENET_LINEUP, weights_dir=tmp_path)
     with pytest.raises(UserFacingError, match="Jongchan/attention-module"):
-        service.get_pair(IMAGENET_PAIR)
-    assert pair_unavailable_reason("resnet18-imagenette") is None  # other pairs are unaffected
+        service.get_lineup(IMAGENET_LINEUP)
+    assert lineup_unavailable_reason("resnet18-imagenette") is None  # other lineups are unaffected
 
 
 def test_offline_before_the_baseline_is_cached_is_a_clear_error(files, monkeypatch):
@@ -84,7 +89,7 @@ def test_offline_before_the_baseline_is_cached_is_a_clear_error(files, monkeypat
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(ModelLoadError) as err:
-        load_pair(IMAGENET_PAIR, device="cpu")
+        load_lineup(IMAGENET_LINEUP, device="cpu")
     message = str(err.value)
     assert "not in the torch hub cache" in message and "machine with network" in message
     assert "resnet50-0676ba61.pth" in message
