@@ -1,12 +1,13 @@
 """Weights integrity, no checkpoint uploads, and a server killed mid-request.
 
 * Every shipped file's sha256 is checked at load: a corrupted (one byte flipped) or swapped file
-  gives an error naming it, and the other pairs keep working, in the library and in the live app
+  gives an error naming it, and the other lineups keep working, in the library and in the live app
   (pointed at a temporary weights folder with ``CBAM_VIZ_WEIGHTS_DIR``).
 * ``.pth`` files load with ``torch.load(weights_only=True)``: a pickle that would run code is
   refused and its payload never runs; see ``tests/test_weights.py::test_code_running_pickle_is_refused``
   (not duplicated here).
-* The web app takes no checkpoint from its users: no input accepts anything but images.
+* The web app takes no checkpoint from its users (unless a local run allows it with
+  ``CBAM_VIZ_ALLOW_MODEL_UPLOAD=1``; never on a Space): no input accepts anything but images.
 * A server killed with SIGKILL in the middle of a request starts again and serves correctly.
 """
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from cbam_viz.pair import (WEIGHTS_DIR_ENV, ModelLoadError, clear_cache, list_pairs, load_available_pairs,
-                           load_pair, weights_dir_default)
-from cbam_viz.weights import ChecksumError
+from cbam_viz.engine.lineup import lineup_specs, load_available_lineups, load_lineup
+from cbam_viz.engine.loading import WEIGHTS_DIR_ENV, ModelLoadError, clear_cache, weights_dir_default
+from cbam_viz.models.weights import ChecksumError
 from tests.bad_inputs import TEST_PAIR, good_image, write_test_weights
 from tests.e2e_helpers import running_app
 
@@ -46,18 +47,18 @@ def _fresh_model_cache():
 # ------------------------------------------------------------------------------------ library
 
 @pytest.mark.parametrize("how", ["flip", "swap"])
-def test_corrupted_or_swapped_file_is_named_and_other_pairs_load(tmp_path, how):
+def test_corrupted_or_swapped_file_is_named_and_other_lineups_load(tmp_path, how):
     weights = write_test_weights(tmp_path, corrupt=how, extra_pair=True)
     with pytest.raises(ModelLoadError) as err:
-        load_pair(TEST_PAIR, weights_dir=weights)
+        load_lineup(TEST_PAIR, weights_dir=weights)
     message = str(err.value)
     assert CBAM_FILE in message and "corrupted or was replaced" in message and "sha256" in message
     assert isinstance(err.value.__cause__, ChecksumError)
     assert err.value.file == weights / CBAM_FILE
-    pairs, errors = load_available_pairs(weights_dir=weights)
-    assert list(pairs) == ["intact"] and list(errors) == [TEST_PAIR]
+    lineups, errors = load_available_lineups(weights_dir=weights)
+    assert list(lineups) == ["intact"] and list(errors) == [TEST_PAIR]
     assert CBAM_FILE in errors[TEST_PAIR]
-    assert pairs["intact"].trained
+    assert all(m.trained for m in lineups["intact"].members)
 
 
 def test_weights_dir_env_var_is_read_at_call_time(tmp_path, monkeypatch):
@@ -66,12 +67,13 @@ def test_weights_dir_env_var_is_read_at_call_time(tmp_path, monkeypatch):
     assert weights_dir_default() != weights
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(weights))
     assert weights_dir_default() == weights
-    assert list_pairs() == [TEST_PAIR]
-    pair = load_pair()
-    assert pair.name == TEST_PAIR and pair.cbam.input_size == 64 and pair.trained
+    assert list(lineup_specs()) == [TEST_PAIR]
+    lineup = load_lineup()
+    assert lineup.name == TEST_PAIR and lineup.members[-1].input_size == 64
+    assert all(m.trained for m in lineup.members)
     assert weights_dir_default(tmp_path / "other") == tmp_path / "other"  # an explicit folder wins
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "empty"))
-    assert list_pairs() == [] and load_pair().name == "untrained"
+    assert list(lineup_specs()) == [] and load_lineup().name == "untrained"
 
 
 # -------------------------------------------------------------------------------- live server
@@ -82,28 +84,28 @@ def _get_json(url: str):
 
 
 @pytest.mark.slow
-def test_live_app_names_a_corrupted_file_and_serves_the_other_pair(flipped, tmp_path):
+def test_live_app_names_a_corrupted_file_and_serves_the_other_lineup(flipped, tmp_path):
     from gradio_client import Client, handle_file
 
     image = good_image(tmp_path / "cat.png", seed=11, size=(70, 52))
     with running_app(env={"CBAM_VIZ_WEIGHTS_DIR": str(flipped)}, log_name="corrupt-weights-server.log") as app:
         client = Client(app.url, verbose=False)
         # The default pair is the broken one: the app still started; asking for it names the file.
-        for call in (lambda: client.predict(pair_name=TEST_PAIR, api_name="/info"),
-                     lambda: client.predict(image=handle_file(str(image)), pair_name=TEST_PAIR, api_name="/explain")):
+        for call in (lambda: client.predict(lineup_name=TEST_PAIR, api_name="/info"),
+                     lambda: client.predict(image=handle_file(str(image)), lineup_name=TEST_PAIR, api_name="/explain")):
             with pytest.raises(Exception) as err:
                 call()
             message = str(err.value)
             assert CBAM_FILE in message and "corrupted" in message and "Traceback" not in message, message
         # The intact pair and the untrained fallback still serve.
-        info = client.predict(pair_name="intact", api_name="/info")
-        assert info["pair"] == "intact" and info["trained"]
-        # The manifest's pairs first, then the built-in ones (the ImageNet pair, the untrained fallback last).
-        assert info["pairs"][:2] == [TEST_PAIR, "intact"] and info["pairs"][-1] == "untrained"
-        summary = client.predict(image=handle_file(str(image)), pair_name="intact", api_name="/explain")[0]
-        assert summary["pair"] == "intact" and summary["image"]["analysed_size"] == [70, 52]
-        assert summary["models"]["cbam"]["predictions"]
-        assert client.predict(pair_name="untrained", api_name="/info")["trained"] is False
+        info = client.predict(lineup_name="intact", api_name="/info")
+        assert info["lineup"] == "intact" and info["trained"]
+        # The manifest's lineups first, then the built-in ones (the ImageNet pair, the untrained fallback last).
+        assert info["lineups"][:2] == [TEST_PAIR, "intact"] and info["lineups"][-1] == "untrained"
+        summary = client.predict(image=handle_file(str(image)), lineup_name="intact", api_name="/explain")[0]
+        assert summary["lineup"] == "intact" and summary["image"]["analysed_size"] == [70, 52]
+        assert all(summary["models"][m["name"]]["predictions"] for m in info["members"])
+        assert client.predict(lineup_name="untrained", api_name="/info")["trained"] is False
         assert app.proc.poll() is None
 
 
@@ -112,10 +114,14 @@ _CHECKPOINT_WORDS = ("checkpoint", "weight", ".pth", ".pt", ".safetensors", ".ck
 
 
 @pytest.mark.slow
-def test_web_ui_and_api_take_no_checkpoint_uploads(flipped):
+@pytest.mark.parametrize("env", [{}, {"CBAM_VIZ_ALLOW_MODEL_UPLOAD": "1", "SPACE_ID": "someone/cbam-viz"}],
+                         ids=["default", "space-with-uploads-asked"])
+def test_web_ui_and_api_take_no_checkpoint_uploads(flipped, env):
+    """Model uploads are a local run's choice (CBAM_VIZ_ALLOW_MODEL_UPLOAD=1); by default, and always on
+    a Space, no input of the page or the API takes a checkpoint."""
     from gradio_client import Client
 
-    with running_app(env={"CBAM_VIZ_WEIGHTS_DIR": str(flipped), "CBAM_VIZ_WARMUP": "0"},
+    with running_app(env={"CBAM_VIZ_WEIGHTS_DIR": str(flipped), "CBAM_VIZ_WARMUP": "0", **env},
                      log_name="no-checkpoint-upload-server.log") as app:
         config = _get_json(app.url + "/config")
         api = Client(app.url, verbose=False).view_api(return_format="dict", print_info=False)
@@ -134,7 +140,7 @@ def test_web_ui_and_api_take_no_checkpoint_uploads(flipped):
         assert not any(w in text for w in _CHECKPOINT_WORDS), f"{c['type']} input {props.get('label')!r}"
         if c["type"] == "file":
             assert props.get("file_types") and set(props["file_types"]) <= _IMAGE_TYPES, props.get("file_types")
-    # The documented API: /explain takes an image and controls, /info a pair name; nothing else uploads.
+    # The documented API: /explain takes an image and controls, /info a lineup name; nothing else uploads.
     for name, endpoint in api["named_endpoints"].items():
         for p in endpoint["parameters"]:
             described = json.dumps(p).lower()
@@ -155,7 +161,7 @@ def test_server_killed_mid_request_restarts_and_serves(flipped, tmp_path):
         client = Client(app.url, verbose=False)
         # Score-CAM at 224 pixels (the untrained pair) runs hundreds of forward passes: many
         # seconds of work to be killed in the middle of.
-        job = client.submit(image=handle_file(str(image)), method="scorecam", pair_name="untrained",
+        job = client.submit(image=handle_file(str(image)), method="scorecam", lineup_name="untrained",
                             api_name="/explain")
         deadline = time.monotonic() + 240
         while job.status().code != Status.PROCESSING and time.monotonic() < deadline:
@@ -171,7 +177,8 @@ def test_server_killed_mid_request_restarts_and_serves(flipped, tmp_path):
 
     with running_app(port=port, env=env, log_name="sigkill-server-2.log") as app:
         client = Client(app.url, verbose=False)
-        summary = client.predict(image=handle_file(str(image)), pair_name="intact", api_name="/explain")[0]
-        assert summary["pair"] == "intact" and summary["image"]["name"] == "dog.png"
-        assert summary["image"]["analysed_size"] == [64, 48] and summary["models"]["cbam"]["predictions"]
+        summary = client.predict(image=handle_file(str(image)), lineup_name="intact", api_name="/explain")[0]
+        assert summary["lineup"] == "intact" and summary["image"]["name"] == "dog.png"
+        assert summary["image"]["analysed_size"] == [64, 48]
+        assert all(summary["models"][m]["predictions"] for m in summary["members"])
         assert app.proc.poll() is None
