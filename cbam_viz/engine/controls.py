@@ -165,6 +165,14 @@ class Controls:
     target_index: int | None = None  # the target's index in the reference's classes (None: auto)
     target_label: str | None = None
 
+    # Picklable (a ZeroGPU worker gets them pickled), read-only once rebuilt: a mappingproxy itself
+    # cannot be pickled.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "targets": dict(self.targets)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, targets=MappingProxyType(dict(state["targets"])))
+
 
 def check_controls(lineup, *, method=DEFAULT_METHOD, target=None, layer=None, alpha=0.5) -> Controls:
     """Every control checked against every member of ``lineup``, before any image is opened.
