@@ -20,8 +20,9 @@ def _lineup(command: str, args: argparse.Namespace, **kw):
     lineup = load_lineup(args.lineup, weights_dir=args.weights, **kw)
     untrained = [m.name for m in lineup.members if not m.trained]
     if untrained:
-        print(f"{command}: warning: {', '.join(untrained)} of lineup {lineup.name!r} untrained; "
-              "their numbers describe random networks", file=sys.stderr)
+        verb = "is" if len(untrained) == 1 else "are"
+        print(f"{command}: warning: {', '.join(untrained)} in lineup {lineup.name!r} {verb} untrained; "
+              "those numbers describe random networks", file=sys.stderr)
     return lineup
 
 
