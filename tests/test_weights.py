@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from cbam_viz.models import SIMPLIFIED, create_model
-from cbam_viz.checkpoints import (
+from cbam_viz.models.checkpoints import (
     UnsafeCheckpointError, convert_state_dict, detect_layout, infer_model_kwargs, load_any, load_checkpoint_into,
     read_state_dict,
 )
-from cbam_viz.weights import ChecksumError, WeightRecord, load_record, read_manifest, save_safetensors, sha256_file, update_manifest
+from cbam_viz.models.weights import ChecksumError, WeightRecord, load_record, read_manifest, save_safetensors, sha256_file, update_manifest
 from tests.foreign_models import RefResNet, randomize
 
 NUM_CLASSES = 7
@@ -259,8 +259,21 @@ def test_manifest_records_metrics_and_pairs(tmp_path):
         update_manifest(tmp_path, metrics=("nope", {}))
 
 
+def test_manifest_lineups_keep_one_default_and_leave_the_pairs_alone(tmp_path):
+    rec, _ = _record(tmp_path)
+    update_manifest(tmp_path, record=rec)
+    update_manifest(tmp_path, pair=("old", {"baseline": rec.name, "cbam": rec.name, "default": True}))
+    update_manifest(tmp_path, lineup=("a", {"members": [rec.name], "reference": rec.name, "default": True}))
+    update_manifest(tmp_path, lineup=("b", {"members": [rec.name], "reference": rec.name, "default": True}))
+    data = read_manifest(tmp_path)
+    assert list(data["lineups"]) == ["a", "b"]
+    assert [v["default"] for v in data["lineups"].values()] == [False, True]  # the mark moves to the newest
+    assert data["pairs"]["old"]["default"] is True  # pairs and lineups each keep their own mark
+    assert data["lineups"]["b"]["members"] == [rec.name]
+
+
 def test_recast_record_shrinks_a_float32_export(tmp_path):
-    from cbam_viz.weights import recast_record
+    from cbam_viz.models.weights import recast_record
 
     rec, model = _record(tmp_path, dtype=None)
     update_manifest(tmp_path, record=rec)

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from cbam_viz.pair import clear_cache, default_pair_name, list_pairs, load_pair, pair_names
-from cbam_viz.weights import WEIGHTS_DIR_ENV, read_manifest, resolve_weights_dir, weights_dirs
+from cbam_viz.engine.lineup import IMAGENET_LINEUP, UNTRAINED_LINEUP, default_lineup_name, lineup_names, lineup_specs, load_lineup
+from cbam_viz.engine.loading import clear_cache
+from cbam_viz.models.weights import WEIGHTS_DIR_ENV, read_manifest, resolve_weights_dir, weights_dirs
 from tests.bad_inputs import write_test_weights
 from tests.e2e_helpers import make_image, running_app
 from tests.own_models import USER_CLASSES, USER_LINEUP, write_user_folder
@@ -36,42 +37,44 @@ def test_the_environment_names_several_folders_in_order(both):
     assert weights_dirs(f"{user}{os.pathsep}") == [user]
 
 
-def test_pairs_of_every_folder_are_listed_the_first_folders_default_first(both):
+def test_lineups_of_every_folder_are_listed_the_first_folders_default_first(both):
     shipped, user = both
     own = next(iter(read_manifest(shipped)["pairs"]))
-    assert list_pairs() == [own, USER_LINEUP]
-    assert default_pair_name() == own
-    assert USER_LINEUP in pair_names()
+    assert list(lineup_specs()) == [own, USER_LINEUP]
+    assert default_lineup_name() == own
+    assert lineup_names() == [own, USER_LINEUP, IMAGENET_LINEUP, UNTRAINED_LINEUP]
 
 
-def test_a_pair_of_the_second_folder_loads_from_it(both):
+def test_a_lineup_of_the_second_folder_loads_from_it(both):
     shipped, user = both
-    pair = load_pair(USER_LINEUP)
-    assert pair.baseline.name == "pets_resnet18" and pair.cbam.name == "pets_cbam"
-    assert pair.cbam.classes == USER_CLASSES and pair.cbam.input_size == 64
-    assert pair.cbam.record.sha256 == read_manifest(user)["models"]["pets_cbam"]["sha256"]
+    lineup = load_lineup(USER_LINEUP)
+    assert lineup.names == ["pets_resnet18", "pets_cbam"] and lineup.reference == "pets_resnet18"
+    cbam = lineup.member("pets_cbam")
+    assert cbam.classes == USER_CLASSES and cbam.input_size == 64
+    assert cbam.record.sha256 == read_manifest(user)["models"]["pets_cbam"]["sha256"]
 
 
-def test_an_earlier_folder_hides_a_pair_of_the_same_name(folders, tmp_path, monkeypatch):
+def test_an_earlier_folder_hides_a_lineup_of_the_same_name(folders, tmp_path, monkeypatch):
     shipped, user = folders
     again = write_user_folder(tmp_path / "again")  # same lineup name, other files
     monkeypatch.setenv(WEIGHTS_DIR_ENV, f"{user}{os.pathsep}{again}")
     clear_cache()
-    assert list_pairs() == [USER_LINEUP]
-    assert load_pair(USER_LINEUP).cbam.record.sha256 == read_manifest(user)["models"]["pets_cbam"]["sha256"]
+    assert list(lineup_specs()) == [USER_LINEUP]
+    cbam = load_lineup(USER_LINEUP).member("pets_cbam")
+    assert cbam.record.sha256 == read_manifest(user)["models"]["pets_cbam"]["sha256"]
     clear_cache()
 
 
-def test_an_unknown_pair_names_every_folder(both):
+def test_an_unknown_lineup_names_every_folder(both):
     shipped, user = both
     with pytest.raises(KeyError) as err:
-        load_pair("nope")
+        load_lineup("nope")
     assert str(shipped / "manifest.json") in str(err.value) and str(user / "manifest.json") in str(err.value)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_explain_endpoint_explains_a_users_pair_from_a_second_folder(folders, tmp_path):
+def test_explain_endpoint_explains_a_users_lineup_from_a_second_folder(folders, tmp_path):
     from gradio_client import Client, handle_file
 
     shipped, user = folders
@@ -80,10 +83,11 @@ def test_explain_endpoint_explains_a_users_pair_from_a_second_folder(folders, tm
     with running_app(log_name="test_weights_folders-server.log", env=env) as app:
         client = Client(app.url, verbose=False)
         info = client.predict(USER_LINEUP, api_name="/info")
-        assert USER_LINEUP in info["pairs"] and info["classes"] == list(USER_CLASSES)
+        assert USER_LINEUP in info["lineups"] and info["classes"] == list(USER_CLASSES)
+        assert [m["name"] for m in info["members"]] == ["pets_resnet18", "pets_cbam"]
         summary, *_ = client.predict(handle_file(str(photo)), "gradcam", "dog", "auto (last block)", 0.5,
                                      USER_LINEUP, api_name="/explain")
-        assert summary["pair"] == USER_LINEUP
-        for role in ("baseline", "cbam"):
-            assert {p["label"] for p in summary["models"][role]["predictions"]} <= set(USER_CLASSES)
-            assert summary["models"][role]["target"]["label"] == "dog"
+        assert summary["lineup"] == USER_LINEUP and summary["members"] == ["pets_resnet18", "pets_cbam"]
+        for name in summary["members"]:
+            assert {p["label"] for p in summary["models"][name]["predictions"]} <= set(USER_CLASSES)
+            assert summary["models"][name]["target"]["label"] == "dog"

@@ -158,7 +158,8 @@ def load_lineup(name: str | None = None, *, weights_dir: str | os.PathLike | Non
         if name == IMAGENET_LINEUP:
             members = imagenet_models(weights_dir=weights_dir, device=device)
             return Lineup(name=name, members=members, reference=members[0].name)
-        raise KeyError(f"no lineup {name!r}; known lineups: {', '.join(lineup_names(weights_dir))}")
+        where = ", ".join(str(f / "manifest.json") for f in weights_dirs(weights_dir))
+        raise KeyError(f"no lineup {name!r} in {where}; known lineups: {', '.join(lineup_names(weights_dir))}")
     folder, spec = specs[name]
     members = []
     for member in spec["members"]:
