@@ -56,6 +56,8 @@ _POSTFIX_EVERY = 20
 
 @dataclass
 class TrainResult:
+    """What a call of :func:`train` leaves: the model (and its weight average), the epochs it logged."""
+
     run_dir: Path
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
