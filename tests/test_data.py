@@ -154,7 +154,7 @@ def test_crop_happens_and_respects_scale():
 def test_load_rgb_honours_exif_orientation_like_the_app(tmp_path):
     """A phone photo stored sideways (EXIF orientation 6) is loaded upright, as the app shows it, so
     training, evaluation and the quality report measure what a user sees."""
-    from cbam_viz.preprocess import open_image
+    from cbam_viz.engine.preprocess import open_image
 
     img = Image.new("RGB", (40, 20), (200, 30, 30))
     img.paste((30, 30, 200), (0, 0, 10, 20))  # a blue band on the left of the stored pixels
@@ -174,7 +174,7 @@ def test_importing_the_decoder_leaves_pil_limits_alone():
     import subprocess
     import sys
 
-    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import cbam_viz.preprocess; "
+    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import cbam_viz.engine.preprocess; "
             "print(before, Image.MAX_IMAGE_PIXELS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == out[1], out
