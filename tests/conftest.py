@@ -147,13 +147,26 @@ def service_lineup() -> Lineup:
     return make_service_lineup("tiny", trained=False)
 
 
+def serve_lineup(monkeypatch, lineup: Lineup, asked: list | None = None) -> Lineup:
+    """Every request of the service (and of its callers: the CLI, the app) gets ``lineup``, whatever
+    name it asks for; the names asked are appended to ``asked``."""
+    from cbam_viz import service
+    from cbam_viz.service import access
+
+    def get_lineup(name=None):
+        if asked is not None:
+            asked.append(name)
+        return lineup
+
+    monkeypatch.setattr(access, "get_lineup", get_lineup)
+    monkeypatch.setattr(service, "get_lineup", get_lineup)
+    return lineup
+
+
 @pytest.fixture
 def use_service_lineup(monkeypatch, service_lineup) -> Lineup:
     """The service's lineup is :func:`service_lineup` (no weights, no manifest involved)."""
-    from cbam_viz.service import access
-
-    monkeypatch.setattr(access, "get_lineup", lambda name=None: service_lineup)
-    return service_lineup
+    return serve_lineup(monkeypatch, service_lineup)
 
 
 @pytest.fixture(scope="module")

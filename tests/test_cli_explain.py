@@ -11,7 +11,7 @@ from cbam_viz import outputs, service
 from cbam_viz.cli import main
 from tests.e2e_helpers import make_broken_image, make_image
 
-pytestmark = pytest.mark.usefixtures("no_cbam_env", "use_service_pair")
+pytestmark = pytest.mark.usefixtures("no_cbam_env", "use_service_lineup")
 
 
 @pytest.fixture()
@@ -24,7 +24,7 @@ def inputs(tmp_path):
     return folder
 
 
-def test_writes_png_and_json_lists_broken_file_and_fails(inputs, tmp_path, capsys):
+def test_writes_png_and_json_lists_broken_file_and_fails(inputs, tmp_path, capsys, use_service_lineup):
     out = tmp_path / "out"
     code = main(["explain", str(inputs), str(tmp_path / "missing.png"), "--out", str(out), "--no-progress"])
     captured = capsys.readouterr()
@@ -34,11 +34,11 @@ def test_writes_png_and_json_lists_broken_file_and_fails(inputs, tmp_path, capsy
         with Image.open(png) as im:
             im.verify()
     doc = json.loads((out / "a.json").read_text())
-    assert set(doc["models"]) == {"baseline", "cbam"} and doc["models"]["cbam"]["predictions"]
+    assert list(doc["models"]) == use_service_lineup.names and doc["models"][use_service_lineup.names[-1]]["predictions"]
     assert "2 file(s) failed" in captured.err
     assert "broken.jpg" in captured.err and "not an image" in captured.err
     assert "missing.png: no such file or folder" in captured.err
-    assert "untrained" in captured.err  # the untrained pair is said plainly
+    assert "untrained" in captured.err  # untrained models are said plainly
     assert "wrote 2 of 4" in captured.out
 
 
@@ -50,7 +50,7 @@ def test_all_good_exits_zero_with_npz(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["ok.json", "ok.npz", "ok.png"]
     doc = json.loads((out / "ok.json").read_text())
     assert doc["method"] == "gradcam++" and doc["layer"] == "layer3.1" and doc["alpha"] == 0.3
-    assert doc["models"]["cbam"]["target"]["label"] == "church"
+    assert all(m["target"]["label"] == "church" for m in doc["models"].values())
 
 
 def test_target_by_wordnet_id(tmp_path):
@@ -59,7 +59,7 @@ def test_target_by_wordnet_id(tmp_path):
     out = tmp_path / "out"
     assert main(["explain", str(image), "--out", str(out), "--target", "n1", "--no-progress"]) == 0
     doc = json.loads((out / "ok.json").read_text())
-    assert doc["models"]["baseline"]["target"] == doc["models"]["cbam"]["target"] == {"index": 1, "label": "church"}
+    assert [m["target"] for m in doc["models"].values()] == [{"index": 1, "label": "church"}] * 2
 
 
 @pytest.mark.parametrize("option, phrase", [
@@ -103,3 +103,32 @@ def test_empty_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["explain", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     assert "no image files" in capsys.readouterr().err
+
+
+def test_verbose_names_every_member_and_lineup_option(tmp_path, capsys, monkeypatch):
+    """``-v`` prints each member's top-1 by name; ``--lineup`` (and the older ``--pair``) picks the lineup."""
+    from tests.conftest import make_service_lineup, serve_lineup
+
+    family = make_service_lineup("family", archs=("resnet18", "resnet18_se", "resnet18_cbam"))
+    asked = []
+    serve_lineup(monkeypatch, family, asked)
+    image = make_image(tmp_path / "ok.jpg", size=(72, 72))
+    for flag in ("--lineup", "--pair"):
+        assert main(["explain", str(image), "--out", str(tmp_path / flag[2:]), flag, "family", "-v",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in family.names) and "family" in asked
+    doc = json.loads((tmp_path / "lineup" / "ok.json").read_text())
+    assert doc["members"] == family.names and doc["lineup"] == "family"
+
+
+def test_weights_option_is_searched_first(tmp_path, monkeypatch):
+    """``--weights DIR`` puts a user's folder before $CBAM_VIZ_WEIGHTS_DIR for this run."""
+    from cbam_viz.cli.explain import _use_weights
+    from cbam_viz.models.weights import WEIGHTS_DIR_ENV, weights_dirs
+
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "b"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _use_weights(str(tmp_path / "a"))
+    assert [p.name for p in weights_dirs()][:2] == ["a", "b"]

@@ -406,10 +406,10 @@ def test_warm_up_of_a_corrupted_pair_logs_one_traceback(tmp_path, monkeypatch, c
 
 def test_a_three_member_lineup_with_a_plain_reference(tmp_path, monkeypatch):
     """Every member explained, drawn and written by name; only the gated members get gate pictures."""
-    from cbam_viz.service import access
+    from tests.conftest import serve_lineup
 
     family = make_service_lineup("family", archs=("resnet18", "resnet18_se", "resnet18_cbam"))
-    monkeypatch.setattr(access, "get_lineup", lambda name=None: family)
+    serve_lineup(monkeypatch, family)
     (r,) = service.explain_files([make_image(tmp_path / "p.png", size=(80, 64))], out_root=tmp_path / "out").results
     plain, se, cbam = family.names
     doc = json.loads(r.files["json"].read_text())
@@ -424,7 +424,7 @@ def test_a_three_member_lineup_with_a_plain_reference(tmp_path, monkeypatch):
     assert service.spatial_at(r.result_id, 1, 1, root=tmp_path / "out")[0][0] == "layer1.0"  # CBAM's by default
     with pytest.raises(UserFacingError, match="No model of this lineup has spatial"):
         one = make_service_lineup("one", archs=("resnet18",))
-        monkeypatch.setattr(access, "get_lineup", lambda name=None: one)
+        serve_lineup(monkeypatch, one)
         (single,) = service.explain_files([make_image(tmp_path / "q.png")], out_root=tmp_path / "out").results
         assert single.analysis.summary["members"] == one.names and not single.spatial_sheets
         service.spatial_at(single.result_id, 1, 1, root=tmp_path / "out")
