@@ -8,8 +8,11 @@ same images, with a bootstrap interval; a lineup of one is measured without comp
   and are they faithful?), the spatial-gate localization, the report and the app's
   Explanation-quality tab (its forest plot, its images);
 * :mod:`~cbam_viz.research.gate_ablation`: switch gates off (or to their mean) and watch the
-  accuracy and the CAM (``ablate-gates``), for every gated member whatever its gates;
-* :mod:`~cbam_viz.research.channel_profiles`: per-class channel-gate profiles (``channel-profiles``);
+  prediction and the CAM, for any gated model whatever its gates (CBAM, SE, BAM);
+  :mod:`~cbam_viz.research.ablation_report`: the same over a dataset for every gated member
+  (``ablate-gates``);
+* :mod:`~cbam_viz.research.channel_profiles`: per-class channel-gate profiles of every member with
+  channel gates (``channel-profiles``), their files in :mod:`~cbam_viz.research.profile_files`;
 * :mod:`~cbam_viz.research.sanity`: the model-randomisation test of the CAM methods (``sanity-check``);
 * :mod:`~cbam_viz.research.ood_fit` / :mod:`~cbam_viz.research.ood_eval`: fit and compare the
   out-of-distribution scores (``fit-ood``).
