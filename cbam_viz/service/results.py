@@ -20,7 +20,6 @@ from PIL import Image
 from cbam_viz import figures, outputs, zerogpu
 from cbam_viz.engine.explain import Explanation, ModelExplanation, Prediction
 from cbam_viz.messages import UserFacingError, format_error
-from cbam_viz.research.gate_ablation import ablate_image
 from cbam_viz.service import access
 
 __all__ = ["SavedResult", "load_result", "build_downloads", "spatial_at", "ablate_result"]
@@ -191,6 +190,10 @@ def ablate_result(result_id: str, *, member: str | None = None, constant: str = 
 def _ablation_work(lineup, member: str, image: Image.Image, *, constant: str, layer: str | None
                    ) -> list[dict[str, Any]]:
     """The ablation's forwards, with a GPU attached on a ZeroGPU Space, as the analysis's model work."""
+    # Imported here: research.gate_ablation pulls research.quality and matplotlib in (~1.1 s measured on
+    # this 2-core box) that the app's cold start would pay for a button few press (tests/test_app.py).
+    from cbam_viz.research.gate_ablation import ablate_image
+
     if isinstance(lineup, str):
         lineup = access.get_lineup(lineup)
     return ablate_image(lineup.member(member), image, constant=constant, layer=layer)
