@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_viz import ood, ood_eval, ood_fit
-from cbam_viz.explain import explain
-from cbam_viz.pair import clear_cache, load_model, load_pair
-from cbam_viz.weights import WeightRecord, read_manifest, save_safetensors, sha256_file, update_manifest
-from conftest import assert_no_hooks, make_image, make_model, make_service_pair
+from cbam_viz.engine import ood
+from cbam_viz.research import ood_eval, ood_fit
+from cbam_viz.engine.explain import explain
+from cbam_viz.engine.lineup import load_lineup
+from cbam_viz.engine.loading import clear_cache, load_model
+from cbam_viz.models.weights import WeightRecord, read_manifest, save_safetensors, sha256_file, update_manifest
+from conftest import assert_no_hooks, make_image, make_model, make_service_lineup
 
 pytestmark = pytest.mark.usefixtures("no_cbam_env")
 
@@ -154,7 +156,7 @@ def test_fit_stores_small_statistics_beside_the_weights_and_loading_checks_them(
 
 
 def test_a_capped_split_takes_evenly_spread_files_of_every_class(tmp_path):
-    from cbam_viz.data import scan_image_folder
+    from cbam_viz.training.data import scan_image_folder
 
     scan = scan_image_folder(_folder(tmp_path / "data", per_class=4) / "train")
     files, labels = ood_fit._subsample(scan, 2)
@@ -166,21 +168,23 @@ def test_a_capped_split_takes_evenly_spread_files_of_every_class(tmp_path):
 def test_explanations_carry_the_score_of_their_own_forward(weights_dir, tmp_path):
     ood_fit.fit_record("cb", _folder(tmp_path / "data"), weights_dir=weights_dir)
     clear_cache()
-    pair = load_pair("tiny", weights_dir=weights_dir, device="cpu")
+    lineup = load_lineup("tiny", weights_dir=weights_dir, device="cpu")
+    base, cb = lineup.member("base"), lineup.member("cb")
     images = [make_image(48, 40, seed=7), make_image(48, 40, seed=8)]
-    ex = explain(images, pair)
+    ex = explain(images, lineup)
     for i, e in enumerate(ex):
-        r = e.cbam.out_of_distribution
+        r = e.models["cb"].out_of_distribution
         assert set(r) == {"method", "score", "threshold", "flagged"} and r["flagged"] == (r["score"] > r["threshold"])
         with torch.no_grad():
-            from cbam_viz.preprocess import to_model_batch
-            x = to_model_batch([images[i]], 32, pair.cbam.mean, pair.cbam.std)
-            with ood.penultimate_features(pair.cbam.model) as f:
-                logits = pair.cbam.model(x)
-        assert r["score"] == pytest.approx(float(pair.cbam.ood.score(f[0], logits)[0]), rel=1e-4)
-        assert e.baseline.out_of_distribution["score"] is None  # no statistics: the fallback, said so
-        assert "no fitted out-of-distribution statistics" in e.baseline.out_of_distribution["fallback"]
-    assert_no_hooks(pair.cbam.model)
+            from cbam_viz.engine.preprocess import to_model_batch
+            x = to_model_batch([images[i]], 32, cb.mean, cb.std)
+            with ood.penultimate_features(cb.model) as f:
+                logits = cb.model(x)
+        assert r["score"] == pytest.approx(float(cb.ood.score(f[0], logits)[0]), rel=1e-4)
+        assert e.models["base"].out_of_distribution["score"] is None  # no statistics: the fallback, said so
+        assert "no fitted out-of-distribution statistics" in e.models["base"].out_of_distribution["fallback"]
+    assert_no_hooks(cb.model)
+    assert_no_hooks(base.model)
 
 
 def _with_entry(weights_dir, name, **change):
@@ -209,57 +213,71 @@ def test_statistics_that_do_not_fit_fall_back_without_breaking_the_model(weights
     else:
         loaded, expected = _with_entry(weights_dir, "cb", threshold=None), "threshold"
     assert isinstance(loaded.ood, ood.NoStats) and expected in loaded.ood.reason
-    (r,) = [e.cbam.out_of_distribution for e in explain(make_image(), load_pair("tiny", weights_dir=weights_dir))]
+    (r,) = [e.models["cb"].out_of_distribution for e in explain(make_image(), load_lineup("tiny", weights_dir=weights_dir))]
     assert r["score"] is None and "unusable" in r["fallback"] and isinstance(r["flagged"], bool)
 
 
 # ------------------------------------------------------------------------------ page, JSON and CLI
 
-def _flagging_pair(threshold: float):
-    pair = make_service_pair("tiny", trained=True)
+def _flagging_lineup(threshold: float, archs=("resnet18", "resnet18_cbam")):
+    lineup = make_service_lineup("tiny", trained=True, archs=archs)
     stats = ood.OODStats("energy", threshold=threshold)
-    return dataclasses.replace(pair, baseline=dataclasses.replace(pair.baseline, ood=stats),
-                               cbam=dataclasses.replace(pair.cbam, ood=stats))
+    return dataclasses.replace(lineup, members=tuple(dataclasses.replace(m, ood=stats) for m in lineup.members))
 
 
 def test_the_result_says_plainly_when_a_photo_is_unlike_the_classes():
-    from cbam_viz import app_views, service
+    from cbam_viz import service
+    from cbam_viz.app.text import status_markdown
 
-    flagged = service.analyse(make_image(), pair=_flagging_pair(-1e9), faithfulness=False, pictures=())
+    flagged = service.analyse(make_image(), lineup=_flagging_lineup(-1e9), faithfulness=False, pictures=())
     first = flagged.warnings[0]
-    assert first.startswith("This photo looks unlike the classes") and "the baseline model and the CBAM model" in first
+    assert first.startswith("This photo looks unlike the classes") and "the ResNet-18 model and the ResNet-18 + CBAM model" in first
     assert "heatmaps" in first and "tench, church, golf ball" in first
-    for role in ("baseline", "cbam"):
-        r = flagged.summary["models"][role]["out_of_distribution"]
+    assert list(flagged.summary["models"]) == ["resnet18-tiny", "resnet18_cbam-tiny"]
+    for name in flagged.summary["models"]:
+        r = flagged.summary["models"][name]["out_of_distribution"]
         assert r["flagged"] is True and r["threshold"] == -1e9 and isinstance(r["score"], float)
     json.dumps(flagged.summary)  # the /explain and CLI JSON stay serialisable
-    assert app_views.status_markdown(flagged.warnings, []).startswith("> **Note:** This photo looks unlike")
+    assert status_markdown(flagged.warnings, []).startswith("> **Note:** This photo looks unlike")
 
-    accepted = service.analyse(make_image(), pair=_flagging_pair(1e9), faithfulness=False, pictures=())
+    accepted = service.analyse(make_image(), lineup=_flagging_lineup(1e9), faithfulness=False, pictures=())
     assert not [w for w in accepted.warnings if "unlike the classes" in w or "out-of-distribution" in w]
-    assert accepted.summary["models"]["cbam"]["out_of_distribution"]["flagged"] is False
+    assert accepted.summary["models"]["resnet18_cbam-tiny"]["out_of_distribution"]["flagged"] is False
+
+
+def test_every_member_of_a_three_member_lineup_is_named_in_the_sentence_and_flagged_in_the_json():
+    from cbam_viz import service
+
+    flagged = service.analyse(make_image(), lineup=_flagging_lineup(-1e9, ("resnet18", "resnet18_se", "resnet18_cbam")),
+                              faithfulness=False, pictures=())
+    first = flagged.warnings[0]
+    assert first.startswith("This photo looks unlike the classes")
+    for title in ("the ResNet-18 model", "the ResNet-18 + SE model", "the ResNet-18 + CBAM model"):
+        assert title in first
+    assert [r["out_of_distribution"]["flagged"] for r in flagged.summary["models"].values()] == [True, True, True]
 
 
 def test_page_and_api_carry_the_flag(monkeypatch, tmp_path):
-    from cbam_viz import app_views, service
+    from cbam_viz import service
+    from cbam_viz.app import api, results
 
-    monkeypatch.setattr(service, "get_pair", lambda name=None: _flagging_pair(-1e9))
+    monkeypatch.setattr(service.access, "get_lineup", lambda name=None: _flagging_lineup(-1e9))
     path = tmp_path / "photo.png"
     make_image(64, 48).save(path)
-    view = app_views.explain_view({"path": str(path), "orig_name": "photo.png"}, None)
+    view = results.explain_view({"path": str(path), "orig_name": "photo.png"}, None)
     assert view.status.startswith("> **Note:** This photo looks unlike the classes")  # above the predictions
-    assert view.shown[1][1] and view.shown[3][1]  # both heatmaps are still shown, with the caveat
-    summary = app_views.api_explain(str(path))[0]
-    assert summary["models"]["baseline"]["out_of_distribution"]["flagged"] is True
+    assert all(m.slider[1] for m in view.shown.members)  # every heatmap is still shown, with the caveat
+    summary = api.api_explain(str(path))[0]
+    assert summary["models"]["resnet18-tiny"]["out_of_distribution"]["flagged"] is True
 
 
 def test_a_trained_model_without_statistics_says_it_falls_back():
     from cbam_viz import service
 
-    a = service.analyse(make_image(), pair=make_service_pair("tiny", trained=True), faithfulness=False, pictures=())
-    assert any(w.startswith("No out-of-distribution check for the baseline model and the CBAM model") for w in a.warnings)
-    assert a.summary["models"]["baseline"]["out_of_distribution"]["method"] == "unsure rule"
-    untrained = service.analyse(make_image(), pair=make_service_pair("tiny"), faithfulness=False, pictures=())
+    a = service.analyse(make_image(), lineup=make_service_lineup("tiny", trained=True), faithfulness=False, pictures=())
+    assert any(w.startswith("No out-of-distribution check for the ResNet-18 model and the ResNet-18 + CBAM model") for w in a.warnings)
+    assert a.summary["models"]["resnet18-tiny"]["out_of_distribution"]["method"] == "unsure rule"
+    untrained = service.analyse(make_image(), lineup=make_service_lineup("tiny"), faithfulness=False, pictures=())
     assert not [w for w in untrained.warnings if "out-of-distribution" in w]  # random models: already warned
 
 
