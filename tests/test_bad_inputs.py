@@ -17,9 +17,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from cbam_viz import service
-from cbam_viz.explain import explain
+from cbam_viz.engine.explain import explain
 from cbam_viz.messages import UserFacingError
-from cbam_viz.preprocess import ImageError, open_image
+from cbam_viz.engine.preprocess import ImageError, open_image
 from tests.bad_inputs import TEST_PAIR, corpus, good_image, write_corpus, write_test_weights
 from tests.conftest import assert_no_hooks
 from tests.e2e_helpers import REPO_ROOT, running_app
@@ -65,7 +65,7 @@ def assert_one_sentence(message: str, pattern: str, *, forbidden: tuple[str, ...
 # ------------------------------------------------------------------------------------ library
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.kind)
-def test_library_result_or_one_sentence(case, corpus_dir, tiny_pair):
+def test_library_result_or_one_sentence(case, corpus_dir, tiny_lineup):
     path = corpus_dir / case.filename
     if case.ok is None:
         with pytest.raises(ImageError) as err:
@@ -77,26 +77,28 @@ def test_library_result_or_one_sentence(case, corpus_dir, tiny_pair):
     assert image.mode == "RGB" and image.size == case.ok
     if case.check is not None:
         case.check(image)
-    (ex,) = explain(image, tiny_pair)
+    (ex,) = explain(image, tiny_lineup)
     w, h = case.ok
     assert ex.image_size == (w, h)
-    for m in (ex.baseline, ex.cbam):
+    assert list(ex.models) == tiny_lineup.names
+    for m in ex.models.values():
         assert m.cam.shape == (h, w) and m.cam.dtype == np.float32
         assert np.isfinite(m.cam).all() and m.cam.min() >= 0.0 and m.cam.max() <= 1.0
         probs = [p.prob for p in m.predictions]
         assert np.isfinite(probs).all() and abs(sum(probs) - 1.0) < 1e-4  # 3 classes: top-5 is all
-    assert ex.cbam.spatial_attention and all(np.isfinite(v).all() for v in ex.cbam.spatial_attention.values())
-    assert_no_hooks(tiny_pair.baseline.model)
-    assert_no_hooks(tiny_pair.cbam.model)
+    cbam = ex.models[tiny_lineup.members[-1].name]
+    assert cbam.spatial_attention and all(np.isfinite(v).all() for v in cbam.spatial_attention.values())
+    for member in tiny_lineup.members:
+        assert_no_hooks(member.model)
 
 
-def test_exif_orientation_is_respected_without_open_image(corpus_dir, tiny_pair):
+def test_exif_orientation_is_respected_without_open_image(corpus_dir, tiny_lineup):
     """A raw PIL image straight from Image.open (EXIF tag 6, stored 120x80): CAMs at the shown 80x120."""
     with Image.open(corpus_dir / "exif_rotated.jpg") as raw:
         assert raw.size == (120, 80)
-        (ex,) = explain(raw, tiny_pair)
+        (ex,) = explain(raw, tiny_lineup)
     assert ex.image_size == (80, 120)
-    assert ex.baseline.cam.shape == ex.cbam.cam.shape == (120, 80)
+    assert [m.cam.shape for m in ex.models.values()] == [(120, 80)] * len(tiny_lineup.members)
 
 
 def test_bomb_is_refused_before_decoding(corpus_dir, monkeypatch):
@@ -117,10 +119,10 @@ def test_bomb_is_refused_before_decoding(corpus_dir, monkeypatch):
     assert loads and set(loads) == {(1, 1)}
 
 
-def test_service_names_the_upload_not_the_server_path(corpus_dir, tiny_pair):
+def test_service_names_the_upload_not_the_server_path(corpus_dir, tiny_lineup):
     for case in BAD:
         with pytest.raises(UserFacingError) as err:
-            service.analyse(corpus_dir / case.filename, pair=tiny_pair, name=f"upload-{case.kind}")
+            service.analyse(corpus_dir / case.filename, lineup=tiny_lineup, name=f"upload-{case.kind}")
         assert_one_sentence(str(err.value), case.error, forbidden=(str(corpus_dir),))
 
 
@@ -141,10 +143,10 @@ def test_cli_writes_good_ones_and_lists_bad_ones(corpus_dir, test_weights, tmp_p
         with Image.open(out / f"{case.kind}.png") as im:
             im.verify()
         doc = json.loads((out / f"{case.kind}.json").read_text())
-        assert doc["pair"] == TEST_PAIR
+        assert doc["lineup"] == TEST_PAIR and len(doc["members"]) == 2
         assert doc["image"]["original_size"] == list(case.ok), case.kind
         assert doc["image"]["analysed_size"] == list(case.display_size), case.kind
-        assert doc["models"]["cbam"]["predictions"] and doc["models"]["baseline"]["predictions"]
+        assert all(doc["models"][name]["predictions"] for name in doc["members"])
     lines = proc.stderr.splitlines()
     for case in BAD:
         prefix = f"  {corpus_dir / case.filename}: "
@@ -180,7 +182,7 @@ def test_live_server_survives_the_corpus(corpus_dir, test_weights, tmp_path):
         def check_good() -> None:
             summary = explain_file(good)[0]
             assert summary["image"]["name"] == "good.png" and summary["image"]["analysed_size"] == [77, 55]
-            assert summary["pair"] == TEST_PAIR
+            assert summary["lineup"] == TEST_PAIR
 
         check_good()
         for case in CASES:
@@ -196,12 +198,13 @@ def test_live_server_survives_the_corpus(corpus_dir, test_weights, tmp_path):
                     assert_one_sentence(message, expected_error, forbidden=("/tmp/gradio",))
                 check_good()  # the next good request still works
                 continue
-            summary, base_cam, cbam_cam, composite, attention, files = explain_file(path)
+            summary, overlays, attention, files = explain_file(path)
             assert summary["image"]["name"] == case.filename
             assert summary["image"]["original_size"] == list(case.ok), case.kind
             assert summary["image"]["analysed_size"] == list(case.display_size), case.kind
-            for cam in (base_cam, cbam_cam):
-                with Image.open(cam) as im:
+            assert len(overlays) == len(summary["members"]) == 2
+            for overlay in overlays:
+                with Image.open(overlay["image"]) as im:
                     assert im.size == case.display_size, case.kind
             assert attention and len(files) == 2
         check_good()
