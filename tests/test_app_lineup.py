@@ -122,8 +122,12 @@ def test_the_compare_slider_takes_any_two_members(app, use_lineups, upload):
 
     with pytest.raises(gr.Error, match="Choose two models"):
         app.compare_members(names[0], "gone", rid, items)
-    with pytest.raises(gr.Error, match="Explain an image first"):
+    # A shared link: the page holds no state, the result's folder still answers.
+    assert app.compare_members(names[1], names[0], rid, []) == (overlays[names[1]], overlays[names[0]])
+    with pytest.raises(gr.Error, match="no longer on the server"):
         app.compare_members(names[0], names[1], "req-gone/00_x", [])
+    with pytest.raises(gr.Error, match="Explain an image first"):
+        app.compare_members(names[0], names[1], "", [])
 
 
 def test_page_writes_what_it_shows_and_builds_the_downloads_on_demand(app, use_lineups, upload, tmp_path):

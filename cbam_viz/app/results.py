@@ -165,13 +165,21 @@ def compare_view(a: str | None, b: str | None, item_or_id: dict | str | None, it
     """
     item = item_or_id
     if not isinstance(item, dict):
-        item = next((it for it in items or [] if it.get("result_id") == item_or_id), None)
-    if not item:
-        raise UserFacingError("Explain an image first.")
+        item = next((it for it in items or [] if it.get("result_id") == item_or_id), None) or _saved_item(item_or_id)
     first, second = member_of(item, a), member_of(item, b)
     if first is None or second is None or not first["overlay"] or not second["overlay"]:
         raise UserFacingError("Choose two models of the shown result to compare.")
     return first["overlay"], second["overlay"]
+
+
+def _saved_item(result_id: str | None) -> dict[str, Any]:
+    """The overlays of a written result the page holds no state of (a shared link), from its folder."""
+    if not result_id:
+        raise UserFacingError("Explain an image first.")
+    saved = service.load_result(result_id)
+    stems = service.member_stems(saved.members)
+    overlays = {n: saved.folder / f"cam_{stems[n]}.jpg" for n in saved.members}
+    return {"members": [{"name": n, "overlay": str(p) if p.is_file() else None} for n, p in overlays.items()]}
 
 
 # An example answers at once after its first use: its view is kept, per example and controls (the
