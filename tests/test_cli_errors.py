@@ -14,11 +14,11 @@ from cbam_viz.cli import errors as cli_errors
 from cbam_viz.cli import build_parser, main
 from tests.e2e_helpers import make_image
 
-pytestmark = pytest.mark.usefixtures("no_cbam_env", "use_service_pair")
+pytestmark = pytest.mark.usefixtures("no_cbam_env", "use_service_lineup")
 
 # {placeholders} are filled by the `paths` fixture: MISSING (no such path), EMPTY (an empty folder),
 # DATA (a 3-class ImageFolder), BOXES (its box CSV), GARBAGE (binary junk), PHOTO (an image),
-# FILE (a text file), WEIGHTS (a weights folder whose manifest holds nothing).
+# FILE (a text file), WEIGHTS (a weights folder whose manifest holds no model, one lineup "other").
 CASES = [
     # train
     ("train", ["--data", "{MISSING}"], 2, "no such folder"),
@@ -94,20 +94,21 @@ CASES = [
 
 
 @pytest.fixture()
-def paths(tmp_path, boxed_folder, micro_pair, monkeypatch):
-    """The placeholders of CASES, and the research commands' pair replaced by the tiny one."""
+def paths(tmp_path, boxed_folder, micro_lineup, monkeypatch):
+    """The placeholders of CASES, and the research commands' lineup replaced by the tiny one."""
     import json
 
-    import cbam_viz.pair
+    import cbam_viz.engine.lineup
 
-    monkeypatch.setattr(cbam_viz.pair, "load_pair", lambda *a, **k: micro_pair)
+    monkeypatch.setattr(cbam_viz.engine.lineup, "load_lineup", lambda *a, **k: micro_lineup)  # research commands
     data, boxes = boxed_folder
     (tmp_path / "empty").mkdir()
     (tmp_path / "garbage.bin").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "text.txt").write_text("not a folder\n")
     weights = tmp_path / "weights"
     weights.mkdir()
-    (weights / "manifest.json").write_text(json.dumps({"models": {}, "pairs": {}}))
+    (weights / "manifest.json").write_text(json.dumps(
+        {"models": {}, "pairs": {}, "lineups": {"other": {"members": ["x"], "reference": "x"}}}))
     return {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"), "DATA": str(data),
             "BOXES": str(boxes), "GARBAGE": str(tmp_path / "garbage.bin"), "FILE": str(tmp_path / "text.txt"),
             "PHOTO": str(make_image(tmp_path / "photo.png", size=(72, 72))), "OUT": str(tmp_path / "out"),
@@ -153,7 +154,7 @@ def test_a_bug_is_one_sentence_with_status_3(monkeypatch, capsys, paths):
     def broken(*a, **k):
         raise TypeError("unsupported operand")
 
-    monkeypatch.setattr(service, "analyse", broken)
+    monkeypatch.setattr(service, "analyse_checked", broken)
     monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
     code, text = run(["explain", paths["PHOTO"], "--out", paths["OUT"], "--no-progress"], capsys)
     assert code == 3 and "Traceback" not in text
@@ -169,6 +170,6 @@ def test_interrupt_is_one_line(monkeypatch, capsys, paths):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(service, "analyse", interrupted)
+    monkeypatch.setattr(service, "analyse_checked", interrupted)
     code, text = run(["explain", paths["PHOTO"], "--out", paths["OUT"], "--no-progress"], capsys)
     assert code == 130 and "interrupted" in text and "Traceback" not in text

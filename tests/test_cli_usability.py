@@ -6,11 +6,11 @@ import json
 import pytest
 
 from cbam_viz.cli import build_parser, main
-from cbam_viz.controls import check_layer, check_method
+from cbam_viz.engine.controls import check_layer, check_method
 from cbam_viz.messages import UserFacingError
 from tests.e2e_helpers import make_image
 
-pytestmark = pytest.mark.usefixtures("no_cbam_env", "use_service_pair")
+pytestmark = pytest.mark.usefixtures("no_cbam_env", "use_service_lineup")
 
 
 @pytest.mark.parametrize("spelling, name", [
@@ -26,8 +26,8 @@ def test_method_typo_suggests():
         check_method("scorecm")
 
 
-def test_layers_accepted_are_what_the_message_says(service_pair):
-    model = service_pair.cbam.model
+def test_layers_accepted_are_what_the_message_says(service_lineup):
+    model = service_lineup.members[-1].model
     for name in ("layer3.1", "layer4", "conv1", "layer3.0.conv2"):
         assert check_layer(name, model) == name
     for name, phrase in (("fc", "no spatial map"), ("avgpool", "no spatial map"), ("layer9", "Unknown layer")):
@@ -44,19 +44,23 @@ def test_help_lists_methods_and_defaults(capsys):
     assert "(default: gradcam)" in text and "(default: 0.5)" in text and "--overwrite" in text
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "(default: 100, from cbam_viz.training.train.Recipe)" in " ".join(capsys.readouterr().out.split())
+    assert "(default: 100, from cbam_viz.training.recipe.Recipe)" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SystemExit):
         main(["--help"])
     top = capsys.readouterr().out
     assert "``" not in top and "exit status" in top
 
 
-def test_verbose_names_the_explained_class_and_alias_reaches_the_json(tmp_path, capsys):
+def test_verbose_names_the_explained_class_and_alias_reaches_the_json(tmp_path, capsys, service_lineup):
     photo = make_image(tmp_path / "p.png", size=(72, 72))
     out = tmp_path / "out"
     assert main(["explain", str(photo), "--out", str(out), "--no-progress", "-v", "--method", "Grad-CAM++",
                  "--target", "church"]) == 0
-    assert "CAM of 'church' / 'church'" in capsys.readouterr().out
+    line = capsys.readouterr().out.splitlines()[0]
+    parts = line.removeprefix("p.png: ").split("; ")
+    assert len(parts) == len(service_lineup.names)  # one part per member, in order
+    for name, part in zip(service_lineup.names, parts):
+        assert part.startswith(f"{name} ") and part.endswith("(CAM of 'church')"), line
     assert json.loads((out / "p.json").read_text())["method"] == "gradcam++"
 
 
@@ -85,14 +89,14 @@ def test_report_commands_refuse_to_replace_a_report(tmp_path, capsys):
 
 
 def test_default_report_folders_are_where_the_app_reads():
-    from cbam_viz import app_views
+    from cbam_viz.app import content, quality
     from cbam_viz.research.quality.view import DEFAULT_REPORT_DIR
     from cbam_viz.resources import SHIPPED_ROOT
 
     sub = build_parser()._subparsers._group_actions[0].choices
     defaults = {name: sub[name].get_default("out") for name in ("sanity-check", "channel-profiles", "evaluate-cams")}
-    assert SHIPPED_ROOT / defaults["sanity-check"] == app_views.SANITY_REPORT.parent
-    assert SHIPPED_ROOT / defaults["channel-profiles"] == app_views.CHANNEL_PROFILES
+    assert SHIPPED_ROOT / defaults["sanity-check"] == content.SANITY_REPORT.parent
+    assert SHIPPED_ROOT / defaults["channel-profiles"] == quality.CHANNEL_PROFILES
     assert SHIPPED_ROOT / defaults["evaluate-cams"] == DEFAULT_REPORT_DIR
 
 
