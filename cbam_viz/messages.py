@@ -1,10 +1,10 @@
 """Every failure a person can cause or fix, as one plain sentence (the app, the CLI, the library).
 
-:class:`UserFacingError` is what the control validators (:mod:`cbam_viz.controls`), the service
+:class:`UserFacingError` is what the control validators (:mod:`cbam_viz.engine.controls`), the service
 and the output helpers raise; ``str(err)`` is the sentence shown, never a traceback.
 :func:`format_error` turns any other exception into such a sentence, and logs the unexpected ones
 with their traceback for whoever runs the server. It subclasses :class:`ValueError`, so library
-callers of :func:`cbam_viz.explain.explain` keep catching a wrong method, target or layer as one.
+callers of :func:`cbam_viz.engine.explain.explain` keep catching a wrong method, target or layer as one.
 """
 from __future__ import annotations
 
@@ -55,9 +55,7 @@ def escape_markdown(text: str) -> str:
 
 def format_error(err: BaseException) -> str:
     """One sentence for any exception raised while explaining; unexpected ones are logged."""
-    from cbam_viz.preprocess import ImageError
-
-    if isinstance(err, (UserFacingError, ImageError)):
+    if isinstance(err, UserFacingError):  # cbam_viz.engine.preprocess.ImageError is one
         return first_sentence(err)
     if isinstance(err, MemoryError):
         return "The server ran out of memory on this image; try a smaller image or fewer at once."

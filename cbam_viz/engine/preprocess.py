@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cbam_viz.messages import UserFacingError
+
 __all__ = ["ImageError", "MAX_PIXELS", "open_image", "to_rgb", "is_display_rgb", "to_model_tensor", "to_model_batch"]
 
 #: Largest image accepted, in pixels (40 MP: a 7300 x 5470 photo). Bigger uploads are refused
@@ -37,8 +39,11 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _BACKGROUND = (255, 255, 255)
 
 
-class ImageError(ValueError):
-    """The input is not an image we can show and explain (the message says why, in one sentence)."""
+class ImageError(UserFacingError):
+    """The input is not an image we can show and explain (the message says why, in one sentence).
+
+    A :class:`~cbam_viz.messages.UserFacingError` (so a ``ValueError``): a person can fix it.
+    """
 
 
 def _check_size(width: int, height: int) -> None:
