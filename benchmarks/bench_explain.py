@@ -1,27 +1,27 @@
 """Benchmark 1, the engine: what one explanation costs next to the model's own forward + backward.
 
-Variants, all on the shipped pair (:func:`cbam_viz.pair.load_pair`; before any weights exist it is
-the seeded untrained resnet18 / resnet18_cbam pair, which times the same) at its input size:
+Variants, all on the shipped default lineup (:func:`cbam_viz.engine.lineup.load_lineup`; before any weights
+exist it is the seeded untrained resnet18 / resnet18_cbam lineup, which times the same) at its input size:
 
-* ``floor``: for each model, one forward and one backward of the bare model (no hooks, no CAM,
+* ``floor``: for each member, one forward and one backward of the bare model (no hooks, no CAM,
   no preprocessing): ``logits[range, argmax].sum().backward()``. The least any gradient-CAM tool
   can do.
-* ``engine``: :func:`cbam_viz.explain.explain` (preprocessing, predictions, Grad-CAM and every
-  CBAM attention map of both models, numpy arrays only).
+* ``engine``: :func:`cbam_viz.engine.explain.explain` (preprocessing, predictions, Grad-CAM and every
+  attention map of every member, numpy arrays only).
 * ``full``: ``engine`` plus everything else the app shows for each image, with the same calls as
-  :func:`cbam_viz.service.analyse`: the per-image faithfulness (one more forward per model, on
-  the input with its CAM's top 20 % blurred) and every picture (two CAM overlays, the spatial
-  attention gallery, every channel strip plus the overview strip, the composite, the
+  :func:`cbam_viz.service.analyse`: the per-image faithfulness (one more forward per member, on
+  the input with its CAM's top 20 % blurred) and every picture (one CAM overlay per member, one
+  spatial attention sheet and one channel overview per gated member, the composite, the
   faithfulness panel), in memory.
 * ``app``: :func:`cbam_viz.service.explain_files` as the ``/explain`` endpoint calls it, i.e. what
   one API request costs inside the server: one ``analyse`` per image (not batched) drawing what
-  ``/explain`` returns (``service.API_PICTURES``: both overlays, every block's spatial overlay, the
-  channel overview, the composite) and writing it with the JSON and the npz (``service.API_FILES``).
+  ``/explain`` returns (``service.API_PICTURES``: the overlays, the spatial sheets, the channel
+  overviews) and writing it with the JSON and the npz (``service.API_FILES``).
 * ``page``: the same as the Explain button calls it (``service.PAGE_PICTURES`` / ``PAGE_FILES``:
-  the photo, both overlays, one sheet of every block's spatial attention, the faithfulness
-  panel, the JSON and the npz; the composite is built when a person asks for the downloads).
+  the photo, the overlays, one sheet of every block's spatial attention per gated member, the
+  faithfulness panel, the JSON and the npz; the composite is built when a person asks for the downloads).
 * ``naive``: what a typical demo does: ``pytorch_grad_cam.GradCAM(model, target_layers)`` per
-  model, a separate forward for the predictions, a separate forward with hooks for the attention
+  member, a separate forward for the predictions, a separate forward with hooks for the attention
   maps, then one matplotlib figure per picture (``plt.subplots``, ``imshow``/``bar``,
   ``savefig`` to a ``BytesIO``), at the same pixel sizes as ours.
 
@@ -29,7 +29,7 @@ Timing: every repeat runs each variant once, round-robin (the start rotates each
 that a noisy neighbour slows all variants alike; the median over repeats is reported.
 
 Memory (``--memory``, on by default): each variant runs in a fresh subprocess that first imports
-everything and loads the pair, then resets the kernel's peak-RSS mark (``/proc/self/clear_refs``
+everything and loads the lineup, then resets the kernel's peak-RSS mark (``/proc/self/clear_refs``
 = 5) and runs the variant ``--memory-repeats`` times. ``peak RSS delta`` is ``VmHWM`` minus the
 RSS before the first call: every byte the variant made resident (torch's CPU allocator, numpy,
 matplotlib, Python objects) at its worst moment. ``py peak`` is tracemalloc's peak over one more
@@ -84,20 +84,19 @@ IMAGE_SIZE = (500, 375)  # a typical Imagenette photo
 
 def make_image(size: tuple[int, int] = IMAGE_SIZE, seed: int = 0) -> Image.Image:
     """A seeded photo-like picture: CAMs and attention over it vary (see ``synthetic_photo``)."""
-    from cbam_viz.examples import synthetic_photo
+    from cbam_viz.app.examples import synthetic_photo
 
     return synthetic_photo(size, seed)
 
 
-def load_bench_pair(tiny: bool = False):
-    """The shipped pair (or its untrained stand-in); ``tiny``: the untrained pair at 64 px (tests)."""
-    from cbam_viz.pair import load_pair, untrained_pair
+def load_bench_lineup(tiny: bool = False):
+    """The shipped default lineup (or its untrained stand-in); ``tiny``: the untrained lineup at 64 px (tests)."""
+    from cbam_viz.engine.lineup import UNTRAINED_LINEUP, load_lineup
 
     if tiny:
-        pair = untrained_pair(device="cpu")
-        return replace(pair, baseline=replace(pair.baseline, input_size=64),
-                       cbam=replace(pair.cbam, input_size=64))
-    return load_pair(device="cpu")
+        lineup = load_lineup(UNTRAINED_LINEUP, device="cpu")
+        return replace(lineup, members=tuple(replace(m, input_size=64) for m in lineup.members))
+    return load_lineup(device="cpu")
 
 
 # ------------------------------------------------------------------------------------ variants
@@ -105,30 +104,26 @@ def load_bench_pair(tiny: bool = False):
 
 def render_like_service(image: Image.Image, explanation, *, alpha: float = 0.5) -> list[Image.Image]:
     """Every picture :func:`cbam_viz.service.analyse` draws for one image (same calls, same order)."""
-    from cbam_viz import render
+    from cbam_viz import figures, render
 
-    out = [render.overlay(image, explanation.baseline.cam, alpha=alpha),
-           render.overlay(image, explanation.cbam.cam, alpha=alpha)]
-    out += [im for im, _ in render.attention_gallery(image, explanation.cbam, alpha=alpha)]
-    out += [render.channel_attention_image(v, title=f"{block} channel")
-            for block, v in explanation.cbam.channel_attention.items()]
-    overview = render.channel_attention_summary(explanation.cbam)
-    if overview is not None:
-        out.append(overview)
-    out.append(render.composite(image, explanation, alpha=alpha))
+    models = explanation.models.values()
+    out = [render.overlay(image, m.cam, alpha=alpha) for m in models]
+    out += [render.attention_sheet(image, m, alpha=alpha) for m in models if m.spatial_attention]
+    out += [render.channel_attention_summary(m) for m in models if m.channel_attention]
+    out.append(figures.composite(image, explanation, alpha=alpha))
     return out
 
 
 class Variants:
-    """The benchmarked callables over one pair and one batch of images."""
+    """The benchmarked callables over one lineup and one batch of images."""
 
-    def __init__(self, pair, images: list[Image.Image], workdir: Path):
-        from cbam_viz.preprocess import to_model_batch
+    def __init__(self, lineup, images: list[Image.Image], workdir: Path):
+        from cbam_viz.engine.preprocess import to_model_batch
 
-        self.pair = pair
+        self.lineup = lineup
         self.images = images
-        self.models = [pair.baseline.model, pair.cbam.model]
-        m = pair.cbam
+        self.models = [m.model for m in lineup.members]
+        m = lineup.members[-1]
         self.batch = to_model_batch(images, m.input_size, m.mean, m.std)
         self.workdir = workdir
         self.paths = []
@@ -156,31 +151,31 @@ class Variants:
 
     # -- ours
     def engine(self):
-        from cbam_viz.explain import explain
+        from cbam_viz.engine.explain import explain
 
-        out = explain(self.images, self.pair)
+        out = explain(self.images, self.lineup)
         self.last_timings.setdefault("engine", []).append(_engine_timings(out))
         return out
 
     def full(self):
-        from cbam_viz.explain import explain
+        from cbam_viz.engine.explain import explain
 
-        from cbam_viz.faithfulness import pair_confidence_drop
-        from cbam_viz.render import confidence_drop_figure
+        from cbam_viz.engine.faithfulness import lineup_confidence_drop
+        from cbam_viz.figures import confidence_drop_figure
         from cbam_viz.service import FAITHFULNESS_FRACTION
 
-        explanations = explain(self.images, self.pair)
+        explanations = explain(self.images, self.lineup)
         out = []
         for im, e in zip(self.images, explanations):
-            drops = pair_confidence_drop(im, e, self.pair, fraction=FAITHFULNESS_FRACTION)
-            out.append([*render_like_service(im, e), confidence_drop_figure(drops, self.pair)])
+            drops = lineup_confidence_drop(im, e, self.lineup, fraction=FAITHFULNESS_FRACTION)
+            out.append([*render_like_service(im, e), confidence_drop_figure(drops, self.lineup)])
         return out
 
     def app(self):
         from cbam_viz import service
 
         kinds = {"pictures": service.API_PICTURES, "write": service.API_FILES} if hasattr(service, "API_FILES") else {}
-        return service.explain_files(self.paths, pair_name=None, out_root=self.workdir / "out",
+        return service.explain_files(self.paths, lineup_name=None, out_root=self.workdir / "out",
                                      max_images=len(self.paths), **kinds)
 
     def after_app(self):
@@ -191,7 +186,7 @@ class Variants:
     def page(self):
         from cbam_viz import service
 
-        return service.explain_files(self.paths, pair_name=None, out_root=self.workdir / "out",
+        return service.explain_files(self.paths, lineup_name=None, out_root=self.workdir / "out",
                                      max_images=len(self.paths), pictures=service.PAGE_PICTURES,
                                      write=service.PAGE_FILES)
 
@@ -199,19 +194,19 @@ class Variants:
 
     # -- the typical demo
     def naive(self):
-        return naive_demo(self.pair, self.images)
+        return naive_demo(self.lineup, self.images)
 
 
 def _engine_timings(explanations) -> dict[str, float]:
     e = explanations[0]
     out: dict[str, float] = {}
-    for role in ("baseline", "cbam"):
-        for k, v in getattr(e, role).timings.items():
-            out[f"{role}.{k}"] = float(v)
+    for name, m in e.models.items():
+        for k, v in m.timings.items():
+            out[f"{name}.{k}"] = float(v)
     return out
 
 
-def naive_demo(pair, images: list[Image.Image]) -> list[bytes]:
+def naive_demo(lineup, images: list[Image.Image]) -> list[bytes]:
     """A typical Grad-CAM demo: the library's GradCAM object, extra forwards, matplotlib figures.
 
     Same preprocessing as ours (so only the approach differs), the library's own
@@ -226,13 +221,12 @@ def naive_demo(pair, images: list[Image.Image]) -> list[bytes]:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    from cbam_viz.preprocess import to_model_batch
+    from cbam_viz.engine.preprocess import to_model_batch
 
-    m0 = pair.cbam
+    m0 = lineup.members[-1]
     x = to_model_batch(images, m0.input_size, m0.mean, m0.std)
     per_model = {}
-    for role in ("baseline", "cbam"):
-        loaded = getattr(pair, role)
+    for loaded in lineup.members:
         model = loaded.model
         with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
             grayscale = cam(input_tensor=x, targets=None)           # (B, S, S), predicted class
@@ -250,7 +244,7 @@ def naive_demo(pair, images: list[Image.Image]) -> list[bytes]:
                 h.remove()
         model.zero_grad(set_to_none=True)
         labels = [[loaded.classes[int(c)] for c in row] for row in top_i.tolist()]
-        per_model[role] = (grayscale, top_p.tolist(), labels, maps)
+        per_model[loaded.name] = (grayscale, top_p.tolist(), labels, maps)
 
     def png(fig) -> bytes:
         buf = io.BytesIO()
@@ -262,15 +256,15 @@ def naive_demo(pair, images: list[Image.Image]) -> list[bytes]:
     for i, im in enumerate(images):
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         overlays = {}
-        for role, (gray, probs, labels, maps) in per_model.items():
+        for name, (gray, probs, labels, maps) in per_model.items():
             mask = cv2.resize(gray[i], im.size)
-            overlays[role] = show_cam_on_image(rgb, mask, use_rgb=True)
+            overlays[name] = show_cam_on_image(rgb, mask, use_rgb=True)
             fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=80)
-            ax.imshow(overlays[role])
-            ax.set_title(f"{role}: {labels[i][0]} ({probs[i][0]:.1%})", fontsize=8)
+            ax.imshow(overlays[name])
+            ax.set_title(f"{name}: {labels[i][0]} ({probs[i][0]:.1%})", fontsize=8)
             ax.axis("off")
             out.append(png(fig))
-        maps = per_model["cbam"][3]
+        maps = per_model[lineup.members[-1].name][3]  # the last member's gates, as the app's CBAM member
         spatial = {n[: -len(".cbam.spatial")]: t[i, 0].numpy() for n, t in maps.items() if n.endswith("spatial")}
         channel = {n[: -len(".cbam.channel")]: t[i].flatten().numpy() for n, t in maps.items() if n.endswith("channel")}
         for block, s in spatial.items():
@@ -287,10 +281,10 @@ def naive_demo(pair, images: list[Image.Image]) -> list[bytes]:
             ax.set_title(f"{block} channel C={v.size}", fontsize=8)
             out.append(png(fig))
         # Faithfulness the usual way: blur the CAM's top 20 % in the photo, preprocess again,
-        # classify original and perturbed in a forward of their own, one figure for both models.
-        fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.6), dpi=80)
-        for ax, (role, (gray, probs, labels, maps)) in zip(axes, per_model.items()):
-            loaded = getattr(pair, role)
+        # classify original and perturbed in a forward of their own, one figure for every member.
+        fig, axes = plt.subplots(1, len(per_model), figsize=(3.2 * len(per_model), 3.6), dpi=80, squeeze=False)
+        for ax, (name, (gray, probs, labels, maps)) in zip(axes[0], per_model.items()):
+            loaded = lineup.member(name)
             mask = cv2.resize(gray[i], im.size) >= np.percentile(gray[i], 80)
             blurred = cv2.GaussianBlur(rgb, (0, 0), sigmaX=max(1.0, min(im.size) / 16))
             perturbed = np.where(mask[..., None], blurred, rgb)
@@ -300,14 +294,13 @@ def naive_demo(pair, images: list[Image.Image]) -> list[bytes]:
                 p = torch.softmax(loaded.model(pair_in), dim=1)
             c = int(p[0].argmax())
             ax.imshow(perturbed)
-            ax.set_title(f"{role}: p {float(p[0, c]):.2f} -> {float(p[1, c]):.2f}", fontsize=8)
+            ax.set_title(f"{name}: p {float(p[0, c]):.2f} -> {float(p[1, c]):.2f}", fontsize=8)
             ax.axis("off")
         out.append(png(fig))
-        fig, axes = plt.subplots(3, 4, figsize=(10, 8), dpi=80)          # the composite
+        fig, axes = plt.subplots(3, max(4, 1 + len(overlays)), figsize=(10, 8), dpi=80)  # the composite
         for ax in axes.flat:
             ax.axis("off")
-        for ax, (title, picture) in zip(axes[0], (("original", rgb), ("baseline", overlays["baseline"]),
-                                                  ("cbam", overlays["cbam"]))):
+        for ax, (title, picture) in zip(axes[0], (("original", rgb), *overlays.items())):
             ax.imshow(picture)
             ax.set_title(title, fontsize=8)
         for ax, (block, s) in zip(axes[1:].flat, spatial.items()):
@@ -368,12 +361,12 @@ def memory_child(variant: str, batch: int, repeats: int, tiny: bool) -> dict:
     import pytorch_grad_cam  # noqa: F401
 
     from cbam_viz import render, service  # noqa: F401
-    from cbam_viz.explain import explain  # noqa: F401
+    from cbam_viz.engine.explain import explain  # noqa: F401
 
-    pair = load_bench_pair(tiny)
+    lineup = load_bench_lineup(tiny)
     images = [make_image(seed=i) for i in range(batch)]
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
-        v = Variants(pair, images, Path(tmp))
+        v = Variants(lineup, images, Path(tmp))
         fn = v.get(variant)
         after = getattr(v, f"after_{variant}", None) or (lambda: None)
         gc.collect()
@@ -416,7 +409,7 @@ def _fmt_s(s: float) -> str:
 def report(batch: int, times: dict[str, list[float]], v: Variants) -> dict:
     med = {n: statistics.median(t) for n, t in times.items()}
     print(f"\n== batch {batch} ({len(next(iter(times.values())))} interleaved repeats, median; "
-          f"input {v.pair.cbam.input_size}px, images {v.images[0].size[0]}x{v.images[0].size[1]}) ==")
+          f"input {v.lineup.members[-1].input_size}px, images {v.images[0].size[0]}x{v.images[0].size[1]}) ==")
     for n, t in times.items():
         q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0]] * 3
         print(f"  {n:<7} median {_fmt_s(med[n]):>10}   per image {_fmt_s(med[n] / batch):>10}   "
@@ -467,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-variant memory runs")
     p.add_argument("--memory-repeats", type=int, default=3)
-    p.add_argument("--tiny", action="store_true", help="untrained pair at 64 px: a smoke run, not a measurement")
+    p.add_argument("--tiny", action="store_true", help="untrained lineup at 64 px: a smoke run, not a measurement")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--profile", choices=VARIANTS, help="cProfile this variant instead of benchmarking")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, i.e. the cores)")
@@ -484,16 +477,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import platform
 
-    pair = load_bench_pair(args.tiny)
-    print(f"pair {pair.name!r}: {pair.baseline.name} vs {pair.cbam.name} (trained={pair.trained}), "
-          f"input {pair.cbam.input_size}px, device {pair.cbam.device}; torch {torch.__version__}, "
+    lineup = load_bench_lineup(args.tiny)
+    last = lineup.members[-1]
+    print(f"lineup {lineup.name!r}: {', '.join(lineup.names)} (trained={lineup.trained}), "
+          f"input {last.input_size}px, device {last.device}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
-    all_results = {"pair": pair.name, "trained": pair.trained, "input_size": pair.cbam.input_size,
-                   "torch": torch.__version__, "threads": torch.get_num_threads(), "batches": []}
+    all_results = {"lineup": lineup.name, "members": lineup.names, "trained": lineup.trained,
+                   "input_size": last.input_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "batches": []}
     for b in args.batch:
         images = [make_image(tuple(args.image_size), seed=i) for i in range(b)]
         with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
-            v = Variants(pair, images, Path(tmp))
+            v = Variants(lineup, images, Path(tmp))
             if args.profile:
                 profile(v, args.profile, max(1, args.repeats))
                 continue
