@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cbam_viz.attention import cbam_gates, record_attention
+from cbam_viz.engine.attention import cbam_gates, record_attention
 from conftest import assert_no_hooks, make_model
 
 
