@@ -239,3 +239,23 @@ def test_check_controls_refuses_a_class_one_member_lacks(tiny_lineup):
     with pytest.raises(ValueError, match="Unknown target class 'bird'"):
         check_controls(lineup, target="bird")
     assert dict(check_controls(lineup, target="dog").targets) == {n: 1 for n in lineup.names}
+
+
+def test_npz_arrays_of_a_three_member_explanation_are_keyed_by_member(family_lineup, image, tmp_path):
+    from cbam_viz.outputs import npz_arrays, write_npz
+
+    (e,) = explain(image, family_lineup)
+    plain, se, cbam = family_lineup.names
+    path = write_npz(npz_arrays(e, image), tmp_path / "maps.npz")
+    with np.load(path) as z:
+        keys = set(z.files)
+        blocks = list(e.models[cbam].spatial_attention)
+        assert keys == ({"image"} | {f"{n}/cam" for n in (plain, se, cbam)}
+                        | {f"{n}/channel/{b}" for n in (se, cbam) for b in blocks} | {f"{cbam}/spatial/{b}" for b in blocks})
+        assert z["image"].shape == (60, 80, 3) and z["image"].dtype == np.uint8
+        for name, m in e.models.items():
+            np.testing.assert_array_equal(z[f"{name}/cam"], m.cam)
+            for b, v in m.channel_attention.items():
+                np.testing.assert_array_equal(z[f"{name}/channel/{b}"], v)
+            for b, v in m.spatial_attention.items():
+                np.testing.assert_array_equal(z[f"{name}/spatial/{b}"], v)
