@@ -176,3 +176,18 @@ def test_models_locked_holds_each_lock_once_and_releases():
         assert model_lock(a)._is_owned() and model_lock(b)._is_owned()
     assert not model_lock(a)._is_owned() and not model_lock(b)._is_owned()
     assert model_lock(a) is model_lock(a) and model_lock(a) is not model_lock(b)
+
+
+def test_a_lineup_entry_that_cannot_be_a_lineup_is_refused_and_the_others_stay_up(tmp_path):
+    """A hand-edited manifest: a reference that is not a member, a repeated member, five members."""
+    for name, arch in (("plain", "resnet18"), ("cb", "resnet18_cbam")):
+        update_manifest(tmp_path, record=_record(tmp_path, name, arch))
+    update_manifest(tmp_path, lineup=("good", {"members": ["plain", "cb"], "reference": "plain", "default": True}))
+    update_manifest(tmp_path, lineup=("stray", {"members": ["plain", "cb"], "reference": "other"}))
+    update_manifest(tmp_path, lineup=("twice", {"members": ["cb", "cb"], "reference": "cb"}))
+    update_manifest(tmp_path, lineup=("five", {"members": ["plain", "cb"] * 2 + ["plain"], "reference": "plain"}))
+    with pytest.raises(ValueError, match="the reference 'other' is not a member"):
+        load_lineup("stray", weights_dir=tmp_path)
+    lineups, errors = load_available_lineups(weights_dir=tmp_path)
+    assert list(lineups) == ["good"] and sorted(errors) == ["five", "stray", "twice"]
+    assert "'other'" in errors["stray"] and "1 to 4 different models" in errors["twice"]

@@ -185,7 +185,7 @@ def load_available_lineups(*, weights_dir: str | os.PathLike | None = None, devi
     for name in names:
         try:
             loaded[name] = load_lineup(name, weights_dir=weights_dir, device=device)
-        except (ModelLoadError, KeyError) as err:
+        except (ModelLoadError, KeyError, ValueError) as err:  # ValueError: an entry that is no lineup
             errors[name] = str(err)
     if not names:
         loaded[UNTRAINED_LINEUP] = load_lineup(UNTRAINED_LINEUP, device=device)
