@@ -1,0 +1,68 @@
+"""cbam_viz.distributed: sharding and gathering give rank 0 exactly what one process computes."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cbam_viz import distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(n: int, out: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                           str(ROOT / "tests" / "dist_worker.py"), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_one_process_is_the_identity(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "_context", None)
+    ctx = distributed.context()
+    assert ctx.world == 1 and ctx.main and ctx.backend is None and distributed.is_main()
+    assert distributed.shard("abc") == [(0, "a"), (1, "b"), (2, "c")]
+    assert distributed.gather_ordered([(2, "c"), (0, "a"), (1, "b")]) == ["a", "b", "c"]
+    assert distributed.map_sharded(str.upper, "ab") == ["A", "B"]
+
+
+def test_shards_are_interleaved_even_and_complete():
+    ctxs = [distributed.DistContext(rank=r, world=3) for r in range(3)]
+    shards = [distributed.shard(list(range(11)), c) for c in ctxs]
+    assert [len(s) for s in shards] == [4, 4, 3]
+    assert sorted(i for s in shards for i, _ in s) == list(range(11))
+    assert [i for i, _ in shards[1]] == [1, 4, 7, 10]
+
+
+def test_a_bad_world_size_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(distributed, "_context", None)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match=r"\$WORLD_SIZE must be an integer"):
+        distributed.context()
+    monkeypatch.setattr(distributed, "_context", None)
+
+
+def test_two_gloo_processes_gather_what_one_process_computes(tmp_path):
+    out = tmp_path / "result.json"
+    done = _torchrun(2, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["backend"] == "gloo"
+    assert result["values"] == [float(i * i) for i in range(11)]  # rank 0 holds every item, in order
+    assert result["doubled"] == [2 * i for i in range(11)]
+    assert json.loads((tmp_path / "result.json.rank0").read_text()) == [0, 2, 4, 6, 8, 10]
+    assert json.loads((tmp_path / "result.json.rank1").read_text()) == [1, 3, 5, 7, 9]
