@@ -47,13 +47,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # The functions are where the numbers and pictures come from; report writers (Markdown wording,
 # file names) are covered by the modules' own CLI tests and left out to keep the run affordable.
 TARGETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
-    "cbam_viz.faithfulness": (None, ("tests/test_faithfulness.py", "tests/test_science_faithfulness.py")),
-    "cbam_viz.cam_library": (None, ("tests/test_science_cams.py", "tests/test_cam.py")),
-    "cbam_viz.gate_ablation": (
-        ("cbam_blocks", "ablation_grid", "_check_ablation", "_constant_hook", "ablate_gates", "gate_means",
-         "save_gate_means", "load_gate_means", "ablation_effects", "ablate_image", "ablate_dataset"),
+    "cbam_viz.engine.faithfulness": (None, ("tests/test_faithfulness.py", "tests/test_science_faithfulness.py")),
+    "cbam_viz.engine.cam_library": (None, ("tests/test_science_cams.py", "tests/test_cam.py")),
+    "cbam_viz.research.gate_ablation": (
+        ("ablatable_gates", "gated_blocks", "_kinds_of", "_applies", "ablation_grid", "_check_ablation",
+         "_constant_hook", "ablate_gates", "gate_means", "save_gate_means", "load_gate_means", "ablation_effects",
+         "ablate_image"),
         ("tests/test_science_ablation.py", "tests/test_gate_ablation.py")),
-    "cbam_viz.sanity": (
+    "cbam_viz.research.ablation_report": (
+        ("_count", "ablate_dataset", "ablate_lineup"), ("tests/test_science_ablation.py", "tests/test_gate_ablation.py")),
+    "cbam_viz.research.sanity": (
         ("stage_modules", "_seeded", "cascading_randomization", "_gaussian_1d", "ssim", "_average_ranks",
          "rank_correlation", "n_images", "rows", "concat", "sanity_check", "sanity_image", "sanity_flags",
          "_summary", "sanity_dataset"),
@@ -64,16 +67,22 @@ TARGETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
          "tests/test_science_sanity.py",
          "tests/test_sanity.py::test_the_cascade_is_cumulative_seeded_and_leaves_the_original_untouched",
          "tests/test_sanity.py::test_one_call_for_the_app_keeps_the_cams")),
-    "cbam_viz.channel_profiles": (
-        ("blocks", "accumulate_profiles", "profile_dataset", "_profile_correlation", "_class_variance_ratio",
-         "block_similarity", "chance_variance_ratio", "similarity_rows", "profiles_figure", "profiles_image",
-         "report_json", "load_profiles"),
+    "cbam_viz.research.channel_profiles": (
+        ("blocks", "accumulate_profiles", "has_channel_gates", "profile_lineup", "profile_dataset",
+         "_profile_correlation", "_class_variance_ratio", "block_similarity", "chance_variance_ratio",
+         "similarity_rows", "profiles_figure", "profiles_image"),
         ("tests/test_science_profiles.py", "tests/test_channel_profiles.py")),
-    "cbam_viz.evaluate": (
-        ("_labels_in_class_order", "spread_indices", "labelled_images", "image_batches", "evaluate_record",
-         "paired_difference"),
+    "cbam_viz.research.profile_files": (
+        ("report_json", "load_profiles", "load_lineup_profiles"),
+        ("tests/test_science_profiles.py", "tests/test_channel_profiles.py")),
+    "cbam_viz.research.quality.forest": (
+        ("verdict", "comparisons", "_point", "reading"), ("tests/test_evaluate_cams.py",)),
+    "cbam_viz.training.evaluate": (
+        ("_labels_in_class_order", "spread_indices", "labelled_images", "image_batches", "evaluate_record"),
         ("tests/test_science_evaluate.py", "tests/test_evaluate.py")),
-    "cbam_viz.data": (("normalize", "resize_batch"), ("tests/test_science_pictures.py", "tests/test_data.py")),
+    "cbam_viz.training.compare": (
+        ("paired_difference", "lineup_differences"), ("tests/test_science_evaluate.py", "tests/test_evaluate.py")),
+    "cbam_viz.training.data": (("normalize", "resize_batch"), ("tests/test_science_pictures.py", "tests/test_data.py")),
     "cbam_viz.colour_scale": (("colormap_lut",), ("tests/test_science_pictures.py", "tests/test_render.py")),
     "cbam_viz.render": (
         ("_check_alpha", "_check_mask", "colorize", "overlay"),
@@ -84,36 +93,36 @@ TARGETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
 # The bugs of the issue (34): each must fail at least one non-slow test. (module, old, new).
 PLANTED_BUGS: dict[str, tuple[str, str, str]] = {
     "road imputer returns its input": (
-        "cbam_viz.faithfulness", "return NoisyLinearImputer()(image, keep)", "return image.clone()"),
+        "cbam_viz.engine.faithfulness", "return NoisyLinearImputer()(image, keep)", "return image.clone()"),
     "library CAMs explain class 0": (
-        "cbam_viz.cam_library", "[ClassifierOutputTarget(t) for t in targets]",
+        "cbam_viz.engine.cam_library", "[ClassifierOutputTarget(t) for t in targets]",
         "[ClassifierOutputTarget(0) for t in targets]"),
     "ablation CAM correlation always 1": (
-        "cbam_viz.gate_ablation", "corr = np.array([pearson(a, b) for a, b in zip(intact.cams, res.cams)])",
+        "cbam_viz.research.gate_ablation", "corr = np.array([pearson(a, b) for a, b in zip(intact.cams, res.cams)])",
         "corr = np.ones(len(res.cams))"),
     "ablation prob_change sign flipped": (
-        "cbam_viz.gate_ablation", '"prob_change": p - p0', '"prob_change": p0 - p'),
+        "cbam_viz.research.gate_ablation", '"prob_change": p - p0', '"prob_change": p0 - p'),
     "ablation counts no correct prediction": (
-        "cbam_viz.gate_ablation", "correct[(block, gate)] += (p.argmax(1) == y).tolist()",
+        "cbam_viz.research.ablation_report", "correct[(block, gate)] += (p.argmax(1) == y).tolist()",
         "correct[(block, gate)] += (p.argmax(1) == -1).tolist()"),
     "ablation intact accuracy never correct": (
-        "cbam_viz.gate_ablation", 'correct[("intact", "")] += (top[:, 0] == y).tolist()',
+        "cbam_viz.research.ablation_report", 'correct[("intact", "")] += (top[:, 0] == y).tolist()',
         'correct[("intact", "")] += (top[:, 0] == -1).tolist()'),
     "evaluate labels in sorted-folder order": (
-        "cbam_viz.evaluate", "return [index[scan.classes[label]] for label in scan.labels]",
+        "cbam_viz.training.evaluate", "return [index[scan.classes[label]] for label in scan.labels]",
         "return list(scan.labels)"),
     "sanity passes always true": (
-        "cbam_viz.sanity", '"passes": flags[m]} for m in result.methods}}', '"passes": True} for m in result.methods}}'),
+        "cbam_viz.research.sanity", '"passes": flags[m]} for m in result.methods}}', '"passes": True} for m in result.methods}}'),
     "channel-profiles picture blank": (
-        "cbam_viz.channel_profiles", 'return im.convert("RGB")', 'return Image.new("RGB", im.size, "white")'),
+        "cbam_viz.research.channel_profiles", 'return im.convert("RGB")', 'return Image.new("RGB", im.size, "white")'),
     "resize_batch mirrors images": (
-        "cbam_viz.data", 'mode="bilinear", align_corners=False, antialias=True)',
+        "cbam_viz.training.data", 'mode="bilinear", align_corners=False, antialias=True)',
         'mode="bilinear", align_corners=False, antialias=True).flip(-1)'),
     "CBAM overlay drawn from the baseline CAM": (
         "cbam_viz.service", "render.overlay(image, getattr(explanation, role).cam, alpha=alpha)",
         "render.overlay(image, explanation.baseline.cam, alpha=alpha)"),
     "library CAMs explain the first image's class": (
-        "cbam_viz.cam_library", "[ClassifierOutputTarget(t) for t in targets]",
+        "cbam_viz.engine.cam_library", "[ClassifierOutputTarget(t) for t in targets]",
         "[ClassifierOutputTarget(targets[0]) for t in targets]"),
 }
 

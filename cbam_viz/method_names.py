@@ -1,8 +1,8 @@
-"""CAM method names as people write them -> the registered names of :func:`cbam_viz.cam.list_methods`.
+"""CAM method names as people write them -> the registered names of :func:`cbam_viz.engine.cam.list_methods`.
 
 Why: papers, the README and pytorch-grad-cam's classes spell the methods ``Grad-CAM++``,
 ``GradCAMPlusPlus``, ``Score-CAM`` or ``HiResCAM``, while the registry keys are ``gradcam++``,
-``scorecam``, ``hirescam``. Every entry point (the CLI, the app, :func:`cbam_viz.explain.explain`)
+``scorecam``, ``hirescam``. Every entry point (the CLI, the app, :func:`cbam_viz.engine.explain.explain`)
 resolves a name through :func:`canonical_method`, so all these spellings mean the same method.
 Pure string work: no import beyond the standard library.
 """

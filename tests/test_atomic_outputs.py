@@ -66,8 +66,8 @@ def test_atomic_write_leaves_old_file_or_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
-def test_save_writes_whole_files_and_no_temp_files(tiny_pair, tmp_path):
-    analysis = service.analyse(Image.new("RGB", (50, 40), (10, 200, 30)), pair=tiny_pair, name="img_000.png")
+def test_save_writes_whole_files_and_no_temp_files(tiny_lineup, tmp_path):
+    analysis = service.analyse(Image.new("RGB", (50, 40), (10, 200, 30)), pair=tiny_lineup, name="img_000.png")
     paths = service.save(analysis, tmp_path / "out", formats=("png", "json", "npz"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_000.json", "img_000.npz", "img_000.png"]
     for p in paths.values():

@@ -136,7 +136,7 @@ def test_options_of_another_attention_are_refused():
 
 
 def test_record_attention_captures_se_and_bam_gates_by_name():
-    from cbam_viz.attention import attention_gates, record_attention
+    from cbam_viz.engine.attention import attention_gates, record_attention
 
     se = create_model("resnet18_se", num_classes=3).eval()
     assert [(o, k) for o, k, _ in attention_gates(se)][:2] == [("layer1.0", "channel"), ("layer1.1", "channel")]
@@ -166,7 +166,7 @@ def test_record_attention_captures_se_and_bam_gates_by_name():
 
 
 def test_record_attention_of_cbam_is_unchanged_by_the_family():
-    from cbam_viz.attention import attention_gates, cbam_gates
+    from cbam_viz.engine.attention import attention_gates, cbam_gates
 
     cbam = create_model("resnet18_cbam", num_classes=3)
     assert attention_gates(cbam) == cbam_gates(cbam)

@@ -7,7 +7,7 @@ import torch
 import pytorch_grad_cam
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cbam_viz.cam import compute_cams, list_methods, method_kind, normalize_cam, preserved_state, resolve_layer
+from cbam_viz.engine.cam import compute_cams, list_methods, method_kind, normalize_cam, preserved_state, resolve_layer
 from conftest import assert_no_hooks, make_model
 
 FAST = [m for m in list_methods() if method_kind(m) != "library"]
@@ -125,7 +125,7 @@ def test_library_methods_put_the_library_progress_bars_back(capsys):
 def test_maths_objects_come_from_the_library_constructor_on_a_placeholder():
     """Borrowed ``get_cam_image`` objects are built normally (no ``__new__``), on a model that is
     not the user's, and hold no hooks."""
-    from cbam_viz.cam_library import math_object
+    from cbam_viz.engine.cam_library import math_object
 
     obj = math_object("GradCAMPlusPlus")
     assert obj.uses_gradients is True and obj.reshape_transform is None  # set by BaseCAM.__init__
@@ -185,7 +185,7 @@ def test_gradcam_does_not_import_the_library():
     import subprocess
     import sys
 
-    code = ("import sys, torch; from cbam_viz.cam import compute_cams; from conftest import make_model; "
+    code = ("import sys, torch; from cbam_viz.engine.cam import compute_cams; from conftest import make_model; "
             "compute_cams(make_model('resnet18_cbam'), torch.randn(1, 3, 64, 64), method='gradcam'); "
             "print(sorted(m for m in ('pytorch_grad_cam', 'torchvision', 'matplotlib', 'scipy') if m in sys.modules))")
     import os

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cbam_viz.preprocess import MAX_PIXELS, ImageError, open_image
+from cbam_viz.engine.preprocess import MAX_PIXELS, ImageError, open_image
 from tests.bad_inputs import DEFAULT_UPLOAD_LIMIT, TEST_PAIR, _png_chunk, good_image, write_test_weights
 from tests.e2e_helpers import REPO_ROOT, running_app
 

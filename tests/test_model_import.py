@@ -14,8 +14,8 @@ import torch
 import torchvision
 
 from cbam_viz import cli
-from cbam_viz.model_import import add_model, detect, read_classes
-from cbam_viz.weights import WeightRecord, load_record, read_manifest, save_safetensors
+from cbam_viz.models.importer import add_model, detect, read_classes
+from cbam_viz.models.weights import WeightRecord, load_record, read_manifest, save_safetensors
 from cbam_viz.models import create_model
 from tests.foreign_models import RefResNet, official_wrapper, randomize
 
@@ -256,7 +256,7 @@ def test_an_interrupted_add_leaves_the_manifest_as_it_was(folder, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("cbam_viz.model_import.update_manifest", interrupted)
+    monkeypatch.setattr("cbam_viz.models.importer.update_manifest", interrupted)
     with pytest.raises(KeyboardInterrupt):
         add_model(folder / "tv.pth", name="second", weights_dir=folder / "w")
     assert _manifest_bytes(folder) == before

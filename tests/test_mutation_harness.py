@@ -38,12 +38,12 @@ def f(a, b=2):
 
 
 def test_a_mutant_is_the_change_it_names(mutation):
-    mutants = mutation.list_mutants("cbam_viz.faithfulness")
+    mutants = mutation.list_mutants("cbam_viz.engine.faithfulness")
     drop = next(m for m in mutants if m.function == "ConfidenceDrop.drop" and m.description == "Sub -> Add")
     namespace: dict = {"__name__": "mutant_faithfulness"}
     sys.modules["mutant_faithfulness"] = type(sys)("mutant_faithfulness")
     try:
-        exec(mutation.mutated_code("cbam_viz.faithfulness", drop.index), namespace)
+        exec(mutation.mutated_code("cbam_viz.engine.faithfulness", drop.index), namespace)
     finally:
         sys.modules.pop("mutant_faithfulness", None)
     d = namespace["ConfidenceDrop"](0, 0.75, 0.25, 0.2, "mean", None)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from cbam_viz.pair import clear_cache
-from cbam_viz.weights import read_manifest
+from cbam_viz.engine.loading import clear_cache
+from cbam_viz.models.weights import read_manifest
 from conftest import make_image
 from test_ood import _folder, weights_dir  # noqa: F401  (the fixture)
 

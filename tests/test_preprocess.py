@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cbam_viz import preprocess
-from cbam_viz.preprocess import ImageError, is_display_rgb, open_image, to_model_batch, to_model_tensor, to_rgb
+from cbam_viz.engine import preprocess
+from cbam_viz.engine.preprocess import ImageError, is_display_rgb, open_image, to_model_batch, to_model_tensor, to_rgb
 
 
 def _png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

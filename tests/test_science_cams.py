@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_viz.cam import compute_cams
-from cbam_viz.cam_library import ABLATION_BATCH, SCORECAM_BATCH, math_object, quiet_progress, run_library_cam
+from cbam_viz.engine.cam import compute_cams
+from cbam_viz.engine.cam_library import ABLATION_BATCH, SCORECAM_BATCH, math_object, quiet_progress, run_library_cam
 from conftest import assert_no_hooks, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

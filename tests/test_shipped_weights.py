@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cbam_viz.models import is_model
-from cbam_viz.weights import DEFAULT_WEIGHTS_DIR, WeightRecord, load_record, read_manifest, sha256_file
+from cbam_viz.models.weights import DEFAULT_WEIGHTS_DIR, WeightRecord, load_record, read_manifest, sha256_file
 
 WEIGHTS_DIR = DEFAULT_WEIGHTS_DIR
 MANIFEST = WEIGHTS_DIR / "manifest.json"

@@ -66,7 +66,7 @@ def _paths(args: argparse.Namespace) -> None:
         value = getattr(args, dest, None)
         if not isinstance(value, (str, Path)):
             continue
-        # --weights may list several folders (cbam_viz.weights.weights_dirs: "/mine:/app/weights")
+        # --weights may list several folders (cbam_viz.models.weights.weights_dirs: "/mine:/app/weights")
         for part in (str(value).split(os.pathsep) if dest == "weights" else [value]):
             if part and not Path(part).is_dir():
                 what = "is a file, not a folder" if Path(part).exists() else "no such folder"
@@ -94,7 +94,7 @@ def _methods(args: argparse.Namespace) -> None:
     """``--method`` / ``--methods`` / ``--method-limit`` in any usual spelling -> registered names."""
     if getattr(args, "command", None) not in CAM_COMMANDS:  # e.g. fit-ood's --method is an OOD score
         return
-    from cbam_viz.controls import check_method
+    from cbam_viz.engine.controls import check_method
 
     if isinstance(getattr(args, "method", None), str):
         args.method = check_method(args.method)

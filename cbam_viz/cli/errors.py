@@ -34,9 +34,9 @@ EXIT_FILES, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
 DEBUG_ENV = "CBAM_VIZ_DEBUG"
 #: Exceptions that are not ValueError / LookupError / OSError but still mean "fix your input".
 USER_ERRORS = {
-    "cbam_viz.weights.ChecksumError",         # a weights file that does not match its manifest
-    "cbam_viz.pair.ModelLoadError",           # a pair that cannot be loaded (the sentence says why)
-    "cbam_viz.checkpoints.UnsafeCheckpointError",
+    "cbam_viz.models.weights.ChecksumError",         # a weights file that does not match its manifest
+    "cbam_viz.engine.loading.ModelLoadError",           # a pair that cannot be loaded (the sentence says why)
+    "cbam_viz.models.checkpoints.UnsafeCheckpointError",
 }
 
 

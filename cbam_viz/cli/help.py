@@ -42,7 +42,7 @@ _TRAIN_HELP = {  # train's Recipe fields that have no help of their own; the def
 
 
 def _method_names() -> str:
-    from cbam_viz.cam import list_methods
+    from cbam_viz.engine.cam import list_methods
 
     return ", ".join(list_methods())
 
@@ -62,10 +62,10 @@ class HelpFormatter(argparse.HelpFormatter):
             text = text.replace(METHODS_HELP, _method_names())
         recipe_field = getattr(action, "recipe_field", None)
         if recipe_field:
-            from cbam_viz.training.train import Recipe
+            from cbam_viz.training.recipe import Recipe
 
             default = getattr(Recipe(), recipe_field)
-            text = f"{text} (default: {_shown(default)}, from cbam_viz.training.train.Recipe)"
+            text = f"{text} (default: {_shown(default)}, from cbam_viz.training.recipe.Recipe)"
         elif (action.option_strings and action.default is not None and action.default is not False
               and action.default != argparse.SUPPRESS and "default" not in text.lower()):  # 0 is a default
             text = f"{text} (default: {_shown(action.default)})"

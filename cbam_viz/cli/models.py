@@ -1,6 +1,6 @@
 """The `add-model`, `add-lineup` and `model-card` sub-commands: a user's own checkpoints, usable like shipped models.
 
-Their work lives in :mod:`cbam_viz.model_import`; here they are parsed, called and printed. Every
+Their work lives in :mod:`cbam_viz.models.importer`; here they are parsed, called and printed. Every
 refusal is one sentence on stderr and exit 2; nothing is half-written (the manifest is the commit
 point).
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cbam_viz.checkpoints import UnsafeCheckpointError
-from cbam_viz.weights import resolve_weights_dir
+from cbam_viz.models.checkpoints import UnsafeCheckpointError
+from cbam_viz.models.weights import resolve_weights_dir
 
 __all__ = ["add_parsers"]
 
@@ -31,7 +31,7 @@ def _refuse(err: BaseException) -> int:
 
 
 def _cmd_add_model(args: argparse.Namespace) -> int:
-    from cbam_viz.model_import import add_model
+    from cbam_viz.models.importer import add_model
 
     weights = resolve_weights_dir(args.weights)
     try:
@@ -53,7 +53,7 @@ def _cmd_add_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_add_lineup(args: argparse.Namespace) -> int:
-    from cbam_viz.model_import import add_lineup
+    from cbam_viz.models.importer import add_lineup
 
     weights = resolve_weights_dir(args.weights)
     try:
@@ -67,22 +67,14 @@ def _cmd_add_lineup(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_card(args: argparse.Namespace) -> int:
-    """The About tab's card from the manifest alone (no weights loaded), for the README or a file."""
-    from cbam_viz.training.evaluate import resolve_models
-    from cbam_viz.model_card import records_card
-    from cbam_viz.pair import default_pair_name
-    from cbam_viz.weights import resolve_weights_dir
+    """The About tab's card from the manifests alone (no weights loaded), for the README or a file."""
+    from cbam_viz.service.model_card import manifest_card
 
-    weights = resolve_weights_dir(args.weights)
     try:
-        pair = args.pair or default_pair_name(weights)
-        if pair is None:
-            raise FileNotFoundError(f"no pair in {weights / 'manifest.json'}; train and export one first")
-        base, cbam = resolve_models(weights, pair=pair)
+        card = manifest_card(args.lineup, weights_dir=args.weights)
     except (KeyError, FileNotFoundError, ValueError) as err:
         print(f"model-card: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
-    card = records_card(pair, {"baseline": (base.name, base.arch, base), "CBAM": (cbam.name, cbam.arch, cbam)})
     if args.out:
         from cbam_viz.outputs import atomic_write_text
 
@@ -121,9 +113,10 @@ def add_parsers(sub) -> None:
     lu.add_argument("--weights", help=weights_help)
     lu.set_defaults(func=_cmd_add_lineup)
 
-    mc = sub.add_parser("model-card", help="the pair's model card (the About tab's) from the manifest, as Markdown")
-    mc.add_argument("--weights", help="folder holding manifest.json (default: $CBAM_VIZ_WEIGHTS_DIR, else the "
-                                      "repository's weights/)")
-    mc.add_argument("--pair", help="pair name in the manifest (default: the default pair)")
+    mc = sub.add_parser("model-card", help="the lineup's model card (the About tab's) from the manifest, as Markdown")
+    mc.add_argument("--weights", help="weights folder(s) holding manifest.json, path-separator list (default: "
+                                      "$CBAM_VIZ_WEIGHTS_DIR, else the repository's weights/)")
+    mc.add_argument("--lineup", help="lineup name in the manifests (default: the default lineup)")
+    mc.add_argument("--pair", dest="lineup", help=argparse.SUPPRESS)  # the older name of --lineup
     mc.add_argument("--out", help="write the Markdown to this file instead of printing it")
     mc.set_defaults(func=_cmd_model_card)
