@@ -15,7 +15,7 @@ from cbam_viz.engine.explain import explain
 from cbam_viz.engine.lineup import load_lineup
 from cbam_viz.engine.loading import clear_cache, load_model
 from cbam_viz.models.weights import WeightRecord, read_manifest, save_safetensors, sha256_file, update_manifest
-from conftest import assert_no_hooks, make_image, make_model, make_service_lineup
+from conftest import assert_no_hooks, make_image, make_model, make_service_lineup, serve_lineup
 
 pytestmark = pytest.mark.usefixtures("no_cbam_env")
 
@@ -258,10 +258,9 @@ def test_every_member_of_a_three_member_lineup_is_named_in_the_sentence_and_flag
 
 
 def test_page_and_api_carry_the_flag(monkeypatch, tmp_path):
-    from cbam_viz import service
     from cbam_viz.app import api, results
 
-    monkeypatch.setattr(service.access, "get_lineup", lambda name=None: _flagging_lineup(-1e9))
+    serve_lineup(monkeypatch, _flagging_lineup(-1e9))
     path = tmp_path / "photo.png"
     make_image(64, 48).save(path)
     view = results.explain_view({"path": str(path), "orig_name": "photo.png"}, None)
