@@ -4,16 +4,16 @@ On a ZeroGPU Space the ``spaces`` package is installed and a GPU is attached onl
 decorated with ``spaces.GPU`` runs (in a worker process: what it returns must be picklable and on
 the CPU). :func:`gpu` applies that decorator when ``spaces`` can be imported and returns the
 function unchanged otherwise, so the same code runs on a laptop, a CPU Space and a ZeroGPU Space.
-The decorated functions are :func:`cbam_viz.service._model_work` (the forwards of one request) and
+The decorated functions are :func:`cbam_viz.service.analysis._model_work` (the forwards of one request) and
 :func:`cbam_viz.service._ablation_work` (the gate ablation of a shown photo); decoding, drawing and
 writing files stay on the CPU, outside the GPU's time slot. ``spaces`` pickles their arguments into
-its GPU worker process, so they take the pair's *name* and the worker uses its own (forked) cache,
+its GPU worker process, so they take the lineup's *name* and the worker uses its own (forked) cache,
 whose models ``spaces`` has placed on the GPU; models passed as arguments would arrive as copies.
 
-Choosing the hardware of a Space (Settings -> Space hardware): the shipped resnet18 pair at
+Choosing the hardware of a Space (Settings -> Space hardware): the shipped resnet18 lineup at
 192 px answers in well under a second on the free "CPU basic" (2 vCPU), so that is the default;
 pick "ZeroGPU" (add ``spaces`` to the Space's requirements: it is preinstalled there) for the
-ImageNet ResNet-50 pair or the many-pass methods (Score-CAM, Ablation-CAM), or a dedicated GPU
+ImageNet ResNet-50 lineup or the many-pass methods (Score-CAM, Ablation-CAM), or a dedicated GPU
 ("T4 small" and up, no ``spaces`` needed: ``CBAM_VIZ_DEVICE=cuda``) for steady heavy use.
 
 Environment:

@@ -62,7 +62,7 @@ def unavailable_reason(weights_dir: str | os.PathLike | None = None) -> str | No
     """None when the pair can load here; otherwise one sentence saying what to fetch and from where."""
     if official_checkpoint(weights_dir) is None:
         found = " (the file it names does not exist)" if os.environ.get(OFFICIAL_ENV, "").strip() else ""
-        return (f"The {PAIR_NAME} pair needs the official ResNet-50-CBAM checkpoint: download {OFFICIAL_FILE} "
+        return (f"The {PAIR_NAME} lineup needs the official ResNet-50-CBAM checkpoint: download {OFFICIAL_FILE} "
                 f"from {OFFICIAL_SOURCE}, then set {OFFICIAL_ENV}=<file>{found} or put it in the weights folder.")
     return None
 

@@ -265,6 +265,11 @@ def assess(stats: OODStats | NoStats | None, features: list[torch.Tensor], logit
     return out
 
 
+def _and(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def warning(results: Mapping[str, Mapping[str, Any] | None], classes_text: str) -> list[str]:
     """Plain sentences for the page and the JSON's warnings, from each model's result (title -> dict).
 
@@ -275,13 +280,13 @@ def warning(results: Mapping[str, Mapping[str, Any] | None], classes_text: str) 
     fallback = [t for t, r in results.items() if r and r.get("score") is None]
     out = []
     if flagged:
-        who = " and ".join(f"the {t} model" for t in flagged)
+        who = _and([f"the {t} model" for t in flagged])
         out.append(f"This photo looks unlike the classes the models know: {who} "
                    f"{'finds' if len(flagged) == 1 else 'find'} it farther from its training images than "
                    f"{ACCEPT:.0%} of its validation photos. {classes_text}; the predictions below may name a "
                    "class the photo does not show, and the heatmaps explain that guess, not the photo's content.")
     if fallback:
-        who = " and ".join(f"the {t} model" for t in fallback)
+        who = _and([f"the {t} model" for t in fallback])
         out.append(f"No out-of-distribution check for {who} (no fitted statistics): only the unsure rule "
                    "flags photos unlike its classes; fit them with `python -m cbam_viz fit-ood --data FOLDER`.")
     return out
