@@ -41,9 +41,10 @@ def test_cli_fit_ood_and_the_verbose_line(weights_dir, tmp_path, capsys, monkeyp
     make_image(48, 40).save(image)
     assert cli.main(["explain", str(image), "--out", str(tmp_path / "out"), "-v", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "photo.png: baseline finds it unlike its classes (OOD score" in out and "CBAM finds it" in out
+    # members by their record names (the manifest's pair "tiny": base, then cb)
+    assert "photo.png: base finds it unlike its classes (OOD score" in out and "cb finds it" in out
     saved = json.loads((tmp_path / "out" / "photo.json").read_text())
-    assert saved["models"]["cbam"]["out_of_distribution"]["flagged"] is True
+    assert saved["models"]["cb"]["out_of_distribution"]["flagged"] is True
 
 
 def test_cli_fit_ood_bad_folder_is_one_sentence(weights_dir, tmp_path, capsys):
