@@ -183,18 +183,18 @@ def test_load_report_errors(tmp_path):
 
 def test_main_tab_confidence_drop(micro_lineup):
     from cbam_viz.engine.explain import explain
-    from cbam_viz.engine.faithfulness import pair_confidence_drop
+    from cbam_viz.engine.faithfulness import lineup_confidence_drop
     from cbam_viz.figures import confidence_drop_figure
 
     img = make_image(48, 40, seed=3)
     exp = explain(img, micro_lineup, method="gradcam")[0]
-    drops = pair_confidence_drop(img, exp, micro_lineup)
-    for role in ("baseline", "cbam"):
-        d = drops[role]
-        assert d.target == getattr(exp, role).target and 0 <= d.prob_after <= 1
-        assert d.prob_before == pytest.approx(getattr(exp, role).top1.prob, abs=1e-4)  # target None: the top-1
+    drops = lineup_confidence_drop(img, exp, micro_lineup)
+    assert list(drops) == micro_lineup.names
+    for name, d in drops.items():
+        assert d.target == exp.models[name].target and 0 <= d.prob_after <= 1
+        assert d.prob_before == pytest.approx(exp.models[name].top1.prob, abs=1e-4)  # target None: the top-1
     fig = confidence_drop_figure(drops, micro_lineup)
-    assert fig.width > 2 * micro_lineup.cbam.input_size
+    assert fig.width > 2 * micro_lineup.reference_model.input_size
 
 
 def _fake_cams(value: int):
