@@ -66,3 +66,45 @@ def test_two_gloo_processes_gather_what_one_process_computes(tmp_path):
     assert result["doubled"] == [2 * i for i in range(11)]
     assert json.loads((tmp_path / "result.json.rank0").read_text()) == [0, 2, 4, 6, 8, 10]
     assert json.loads((tmp_path / "result.json.rank1").read_text()) == [1, 3, 5, 7, 9]
+
+
+def test_evaluate_on_two_processes_writes_the_one_process_report(tmp_path):
+    """``torchrun --nproc_per_node 2 -m cbam_viz evaluate``: each rank scores half of the images; rank 0
+    writes the report one process writes (same figures, same per-image outcomes), the other rank nothing."""
+    from tests.test_evaluate import CLASSES, NAMES  # noqa: F401  (the tiny records' classes)
+    from tests.synthetic import make_image_folder
+    from cbam_viz.models import create_model
+    from cbam_viz.models.weights import WeightRecord, save_safetensors, update_manifest
+
+    import torch
+
+    weights = tmp_path / "weights"
+    torch.manual_seed(0)
+    model = create_model("resnet18_cbam", num_classes=3)
+    digest = save_safetensors(model, weights / "tiny.safetensors")
+    update_manifest(weights, record=WeightRecord(
+        name="tiny", file="tiny.safetensors", arch="resnet18_cbam", sha256=digest,
+        num_params=sum(p.numel() for p in model.parameters()),
+        classes=[{"id": c, "name": NAMES[c]} for c in CLASSES], mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225], input_size=32))
+    data = make_image_folder(tmp_path / "val", CLASSES, per_class=3)  # 9 images: uneven shards
+    args = ["evaluate", "--model", "tiny", "--weights", str(weights), "--data", str(data), "--batch-size", "2",
+            "--no-progress"]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+           "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, "-m", "cbam_viz", *args, "--out", str(tmp_path / "one.json")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "cbam_viz", *args, "--out", str(tmp_path / "two.json")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("top-1") == one.stdout.count("top-1")  # printed once, by rank 0
+
+    def figures(path):
+        doc = json.loads(path.read_text())
+        result = doc["results"]["tiny"] if "results" in doc else doc["tiny"]
+        return {k: v for k, v in result.items() if k not in ("seconds",)}
+
+    assert figures(tmp_path / "two.json") == figures(tmp_path / "one.json")

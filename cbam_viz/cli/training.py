@@ -193,6 +193,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         # Known failures (unknown name, missing/corrupt file, wrong class folders): one line, no traceback.
         print(f"evaluate: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
+    if results is None:  # a torchrun rank other than 0: rank 0 prints and writes for every rank
+        return 0
     print(format_report(results))
     differences = lineup_differences(results, reference)  # every member against the reference
     for diff in differences.values():

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cbam_viz import distributed
 from cbam_viz.engine.lineup import lineup_specs
 from cbam_viz.engine.preprocess import open_image, to_model_batch
 from cbam_viz.models.weights import WeightRecord, load_record, read_manifest, resolve_weights_dir
@@ -195,8 +196,11 @@ def evaluate_record(
     workers: int = 2,
     hflip: bool = False,
     progress: bool = True,
-) -> EvalResult:
+) -> EvalResult | None:
     """Top-1/top-5, per-class accuracy and confusion of one record on an ImageFolder split.
+
+    Under torchrun (:mod:`cbam_viz.distributed`) each rank scores an even share of the images on its
+    device; rank 0 returns the figures of all of them, the same as one process, the other ranks None.
 
     Args:
         record: a manifest record; its file is sha256-checked and loaded in float32.
@@ -215,37 +219,54 @@ def evaluate_record(
     """
     t0 = time.perf_counter()
     images = labelled_images([c["id"] for c in record.classes], data_dir, model_name=record.name)
-    model = load_record(record, weights_dir).float().eval()
-    n_cls = record.num_classes
-    k = min(5, n_cls)
-    confusion = torch.zeros((n_cls, n_cls), dtype=torch.int64)
-    top5_hits = 0
-    hits: list[bool] = []
-    for x, y in image_batches(images, record, batch_size=batch_size, workers=workers, progress=progress,
-                              desc=f"eval {record.name}"):
+    ctx = distributed.context()
+    model = load_record(record, weights_dir).float().eval().to(ctx.device)
+    k = min(5, record.num_classes)
+    outcomes: list[tuple[int, tuple[int, int, bool]]] = []  # (image index, (label, prediction, in top-k))
+    mine = [i for i, _ in distributed.shard(images.files, ctx)]  # every image on one process
+    share = LabelledImages(images.root, tuple(images.files[i] for i in mine), tuple(images.labels[i] for i in mine))
+    done = 0
+    for x, y in image_batches(share, record, device=ctx.device, batch_size=batch_size, workers=workers,
+                              progress=progress and ctx.main, desc=f"eval {record.name}"):
         logits = model(x).float()
         if hflip:  # log of the averaged probabilities ranks classes as the average does
             logits = ((logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2).log()
-        pred = logits.argmax(1)
-        hits += (pred == y).tolist()
-        confusion += torch.bincount(y * n_cls + pred, minlength=n_cls * n_cls).view(n_cls, n_cls)
-        top5_hits += int((logits.topk(k, 1).indices == y[:, None]).any(1).sum())
-    paths = images.files
-    n = len(paths)
+        pred, top = logits.argmax(1).cpu(), logits.topk(k, 1).indices.cpu()
+        for j in range(len(y)):
+            outcomes.append((mine[done + j], (int(y[j]), int(pred[j]), bool((top[j] == y[j]).any()))))
+        done += len(y)
+    gathered = distributed.gather_ordered(outcomes, ctx)  # rank 0: every image, in order
+    if gathered is None:
+        return None
+    return _result(record, data_dir, gathered, hflip=hflip, seconds=time.perf_counter() - t0)
+
+
+def _result(record: WeightRecord, data_dir, outcomes: list[tuple[int, int, bool]], *, hflip: bool,
+            seconds: float) -> EvalResult:
+    """The figures of one record from its per-image ``(label, prediction, in top-k)``, in image order."""
+    n_cls, n = record.num_classes, len(outcomes)
+    y = torch.tensor([o[0] for o in outcomes], dtype=torch.int64)
+    pred = torch.tensor([o[1] for o in outcomes], dtype=torch.int64)
+    confusion = torch.bincount(y * n_cls + pred, minlength=n_cls * n_cls).view(n_cls, n_cls)
     support = confusion.sum(1)
     per_class = {c["id"]: (float(confusion[i, i]) / float(support[i]) if support[i] else None)
                  for i, c in enumerate(record.classes)}
     return EvalResult(
         name=record.name, arch=record.arch, data_dir=str(Path(data_dir)),
-        top1=float(confusion.diag().sum()) / n, top5=top5_hits / n, per_class=per_class,
+        top1=float(confusion.diag().sum()) / n, top5=sum(o[2] for o in outcomes) / n, per_class=per_class,
         confusion=confusion.tolist(), n=n, class_ids=tuple(c["id"] for c in record.classes),
-        class_names=tuple(record.class_names), seconds=time.perf_counter() - t0, correct=tuple(hits), hflip=hflip,
+        class_names=tuple(record.class_names), seconds=seconds, correct=tuple((y == pred).tolist()), hflip=hflip,
     )
 
 
-def evaluate_models(records: list[WeightRecord], data_dir: str | os.PathLike, **kwargs) -> list[EvalResult]:
-    """:func:`evaluate_record` for each record (e.g. every member of a lineup), on the same images."""
-    return [evaluate_record(r, data_dir, **kwargs) for r in records]
+def evaluate_models(records: list[WeightRecord], data_dir: str | os.PathLike, **kwargs) -> list[EvalResult] | None:
+    """:func:`evaluate_record` for each record (e.g. every member of a lineup), on the same images.
+
+    Under torchrun each rank takes an even share of the images (:mod:`cbam_viz.distributed`); rank 0
+    gets the results one process would compute, the other ranks None.
+    """
+    results = [evaluate_record(r, data_dir, **kwargs) for r in records]
+    return None if any(r is None for r in results) else results
 
 
 def _pct(v: float | None) -> str:
