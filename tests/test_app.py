@@ -121,6 +121,7 @@ def _fake(name):
             "quality_differences": ([], "note"), "example_image": "/tmp/x.png", "downloads_view": [],
             "probe_view": (None, ""), "ablation_view": (None, None, ""), "method_note": "",
             "add_model_view": ModelAdded("md", content.Choices(["mine"], "mine")),
+            "lineup_view": page.LineupView("md", None, None, "card"), "shows_another_lineup": False,
             "quality_extras": quality.QualityExtras("", None, None, "")}[name]
 
 
@@ -138,7 +139,8 @@ def _fake(name):
     ("explain_api", "api", "api_explain", ("img", "gradcam", "auto", "layer3.1", 0.3, "lineup")),
     ("info_api", "api", "api_info", ("lineup",)),
     ("show_differences", quality, "quality_differences", ("energy", "gradcam", "CBAM better", 3)),
-    ("on_lineup_change", page, "lineup_change_view", ("lineup", "church", "layer3.1", "req-x/00_a", [])),
+    ("on_lineup_change", page, "lineup_view", ("lineup", "church", "layer3.1")),
+    ("on_lineup_pick", page, "shows_another_lineup", ("lineup", "req-x/00_a", [{"x": 1}])),
     ("on_load", page, "page_view", ("lineup", "gradcam++", "church", "layer3.1")),
     ("load_example", content, "example_image", (2,)),
 ])
@@ -151,10 +153,11 @@ def test_each_event_function_is_one_library_call(app, monkeypatch, handler, modu
 
     def recorder(*a, **kw):
         calls.append((a, kw))
-        return real(*a, **kw) if view in ("lineup_change_view", "page_view") else _fake(view)
+        return real(*a, **kw) if view == "page_view" else _fake(view)
 
+    if view != "lineup_view":
+        monkeypatch.setattr(page, "lineup_view", lambda name, **kw: page.LineupView("md", None, None, "card"))
     monkeypatch.setattr(module, view, recorder)
-    monkeypatch.setattr(page, "lineup_view", lambda name, **kw: page.LineupView("md", None, None, "card"))
     monkeypatch.setattr(page, "lineup_choices", lambda: ["lineup"])
     getattr(app, handler)(*args)
     assert len(calls) == 1
@@ -174,8 +177,13 @@ def test_named_view_parts_land_on_the_events_outputs(app):
     shown = results.result_view(_stub_item())
     mapped = app.ui.show(shown)
     assert {c._id for c in mapped} == {c._id for c in app.ui.components}
-    for fn_name in ("explain_ui", "explain_example", "show_item", "on_lineup_change"):
+    for fn_name in ("explain_ui", "explain_example", "show_item", "on_lineup_pick"):
         assert {c._id for c in mapped} <= _outputs(app, fn_name), fn_name
+    # The page load and a lineup change fill the columns' headings only: a shared link's restored result
+    # would be lost if they named a component holding it (Gradio drops restored values of their outputs).
+    holding = {c._id for c in app.ui.components} - {c._id for c in app.ui.headings}
+    for fn_name in ("on_load", "on_lineup_change"):
+        assert not holding & _outputs(app, fn_name), fn_name
     explained = app.ui.explained(results.ExplainView([_stub_item()], content.Choices(["1. a"], "1. a"), "", shown),
                                  items_state=app.items_state, picker=app.picker, status=app.status)
     assert {c._id for c in explained} <= _outputs(app, "explain_ui")

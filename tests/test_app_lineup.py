@@ -212,14 +212,15 @@ def test_a_lineup_of_one_shows_everything_but_the_comparisons(app, use_lineups, 
 def test_another_lineup_empties_the_result_of_the_last(app, use_lineups, upload):
     out = _explain(app, upload)
     items, rid = out[app.items_state], out[app.ui.current]
-    same = app.on_lineup_change("trio", app.AUTO_TARGET, app.AUTO_LAYER, rid, items)
-    assert app.ui.member_cam[0] not in same  # the shown result is this lineup's: it stays
-    other = app.on_lineup_change("solo", app.AUTO_TARGET, app.AUTO_LAYER, rid, items)
+    assert app.on_lineup_pick("trio", rid, items) == {}  # the shown result is this lineup's: it stays
+    other = app.on_lineup_pick("solo", rid, items)
     assert other[app.ui.member_cam[0]] is None and other[app.ui.current] == ""
-    assert [prop(other, c, "visible") for c in app.ui.member_col] == [True, False, False, False]
-    assert other[app.ui.member_title[0]] == f"### {_titles(use_lineups['solo'])[0]}"
-    restored = app.on_lineup_change("solo", app.AUTO_TARGET, app.AUTO_LAYER, rid, [])  # a link: no page state
-    assert app.ui.member_cam[0] not in restored
+    assert prop(other, app.ui.gates_group, "visible") is False and other[app.ui.compare] is None
+    assert app.on_lineup_pick("solo", rid, []) == {}  # a shared link being restored: no page state, kept
+    headings = app.on_lineup_change("solo", app.AUTO_TARGET, app.AUTO_LAYER)
+    assert [prop(headings, c, "visible") for c in app.ui.member_col] == [True, False, False, False]
+    assert headings[app.ui.member_title[0]] == f"### {_titles(use_lineups['solo'])[0]}"
+    assert app.ui.member_cam[0] not in headings
 
 
 def test_progress_steps_for_batches_and_slow_methods(use_lineups, upload, tmp_path, monkeypatch):

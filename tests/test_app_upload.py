@@ -127,8 +127,10 @@ def test_the_page_event_shows_what_was_found_and_chooses_the_lineup(user_dir, ch
 
     import app
 
-    text, dropdown = app.add_own_model(_file(checkpoint), None, "from-page")
-    assert "resnet18_cbam" in text and dropdown["value"] == "from-page"
-    assert ("from-page" in dropdown["choices"]) or (("from-page", "from-page") in dropdown["choices"])
+    out = app.add_own_model(_file(checkpoint), None, "from-page")
+    dropdown = out[app.lineup]
+    assert "resnet18_cbam" in out[app.own.result] and dropdown["value"] == "from-page"
+    assert "from-page" in dropdown["choices"]
+    assert out[app.ui.member_cam[0]] is None and out[app.ui.current] == ""  # the last lineup's result goes
     with pytest.raises(gr.Error, match="already there"):
         app.add_own_model(_file(checkpoint), None, "from-page")

@@ -43,6 +43,7 @@ IDS = {
     "ablate_button": None,
     "faithfulness": "Faithfulness",
     "quality_gallery": "Boxed photo",
+    "quality_forest": "Each model",
     "quality_metric": "Metric",
     "downloads": "Downloads",
     "status": None,
@@ -293,7 +294,8 @@ def test_explain_flow(page, inputs):
     assert body[:8] == b"\x89PNG\r\n\x1a\n", "downloaded composite is not a PNG"
     assert image_stats(body)[1] > MIN_STD, "downloaded composite is blank"
     summary = json.loads(fetch(page, js[0]))
-    assert isinstance(summary, dict) and summary["models"]["cbam"]["predictions"], "downloaded JSON is empty"
+    assert isinstance(summary, dict) and all(summary["models"][m]["predictions"] for m in summary["members"]), \
+        "downloaded JSON is empty"
     assert fetch(page, npz[0])[:2] == b"PK", "downloaded npz is not a zip of arrays"
     screenshot(page, "01-explained")
 
@@ -440,7 +442,11 @@ def test_quality_tab_shows_the_most_different_images(page):
     page.wait_for_function(
         """() => [...document.querySelectorAll('.block')].some(b =>
                  /Boxed photo/.test(b.innerText) && b.querySelector('img'))""", timeout=RESULT_TIMEOUT_MS)
-    assert "Pointing game" in page.inner_text("body"), "the quality table is not shown"
+    forest = image_srcs(page, "quality_forest")  # the tab leads with one picture: the forest plot
+    assert forest, "the quality tab shows no forest plot"
+    assert_real_image(page, forest[0], "forest plot")
+    page.get_by_text("The measured tables and how they were made").click()  # the tables fold below
+    page.wait_for_function("() => /Pointing game/.test(document.body.innerText)", timeout=60_000)
     first = image_srcs(page, "quality_gallery")
     assert len(first) >= 2, f"quality gallery: expected several pictures, got {len(first)}"
     assert_real_image(page, first[0], "quality gallery #0")

@@ -15,7 +15,7 @@ from cbam_viz.research.gate_ablation import (
     load_gate_means,
 )
 from cbam_viz.engine.locks import model_lock
-from cbam_viz.research.quality.stats import pearson
+from cbam_viz.stats import pearson
 from conftest import assert_no_hooks, make_image, make_loaded, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -156,7 +156,7 @@ def test_dataset_report_holds_the_values_of_the_images_it_read(tmp_path):
     other member's final-step rank correlation paired against the reference's."""
     import time
 
-    from cbam_viz.research.quality.stats import paired_bootstrap
+    from cbam_viz.stats import paired_bootstrap
 
     lineup = make_lineup()
     data = make_image_folder(tmp_path / "val", lineup.reference_model.class_ids, per_class=2, size=(36, 30))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cbam_viz.research.quality.stats import Interval, bootstrap, max_box_acc_stat, paired_bootstrap
+from cbam_viz.stats import Interval, bootstrap, max_box_acc_stat, paired_bootstrap
 
 
 def test_interval_contains_mean_and_shrinks_with_n():
@@ -57,7 +57,7 @@ def test_max_box_acc_stat_on_threshold_curves():
 
 def test_resamples_drawn_in_chunks_match_one_index_matrix():
     """Chunking bounds memory only: every chunk size gives the draws of one (n_boot, n) matrix."""
-    from cbam_viz.research.quality.stats import _resampled_stats, mean_stat
+    from cbam_viz.stats import _resampled_stats, mean_stat
 
     rng = np.random.default_rng(3)
     a, b = rng.random(101), rng.random(101)

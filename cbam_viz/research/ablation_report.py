@@ -4,7 +4,7 @@ For every gated member of a lineup (CBAM, SE, BAM: whatever its gates,
 :func:`cbam_viz.research.gate_ablation.ablation_grid`; a plain ResNet has nothing to ablate and is
 listed as skipped), the top-1 accuracy with each gate ablation on an ImageFolder split, and its
 drop from the intact model with a paired bootstrap 95 % interval over the same images
-(:func:`cbam_viz.research.quality.stats.paired_bootstrap`). The comparison is within a member
+(:func:`cbam_viz.stats.paired_bootstrap`). The comparison is within a member
 (ablated vs intact), so a lineup of one gated model runs the same way. Images are read and labelled
 as ``evaluate`` reads them (:func:`cbam_viz.training.evaluate.labelled_images`,
 :func:`cbam_viz.training.evaluate.image_batches`).
@@ -31,7 +31,7 @@ from cbam_viz.outputs import atomic_write_text, json_float, prepare_output_dir, 
 from cbam_viz.research.gate_ablation import (
     GATE_KINDS, GateMeans, ablate_gates, ablation_grid, gate_means, gated_blocks, save_gate_means,
 )
-from cbam_viz.research.quality.stats import paired_bootstrap
+from cbam_viz.stats import paired_bootstrap
 from cbam_viz.training.evaluate import image_batches, labelled_images
 
 __all__ = ["ablation_chart", "ablate_dataset", "ablate_lineup", "markdown_report", "write_report"]

@@ -46,7 +46,7 @@ from cbam_viz.engine.loading import LoadedModel
 from cbam_viz.engine.locks import model_lock
 from cbam_viz.engine.preprocess import to_model_batch
 from cbam_viz.outputs import json_float, write_npz
-from cbam_viz.research.quality.stats import pearson
+from cbam_viz.stats import pearson
 
 __all__ = [
     "GATE_KINDS", "ALL_BLOCKS", "CONSTANTS", "GateMeans", "ablatable_gates", "gated_blocks", "ablation_grid",

@@ -41,7 +41,7 @@ from cbam_viz.engine.loading import LoadedModel
 from cbam_viz.engine.locks import model_lock
 from cbam_viz.engine.preprocess import to_model_batch
 from cbam_viz.outputs import atomic_write_text, json_float, prepare_output_dir, write_json
-from cbam_viz.research.quality.stats import bootstrap, paired_bootstrap, pearson
+from cbam_viz.stats import bootstrap, paired_bootstrap, pearson
 from cbam_viz.training.evaluate import image_batches, labelled_images
 
 __all__ = [
@@ -152,7 +152,7 @@ def _average_ranks(a: np.ndarray) -> np.ndarray:
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two maps (Pearson of tie-averaged ranks).
 
-    Follows :func:`cbam_viz.research.quality.stats.pearson` for flat maps: 0 when only one map is flat
+    Follows :func:`cbam_viz.stats.pearson` for flat maps: 0 when only one map is flat
     (no ordering of the other is reproduced), 1 when both are the same flat map.
     """
     return pearson(_average_ranks(a), _average_ranks(b))
@@ -310,7 +310,7 @@ def sanity_dataset(
     """The cascade for every member of ``lineup`` over an ImageFolder split; a JSON-ready report.
 
     Images are decoded as ``python -m cbam_viz evaluate`` does, at each member's own input size;
-    each mean gets a 95 % bootstrap interval over images (:func:`cbam_viz.research.quality.stats.bootstrap`),
+    each mean gets a 95 % bootstrap interval over images (:func:`cbam_viz.stats.bootstrap`),
     and each member other than the reference the paired interval of its final-step rank
     correlation minus the reference's (``vs_reference``; empty for a lineup of one).
     """

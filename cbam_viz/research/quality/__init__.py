@@ -6,7 +6,7 @@ against its reference. The public API, re-exported:
 
 * :mod:`~cbam_viz.research.quality.boxes`: box CSV files (``Box``, :func:`read_boxes`);
 * :mod:`~cbam_viz.research.quality.metrics`: localization metrics on one CAM and the catalogue ``METRICS``;
-* :mod:`~cbam_viz.research.quality.stats`: bootstrap intervals, single and paired;
+* :mod:`cbam_viz.stats` (a leaf, shared with training): bootstrap intervals, single and paired;
 * :mod:`~cbam_viz.research.quality.run`: :func:`evaluate_cams` over a dataset;
 * :mod:`~cbam_viz.research.quality.gates`: does a spatial gate itself localize (vs a centre Gaussian)?
 * :mod:`~cbam_viz.research.quality.report`: the report's files (either version) and queries over it;
@@ -27,7 +27,7 @@ from cbam_viz.research.quality.report import (
 )
 from cbam_viz.research.quality.forest import forest_figure, forest_plot, reading
 from cbam_viz.research.quality.run import DEFAULT_FRACTIONS, DEFAULT_METHODS, evaluate_cams, summarize
-from cbam_viz.research.quality.stats import Interval, bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap
+from cbam_viz.stats import Interval, bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap
 from cbam_viz.research.quality.view import differing_images, load_app_report, record_image, render_record
 
 __all__ = [

@@ -24,7 +24,7 @@ import numpy as np
 from cbam_viz.engine.cam import normalize_cam
 from cbam_viz.research.quality.boxes import Box
 from cbam_viz.research.quality.metrics import DEFAULT_THRESHOLDS, box_hits_over_thresholds, energy_in_boxes, pointing_game
-from cbam_viz.research.quality.stats import bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap, to_json_list
+from cbam_viz.stats import bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap, to_json_list
 
 __all__ = ["CENTRE", "LOCALIZATION_METRICS", "centre_gaussian", "score_map", "spatial_gate_scores"]
 

@@ -28,7 +28,7 @@ from cbam_viz.outputs import atomic_write, atomic_write_text
 from cbam_viz.research.quality.forest import forest_figure, verdict
 from cbam_viz.research.quality.gates import CENTRE, LOCALIZATION_METRICS
 from cbam_viz.research.quality.metrics import DEFAULT_THRESHOLDS, METRICS, PERCENT_METRICS, cam_to_box
-from cbam_viz.research.quality.stats import from_json_list
+from cbam_viz.stats import from_json_list
 
 __all__ = [
     "CAM_STORE_SIZE", "REPORT_VERSION", "compared_member", "load_report", "load_report_cams", "markdown_report",

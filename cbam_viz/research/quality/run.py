@@ -17,7 +17,7 @@ each CAM is scored:
   (:mod:`cbam_viz.research.quality.gates`).
 
 Each statistic gets a 95 % bootstrap interval, and each member's difference from the lineup's
-reference (``member - reference``) a *paired* bootstrap interval over images (:mod:`cbam_viz.research.quality.stats`): an interval that excludes 0 is a difference
+reference (``member - reference``) a *paired* bootstrap interval over images (:mod:`cbam_viz.stats`): an interval that excludes 0 is a difference
 the images support, one that straddles 0 is not. :func:`cbam_viz.research.quality.report.write_report`
 writes the result.
 
@@ -59,7 +59,7 @@ from cbam_viz.research.quality.metrics import (
     DEFAULT_THRESHOLDS, METRICS, box_hits_over_thresholds, energy_in_boxes, max_box_acc, pointing_game,
 )
 from cbam_viz.research.quality.report import CAM_STORE_SIZE, REPORT_VERSION
-from cbam_viz.research.quality.stats import (
+from cbam_viz.stats import (
     bootstrap, from_json_list, max_box_acc_stat, mean_stat, paired_bootstrap, to_json_list,
 )
 from cbam_viz.training.evaluate import spread_indices
