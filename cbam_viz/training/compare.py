@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cbam_viz.research.quality.stats import paired_bootstrap
+from cbam_viz.stats import paired_bootstrap
 from cbam_viz.training.evaluate import EvalResult
 
 __all__ = ["paired_difference", "lineup_differences", "format_paired", "evaluation_document",
