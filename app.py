@@ -84,12 +84,17 @@ def on_load(lineup_name=None, method_value=None, target_value=None, layer_value=
             **ui.lineup(view.lineup, markdown=lineup_md, target=target, layer=layer, card=about_md)}
 
 
-def on_lineup_change(lineup_name: str, target_value=None, layer_value=None, result_id=None, items=None):
-    """Fill the lineup-dependent parts of the page (members, classes, layers, warnings, model card); the
-    target and layer stay where the lineup offers them."""
-    view = _run(page.lineup_change_view, lineup_name, target=target_value, layer=layer_value, result_id=result_id,
-                items=items)
+def on_lineup_change(lineup_name: str, target_value=None, layer_value=None):
+    """Fill the lineup-dependent parts of the page (member columns, classes, layers, warnings, model
+    card); the target and layer stay where the lineup offers them."""
+    view = _run(page.lineup_view, lineup_name, target=target_value, layer=layer_value)
     return ui.lineup(view, markdown=lineup_md, target=target, layer=layer, card=about_md)
+
+
+def on_lineup_pick(lineup_name: str, result_id: str, items: list[dict]):
+    """A person picks another lineup: a result of the last one shown is emptied (not left under the new
+    members' titles)."""
+    return ui.show(None) if _run(page.shows_another_lineup, lineup_name, result_id, items) else {}
 
 
 def on_method_change(method_value: str):
@@ -139,9 +144,10 @@ def ablate(result_id: str, member: str, items: list[dict]):
 
 
 def add_own_model(checkpoint, classes, name: str):
-    """A local user's checkpoint (+ class file): what was detected; its lineup chosen at once."""
+    """A local user's checkpoint (+ class file): what was detected; its lineup chosen at once (the last
+    result emptied)."""
     added = _run(upload.add_model_view, checkpoint, classes, name)
-    return added.markdown, panels.update(added.lineups)
+    return {own.result: added.markdown, lineup: panels.update(added.lineups), **ui.show(None)}
 
 
 def show_quality_extras():
@@ -223,7 +229,7 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
                 alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                 run = gr.Button("Explain", variant="primary", elem_id="run_button")
                 # Off by default and on a Space: then no input of the page takes a checkpoint.
-                own = panels.OwnModelInputs.build(upload.MAX_MODEL_BYTES) if UPLOAD else None
+                own = panels.OwnModelInputs.build(upload.MAX_MODEL_BYTES, render=UPLOAD)
 
         status = gr.Markdown(elem_id="status")
         picker = gr.Dropdown([], label="Showing image", visible=False, interactive=True)
@@ -272,7 +278,7 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
 
     view = ui.components
     explained = [items_state, picker, status, *view]
-    lineup_parts = [lineup_md, target, layer, about_md, *view]
+    lineup_parts = [lineup_md, target, layer, about_md, *ui.headings]  # no result part: see ui.columns
     controls = [lineup, method, target, layer, alpha]
     # preprocess=False: a shared link restores the lineup's value before on_load gives the dropdown its choices.
     demo.load(on_load, inputs=[lineup, method, target, layer, ui.current], preprocess=False,
@@ -294,8 +300,8 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
     examples.click(load_example, inputs=[examples], outputs=[image], api_visibility="private",
                    show_progress="hidden", cancels=about_result).then(
         explain_example, inputs=[examples, *controls], outputs=explained, api_visibility="private")
-    lineup.change(on_lineup_change, inputs=[lineup, target, layer, ui.current, items_state], outputs=lineup_parts,
-                  api_visibility="private")
+    lineup.change(on_lineup_change, inputs=[lineup, target, layer], outputs=lineup_parts, api_visibility="private")
+    lineup.input(on_lineup_pick, inputs=[lineup, ui.current, items_state], outputs=view, api_visibility="private")
     method.change(on_method_change, inputs=[method], outputs=[method_md], api_visibility="private", queue=False)
     # show_progress "full" (the default): the queue position while waiting, gr.Progress steps while running.
     run.click(explain_ui, inputs=[image, files, *controls], outputs=explained, api_name="explain_ui",
@@ -308,9 +314,10 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
           api_visibility="private", show_progress="hidden")
     # One model written at a time (the manifest is the commit point); preprocess=False: the uploads'
     # original names reach the messages.
-    if own is not None:
-        own.button.click(add_own_model, inputs=[own.checkpoint, own.classes, own.name], outputs=[own.result, lineup],
-                         api_visibility="private", preprocess=False, concurrency_limit=1, concurrency_id="add_model")
+    if UPLOAD:
+        own.button.click(add_own_model, inputs=[own.checkpoint, own.classes, own.name],
+                         outputs=[own.result, lineup, *view], api_visibility="private", preprocess=False,
+                         concurrency_limit=1, concurrency_id="add_model")
     api_button.click(explain_api, inputs=[image, method, target, layer, alpha, lineup],
                      outputs=[api_summary, api_overlays, api_attention, api_files],
                      api_name="explain", preprocess=False)

@@ -4,7 +4,6 @@ Never raises for a lineup that does not load: the page says it and keeps working
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ from cbam_viz.engine.controls import AUTO_LAYER, AUTO_TARGET, DEFAULT_METHOD
 from cbam_viz.messages import UserFacingError
 from cbam_viz.service.model_card import model_card_markdown
 
-__all__ = ["MAX_MEMBERS", "MemberSlot", "LineupView", "PageView", "lineup_view", "lineup_change_view", "page_view", "lineup_choices"]
+__all__ = ["MAX_MEMBERS", "MemberSlot", "LineupView", "PageView", "lineup_view", "shows_another_lineup", "page_view", "lineup_choices"]
 
 log = logging.getLogger(__name__)
 #: Columns the page has for members (a lineup has 1 to 4).
@@ -41,7 +40,6 @@ class LineupView:
     card: str                        # the About tab's model card, or the error
     members: tuple[MemberSlot, ...] = ()   # empty: leave the columns as they are
     error: str | None = None
-    clear_result: bool = False       # the shown result is another lineup's: the page empties it
 
 
 def lineup_choices() -> list[str]:
@@ -71,15 +69,12 @@ def lineup_view(lineup_name: str | None, *, target: str | None = None, layer: st
                       members=tuple(MemberSlot(m.name, m.title) for m in info.members))
 
 
-def lineup_change_view(lineup_name: str | None, *, target: str | None = None, layer: str | None = None,
-                       result_id: str | None = None, items: list[dict] | None = None) -> LineupView:
-    """Another lineup chosen: :func:`lineup_view`, and the shown result emptied when it is another
-    lineup's (its columns would carry the new members' titles). A result the page knows nothing of
-    (a shared link being restored) stays."""
-    view = lineup_view(lineup_name, target=target, layer=layer)
+def shows_another_lineup(lineup_name: str | None, result_id: str | None, items: list[dict] | None) -> bool:
+    """True when the shown result (``result_id``, found in the page's ``items``) is another lineup's: a
+    person picking a lineup then sees its columns empty, not the last lineup's pictures under the new
+    titles. A result the page holds no state of (a shared link being restored) is kept."""
     shown = next((it for it in items or [] if it.get("result_id") == result_id), None)
-    clear = shown is not None and view.error is None and shown.get("lineup") != lineup_name
-    return dataclasses.replace(view, clear_result=clear)
+    return shown is not None and shown.get("lineup") != lineup_name
 
 
 @dataclass(frozen=True)

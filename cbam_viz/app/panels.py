@@ -95,7 +95,7 @@ class ResultPanels:
             parts["faithful_img"] = gr.Image(label="Faithfulness: each model's input with the top of its own CAM "
                                              "blurred away", interactive=False, elem_id="faithfulness", scale=3)
             parts["faithful_md"] = gr.Markdown(elem_id="faithfulness_note")
-        with gr.Group(visible=False) as parts["gates_group"]:
+        with gr.Column(visible=False) as parts["gates_group"]:
             _gates_area(parts, slots)
         parts["timings_line"] = gr.Markdown(elem_id="timings_line")
         with gr.Accordion("Timings, step by step", open=False):
@@ -110,18 +110,26 @@ class ResultPanels:
         return cls(**parts)
 
     def columns(self, titles: list[str]) -> dict:
-        """The member columns' headings and visibility: a column per title, the rest hidden."""
+        """The member columns' headings and visibility: a column per title, the rest hidden.
+
+        Only these (no component holding a result) are an output of the page load and of a lineup
+        change: a shared link's restored result must stay (Gradio drops the restored values of a load
+        event's outputs)."""
         out = {}
         for i, column in enumerate(self.member_col):
             title = titles[i] if i < len(titles) else None
             out[column] = gr.update(visible=title is not None)
             out[self.member_title[i]] = f"### {title}" if title else ""
-            out[self.member_label[i]] = gr.update(label=f"{title}: predictions" if title else "Predictions")
         return out
+
+    @property
+    def headings(self) -> list:
+        """The components :meth:`columns` fills."""
+        return [*self.member_col, *self.member_title]
 
     def _slots(self, view: ResultView | None) -> dict:
         members = view.members if view else ()
-        out = self.columns([m.title for m in members])
+        out = self.columns([m.title for m in members]) if view else {}
         for i in range(len(self.member_col)):
             m = members[i] if i < len(members) else None
             g = view.gates[i] if view and i < len(view.gates) else None
@@ -137,8 +145,8 @@ class ResultPanels:
         return out
 
     def show(self, view: ResultView | None) -> dict:
-        """A result's named parts onto the components (None: empty them); the answers about the
-        previous result (downloads, probe, ablation) go."""
+        """A result's named parts onto the components (None: empty them, the columns' headings stay);
+        the answers about the previous result (downloads, probe, ablation) go."""
         out = self._slots(view)
         several = view is not None and view.compare is not None
         out.update({
@@ -166,8 +174,6 @@ class ResultPanels:
         if view.error:
             gr.Warning(view.error)
         out = {markdown: view.markdown, target: update(view.targets), layer: update(view.layers), card: view.card}
-        if view.clear_result:
-            out.update(self.show(None))
         if view.members:
             out.update(self.columns([m.title for m in view.members]))
         return out
@@ -233,14 +239,22 @@ class OwnModelInputs:
     result: Any
 
     @classmethod
-    def build(cls, max_bytes: int) -> OwnModelInputs:
+    def build(cls, max_bytes: int, *, render: bool = True) -> OwnModelInputs:
+        """The inputs in an accordion; ``render=False``: made but not on the page (uploads off), so no
+        input of the page takes a checkpoint while the app's handler still names its outputs."""
+        if not render:
+            return cls._make(max_bytes, render=False)
         with gr.Accordion("Your own model (this computer only)", open=False):
-            checkpoint = gr.File(label=f"Checkpoint (.pth, .pt, .safetensors; up to {max_bytes // 2**20} MB)",
-                                 type="filepath", file_types=[".pth", ".pt", ".safetensors", ".bin", ".ckpt"],
-                                 elem_id="own_checkpoint")
-            classes = gr.File(label="Class names (optional: a text file, one per line, or JSON)", type="filepath",
-                              file_types=[".txt", ".json"], elem_id="own_classes")
-            name = gr.Textbox(label="Name (default: the file's name)", elem_id="own_name")
-            button = gr.Button("Add this model", elem_id="own_add")
-            result = gr.Markdown(elem_id="own_result")
+            return cls._make(max_bytes, render=True)
+
+    @classmethod
+    def _make(cls, max_bytes: int, *, render: bool) -> OwnModelInputs:
+        checkpoint = gr.File(label=f"Checkpoint (.pth, .pt, .safetensors; up to {max_bytes // 2**20} MB)",
+                             type="filepath", file_types=[".pth", ".pt", ".safetensors", ".bin", ".ckpt"],
+                             elem_id="own_checkpoint", render=render)
+        classes = gr.File(label="Class names (optional: a text file, one per line, or JSON)", type="filepath",
+                          file_types=[".txt", ".json"], elem_id="own_classes", render=render)
+        name = gr.Textbox(label="Name (default: the file's name)", elem_id="own_name", render=render)
+        button = gr.Button("Add this model", elem_id="own_add", render=render)
+        result = gr.Markdown(elem_id="own_result", render=render)
         return cls(checkpoint, classes, name, button, result)
