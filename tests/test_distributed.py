@@ -108,3 +108,39 @@ def test_evaluate_on_two_processes_writes_the_one_process_report(tmp_path):
         return {k: v for k, v in result.items() if k not in ("seconds",)}
 
     assert figures(tmp_path / "two.json") == figures(tmp_path / "one.json")
+
+
+def test_explain_on_two_processes_writes_what_one_process_writes(tmp_path):
+    """``torchrun --nproc_per_node 2 -m cbam_viz explain FOLDER``: the ranks share the images and write
+    the same files as one process (names chosen for the whole list, so two same-named photos in
+    different folders never collide), with the same predictions; rank 0 prints the one summary."""
+    from tests.e2e_helpers import make_image
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    make_image(tmp_path / "in" / "a.png", size=(64, 48))
+    make_image(tmp_path / "in" / "sub" / "a.png", size=(48, 64), seed=1)  # same name
+    make_image(tmp_path / "in" / "b.png", size=(56, 56), seed=2)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+              and not k.startswith("CBAM_VIZ_")}, "PYTHONPATH": str(ROOT),
+           "CBAM_VIZ_WEIGHTS_DIR": str(tmp_path / "no-weights")}  # the untrained lineup
+    args = ["explain", str(tmp_path / "in"), "--no-progress", "--target", "church"]
+    one = subprocess.run([sys.executable, "-m", "cbam_viz", *args, "--out", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "cbam_viz", *args, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote 3 of 3") == 1
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "a.json", "a.png", "a_2.json", "a_2.png", "b.json", "b.png"]
+    for name in ("a.json", "a_2.json", "b.json"):
+        docs = [json.loads((tmp_path / d / name).read_text()) for d in ("one", "two")]
+        assert docs[0]["image"] == docs[1]["image"]
+        for name_ in docs[0]["members"]:
+            p1, p2 = (d["models"][name_]["predictions"] for d in docs)
+            assert [p["index"] for p in p1] == [p["index"] for p in p2]
+            assert [p["prob"] for p in p1] == pytest.approx([p["prob"] for p in p2], abs=1e-5)
+            assert docs[0]["models"][name_]["target"] == docs[1]["models"][name_]["target"]

@@ -33,9 +33,10 @@ def _print_verbose(tqdm, path, analysis) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    """Explain images or folders of images; write ``<name>.png`` + ``<name>.json`` (+ ``.npz``) each."""
-    from tqdm import tqdm
+    """Explain images or folders of images; write ``<name>.png`` + ``<name>.json`` (+ ``.npz``) each.
 
+    Under ``torchrun`` every rank explains an even share of the images into the same folder.
+    """
     from cbam_viz import outputs, service
     from cbam_viz.engine.controls import check_controls
     from cbam_viz.messages import UserFacingError
@@ -56,23 +57,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     for warning in service.describe_lineup(lineup).warnings:
         print(f"explain: warning: {warning}", file=sys.stderr)
     formats = ("png", "json", "npz") if args.npz else ("png", "json")
-    used: set[str] = set()
-    written = 0
-    for path in tqdm(paths, desc="explain", unit="image", disable=args.no_progress or None):
-        try:
-            analysis = service.analyse_checked(path, lineup, controls)
-        except UserFacingError as err:
-            failures.append((str(path), str(err)))
-            continue
-        stem = outputs.unique_stem(outputs.safe_stem(path.name), used)
-        try:
-            service.save(analysis, out, stem=stem, formats=formats)
-        except OSError as err:  # disk full, folder removed or made read-only mid-run: stop here
-            print(f"explain: error: cannot write to {out}: {err.strerror or err}", file=sys.stderr)
-            return 2
-        written += 1
-        if args.verbose:
-            _print_verbose(tqdm, path, analysis)
+    outcomes = _explain_share(args, paths, lineup, controls, out, formats)
+    if outcomes is None:  # a torchrun rank other than 0: rank 0 reports for every rank
+        return 0
+    stopped = next((o[1] for o in outcomes if o[0] == "stopped"), None)
+    if stopped:
+        print(f"explain: error: cannot write to {out}: {stopped}", file=sys.stderr)
+        return 2
+    failures += [(o[1], o[2]) for o in outcomes if o[0] == "failed"]
+    written = sum(o[0] == "written" for o in outcomes)
     print(f"explain: wrote {written} of {len(paths) + len(missing)} image(s) to {out}")
     if failures:
         print(f"explain: {len(failures)} file(s) failed:", file=sys.stderr)
@@ -80,6 +73,38 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             print(f"  {name}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _explain_share(args, paths, lineup, controls, out, formats) -> list[tuple] | None:
+    """Explain and save this process's share of ``paths`` (all of them without torchrun); rank 0 gets
+    every image's outcome in order: ``("written",)``, ``("failed", path, reason)`` or ``("stopped", why)``
+    (the folder cannot be written: the rank stops there). File names are chosen for the whole list
+    up front, so two ranks never pick the same one."""
+    from tqdm import tqdm
+
+    from cbam_viz import distributed, outputs, service
+    from cbam_viz.messages import UserFacingError
+
+    used: set[str] = set()
+    stems = [outputs.unique_stem(outputs.safe_stem(path.name), used) for path in paths]
+    ctx = distributed.context()
+    outcomes: list[tuple[int, tuple]] = []
+    for i, path in tqdm(distributed.shard(paths, ctx), desc="explain", unit="image",
+                        disable=args.no_progress or not ctx.main or None):
+        try:
+            analysis = service.analyse_checked(path, lineup, controls)
+        except UserFacingError as err:
+            outcomes.append((i, ("failed", str(path), str(err))))
+            continue
+        try:
+            service.save(analysis, out, stem=stems[i], formats=formats)
+        except OSError as err:  # disk full, folder removed or made read-only mid-run: stop here
+            outcomes.append((i, ("stopped", err.strerror or str(err))))
+            break
+        outcomes.append((i, ("written",)))
+        if args.verbose:
+            _print_verbose(tqdm, path, analysis)
+    return distributed.gather_ordered(outcomes, ctx)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

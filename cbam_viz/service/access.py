@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from cbam_viz.engine.attention import attention_gates
 from cbam_viz.engine.controls import AUTO_LAYER, AUTO_TARGET, block_names
-from cbam_viz.engine.lineup import Lineup, lineup_names, lineup_unavailable_reason, load_lineup
+from cbam_viz.engine.lineup import (
+    UNTRAINED_LINEUP, Lineup, default_lineup_name, lineup_names, lineup_unavailable_reason, load_lineup,
+)
 from cbam_viz.messages import UserFacingError, first_sentence
 from cbam_viz.models import backbone_of
 
@@ -80,14 +82,15 @@ class LineupInfo:
 
 
 def get_lineup(name: str | None = None) -> Lineup:
-    """The :class:`~cbam_viz.engine.lineup.Lineup` called ``name`` (None: the first of :func:`lineup_names`).
+    """The :class:`~cbam_viz.engine.lineup.Lineup` called ``name`` (None: the default manifest lineup, else
+    the untrained one: never a lineup whose files this machine may lack).
 
     Its models come from the one model cache: loaded once, not per request.
 
     Raises:
         UserFacingError: unknown lineup, missing or corrupted weights file.
     """
-    name = name or lineup_names()[0]
+    name = name or default_lineup_name() or UNTRAINED_LINEUP
     reason = lineup_unavailable_reason(name)
     if reason:  # a file this machine lacks: expected, said as it is, not logged as a failure
         raise UserFacingError(reason)
