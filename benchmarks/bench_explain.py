@@ -90,13 +90,17 @@ def make_image(size: tuple[int, int] = IMAGE_SIZE, seed: int = 0) -> Image.Image
 
 
 def load_bench_lineup(tiny: bool = False):
-    """The shipped default lineup (or its untrained stand-in); ``tiny``: the untrained lineup at 64 px (tests)."""
+    """The shipped default lineup (or its untrained stand-in); ``tiny``: the untrained lineup at 64 px (tests).
+
+    On ``$CBAM_VIZ_DEVICE`` when set (``cuda`` in benchmarks/gpu_check.sh), else the CPU.
+    """
     from cbam_viz.engine.lineup import UNTRAINED_LINEUP, load_lineup
 
+    device = os.environ.get("CBAM_VIZ_DEVICE") or "cpu"
     if tiny:
-        lineup = load_lineup(UNTRAINED_LINEUP, device="cpu")
+        lineup = load_lineup(UNTRAINED_LINEUP, device=device)
         return replace(lineup, members=tuple(replace(m, input_size=64) for m in lineup.members))
-    return load_lineup(device="cpu")
+    return load_lineup(device=device)
 
 
 # ------------------------------------------------------------------------------------ variants
