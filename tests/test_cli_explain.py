@@ -125,10 +125,13 @@ def test_verbose_names_every_member_and_lineup_option(tmp_path, capsys, monkeypa
 def test_weights_option_is_searched_first(tmp_path, monkeypatch):
     """``--weights DIR`` puts a user's folder before $CBAM_VIZ_WEIGHTS_DIR for this run."""
     from cbam_viz.cli.explain import _use_weights
-    from cbam_viz.models.weights import WEIGHTS_DIR_ENV, weights_dirs
+    from cbam_viz.models.weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV, weights_dirs
 
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "b"))
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     _use_weights(str(tmp_path / "a"))
     assert [p.name for p in weights_dirs()][:2] == ["a", "b"]
+    monkeypatch.delenv(WEIGHTS_DIR_ENV)
+    _use_weights(str(tmp_path / "a"))  # without the variable: the given folder, then the shipped one
+    assert weights_dirs() == [tmp_path / "a", DEFAULT_WEIGHTS_DIR]

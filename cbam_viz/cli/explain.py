@@ -14,12 +14,13 @@ __all__ = ["add_parsers"]
 
 
 def _use_weights(folder: str | None) -> None:
-    """``--weights DIR``: searched before ``$CBAM_VIZ_WEIGHTS_DIR``'s folders (this process only)."""
+    """``--weights DIR``: searched before the folders models are read from otherwise
+    (``$CBAM_VIZ_WEIGHTS_DIR``'s, else the shipped ``weights/``), for this process only."""
     if folder:
-        from cbam_viz.models.weights import WEIGHTS_DIR_ENV
+        from cbam_viz.models.weights import WEIGHTS_DIR_ENV, weights_dirs
 
-        rest = os.environ.get(WEIGHTS_DIR_ENV, "")
-        os.environ[WEIGHTS_DIR_ENV] = os.pathsep.join([folder, rest]) if rest else folder
+        rest = [str(p) for p in weights_dirs()]
+        os.environ[WEIGHTS_DIR_ENV] = os.pathsep.join([folder, *rest])
 
 
 def _print_verbose(tqdm, path, analysis) -> None:
