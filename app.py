@@ -35,7 +35,7 @@ from cbam_viz.service import warm_up
 CONCURRENCY = int(os.environ.get("CBAM_VIZ_CONCURRENCY", "2"))
 QUEUE_SIZE = int(os.environ.get("CBAM_VIZ_QUEUE_SIZE", "32"))
 UPLOAD = upload.upload_allowed()
-MAX_FILE_SIZE = os.environ.get("CBAM_VIZ_MAX_FILE_SIZE", "500mb" if UPLOAD else "20mb")
+MAX_FILE_SIZE = os.environ.get("CBAM_VIZ_MAX_FILE_SIZE", "20mb" if not UPLOAD else "500mb")  # a checkpoint is larger
 MAX_IMAGES = int(os.environ.get("CBAM_VIZ_MAX_IMAGES", "16"))
 MCP_SERVER = os.environ.get("CBAM_VIZ_MCP", "0") == "1"
 METHODS = list_methods()  # the registry's names: code, not files
