@@ -174,7 +174,8 @@ def wait_idle(page, timeout: float = RESULT_TIMEOUT_MS) -> None:
 
 def member_cams(page) -> list[str]:
     """The elem_ids of the shown members' photo | CAM sliders (a column per member of the lineup)."""
-    return [f"cam_{i}" for i in range(4) if page.locator(f"#cam_{i}").count() and page.locator(f"#cam_{i}").is_visible()]
+    return [f"cam_{i}" for i in range(4)
+            if page.locator(f"#cam_{i}").count() and page.locator(f"#cam_{i}").is_visible()]
 
 
 def gate_sheets(page) -> list[str]:

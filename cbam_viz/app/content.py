@@ -20,8 +20,8 @@ from cbam_viz.outputs import atomic_write_bytes
 from cbam_viz.resources import SHIPPED_ROOT
 
 __all__ = ["Choices", "QUALITY_DOC", "QUALITY_FIGURE", "QUALITY_PLACEHOLDER", "EXAMPLES_DIR", "SANITY_REPORT",
-           "SANITY_ENV", "quality_report", "quality_markdown", "quality_figure", "quality_reading", "examples", "example_image",
-           "sanity_failures", "method_note"]
+           "SANITY_ENV", "quality_report", "quality_markdown", "quality_figure", "quality_reading", "examples",
+           "example_image", "sanity_failures", "method_note"]
 
 ROOT = SHIPPED_ROOT  # the checkout, else the installed package's copies (cbam_viz.resources)
 QUALITY_DOC = ROOT / "docs" / "explanation_quality.md"

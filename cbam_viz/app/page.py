@@ -17,7 +17,8 @@ from cbam_viz.engine.controls import AUTO_LAYER, AUTO_TARGET, DEFAULT_METHOD
 from cbam_viz.messages import UserFacingError
 from cbam_viz.service.model_card import model_card_markdown
 
-__all__ = ["MAX_MEMBERS", "MemberSlot", "LineupView", "PageView", "lineup_view", "shows_another_lineup", "page_view", "lineup_choices"]
+__all__ = ["MAX_MEMBERS", "MemberSlot", "LineupView", "PageView", "lineup_view", "shows_another_lineup", "page_view",
+           "lineup_choices"]
 
 log = logging.getLogger(__name__)
 #: Columns the page has for members (a lineup has 1 to 4).
