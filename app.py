@@ -178,6 +178,16 @@ def explain_api(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, a
     return _run(api.api_explain, image, method, target, layer, alpha, lineup_name)
 
 
+def downloads_api(result_id: str):
+    """The composite picture (every member side by side) with the JSON and npz of an /explain result,
+    built on demand: /explain returns no composite, so a caller who wants it asks here.
+
+    Args:
+        result_id: the "result_id" of /explain's summary JSON.
+    """
+    return _run(results.downloads_view, result_id)
+
+
 def info_api(lineup_name=None):
     """The lineups, and the chosen lineup's members, classes, layer choices, CAM methods and warnings
     (what /explain accepts).
@@ -275,6 +285,9 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
                                    format="png")
         api_files = gr.File(file_count="multiple", label="JSON and npz")
         api_info = gr.JSON(label="info")
+        downloads_button = gr.Button("downloads (API)")
+        api_result_id = gr.Textbox(label="result id")
+        api_downloads = gr.File(file_count="multiple", label="composite PNG, JSON and npz")
 
     view = ui.components
     explained = [items_state, picker, status, *view]
@@ -324,6 +337,7 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
     # preprocess=False: the lineup dropdown's choices arrive with the page, an API caller names any lineup
     # (an unknown one gets its one sentence from get_lineup, not Gradio's "not in the list of choices").
     info_button.click(info_api, inputs=[lineup], outputs=[api_info], api_name="info", preprocess=False)
+    downloads_button.click(downloads_api, inputs=[api_result_id], outputs=[api_downloads], api_name="downloads")
     q_inputs = [q_metric, q_method, q_direction, q_k]
     # One render at a time for this tab: explanations keep the cores. ``input``, not ``change``: a person's
     # choice renders, the page load filling the choices does not.

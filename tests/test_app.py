@@ -215,7 +215,7 @@ def test_page_events_are_private_and_the_queue_shows_its_position(app):
     config = app.demo.get_config_file()
     deps = config["dependencies"]
     public = sorted(d["api_name"] for d in deps if d.get("api_visibility", "public") == "public" and d.get("api_name"))
-    assert public == ["explain", "info"], public
+    assert public == ["downloads", "explain", "info"], public  # /downloads: the composite /explain does not draw
     (run,) = [d for d in deps if d.get("api_name") == "explain_ui"]
     assert run["queue"] is not False and run["show_progress"] == "full"  # queue position, then gr.Progress steps
     share = [d for d in deps if "gradio_api/deep_link" in (d.get("js") or "")]

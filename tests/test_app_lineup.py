@@ -340,3 +340,19 @@ def test_info_and_explain_in_process(app, use_lineups, upload):
     assert any("spatial" in c and info["members"][2]["title"] in c for c in captions)
     assert not any(info["members"][0]["title"] + ":" in c for c in captions)  # the plain ResNet has no gate
     assert sorted(Path(f).suffix for f in files) == [".json", ".npz"]
+
+
+def test_the_composite_stays_reachable_for_api_callers(use_lineups, tmp_path, monkeypatch):
+    """/explain returns no composite; its summary's result_id gets it (with the JSON and npz) from /downloads."""
+    from cbam_viz import outputs
+    from cbam_viz.app import api
+
+    monkeypatch.setattr(outputs, "OUTPUT_ROOT", tmp_path)
+    photo = make_image(tmp_path / "p.png", size=(80, 64))
+    summary, overlays, _, files = api.api_explain(str(photo))
+    assert not any(Path(f).suffix == ".png" and "composite" in f for f in files)
+    downloads = results.downloads_view(summary["result_id"])
+    png = next(f for f in downloads if f.endswith(".png"))
+    with Image.open(png) as im:
+        assert im.width > 3 * 100  # the photo and one CAM per member of the trio, side by side
+    assert {Path(f).suffix for f in downloads} == {".png", ".json", ".npz"}

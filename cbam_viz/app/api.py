@@ -36,6 +36,9 @@ def api_explain(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, a
                 lineup_name=None) -> tuple:
     """``/explain``: one image -> (summary JSON, CAM overlays, attention pictures, files).
 
+    The composite picture is not drawn here (it is the slowest picture and most callers do not
+    fetch it): ``/downloads`` builds it from the summary's ``result_id``.
+
     The overlays are one per member in display order, captioned ``"title (name)"``; the files the
     JSON (the summary again) and the npz of every raw map (keys ``MEMBER/cam``, ``MEMBER/spatial/BLOCK``...).
     """
@@ -46,7 +49,7 @@ def api_explain(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, a
                                   target=target, layer=layer, alpha=alpha, max_images=1,
                                   pictures=service.API_PICTURES, write=service.API_FILES)
     r = batch.results[0]
-    summary = r.analysis.summary
+    summary = {**r.analysis.summary, "result_id": r.result_id}  # /downloads builds the composite from it
     titles = _titles(summary)
     overlays = [(str(r.overlays[n]), f"{titles[n]} ({n})") for n in titles if n in r.overlays]
     return summary, overlays, _attention_gallery(r, titles), [str(r.files[k]) for k in ("json", "npz")]
