@@ -21,6 +21,10 @@ from pathlib import Path
 
 import torch
 
+from cbam_viz.models.checkpoints import load_any
+from cbam_viz.models.factory import create_model
+from cbam_viz.models.weights import WeightRecord, load_state_strict, resolve_weights_dir
+
 __all__ = ["PAIR_NAME", "OFFICIAL_ENV", "OFFICIAL_FILE", "OFFICIAL_SOURCE", "official_checkpoint",
            "unavailable_reason", "imagenet_classes", "baseline_state_dict", "build_models", "records"]
 
@@ -39,8 +43,6 @@ REPORTED_TOP1 = {"resnet50": 0.76130, "resnet50_cbam": 0.77622}
 
 def official_checkpoint(weights_dir: str | os.PathLike | None = None) -> Path | None:
     """The official ResNet-50-CBAM file: ``$CBAM_VIZ_OFFICIAL_CBAM50``, else in the weights folder; None if absent."""
-    from cbam_viz.models.weights import resolve_weights_dir
-
     env = os.environ.get(OFFICIAL_ENV, "").strip()
     candidates = [Path(env)] if env else []
     candidates.append(resolve_weights_dir(weights_dir) / OFFICIAL_FILE)
@@ -97,10 +99,6 @@ def build_models(weights_dir: str | os.PathLike | None = None) -> tuple[torch.nn
         FileNotFoundError: the official checkpoint is missing (:func:`unavailable_reason` says why).
         RuntimeError: the baseline could not be fetched, or a file does not fit the architecture.
     """
-    from cbam_viz.models.checkpoints import load_any
-    from cbam_viz.models import create_model
-    from cbam_viz.models.weights import load_state_strict
-
     reason = unavailable_reason(weights_dir)
     if reason:
         raise FileNotFoundError(reason)
@@ -111,10 +109,8 @@ def build_models(weights_dir: str | os.PathLike | None = None) -> tuple[torch.nn
 
 
 def records(baseline: torch.nn.Module, cbam: torch.nn.Module,
-            weights_dir: str | os.PathLike | None = None) -> tuple["WeightRecord", "WeightRecord"]:
+            weights_dir: str | os.PathLike | None = None) -> tuple[WeightRecord, WeightRecord]:
     """Weight records for the two foreign files, so the app's model card describes them like ours."""
-    from cbam_viz.models.weights import WeightRecord
-
     classes = [{"id": str(i), "name": name} for i, name in enumerate(imagenet_classes())]
     url = _torchvision_weights().url
     common = dict(classes=classes, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), input_size=INPUT_SIZE)
