@@ -42,14 +42,14 @@ def main(image_tag: str) -> int:
             wait_http(url + "/", timeout=600)
             client = Client(url, verbose=False)
             info = client.predict(USER_LINEUP, api_name="/info")
-            assert USER_LINEUP in info["pairs"] and info["classes"] == list(USER_CLASSES), info
+            assert USER_LINEUP in info["lineups"] and info["classes"] == list(USER_CLASSES), info
             t0 = time.perf_counter()
             photo = make_image(Path(tmp) / "pet.png", size=(96, 80))
             summary, *_ = client.predict(handle_file(str(photo)), "gradcam", "auto (predicted class)",
                                          "auto (last block)", 0.5, USER_LINEUP, api_name="/explain")
-            labels = {p["label"] for p in summary["models"]["cbam"]["predictions"]}
-            assert summary["pair"] == USER_LINEUP and labels <= set(USER_CLASSES), summary
-            print(f"mount-smoke: OK (pairs {info['pairs']}; /explain of {USER_LINEUP} "
+            labels = {p["label"] for m in summary["members"] for p in summary["models"][m]["predictions"]}
+            assert summary["lineup"] == USER_LINEUP and labels <= set(USER_CLASSES), summary
+            print(f"mount-smoke: OK (lineups {info['lineups']}; /explain of {USER_LINEUP} "
                   f"{time.perf_counter() - t0:.1f}s)")
             return 0
         except Exception as err:  # noqa: BLE001  reported with the container's log

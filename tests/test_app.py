@@ -349,7 +349,10 @@ def test_explain_endpoint_end_to_end(tmp_path):
             "spatial" in m["gates"] for m in gated)
         by_suffix = {f.rsplit(".", 1)[-1]: f for f in files}
         doc = json.loads(open(by_suffix["json"]).read())
-        assert doc == summary  # the JSON file is the summary
+        assert {**doc, "result_id": summary["result_id"]} == summary  # the JSON file is the summary
+        downloads = client.predict(summary["result_id"], api_name="/downloads")  # what /explain no longer draws
+        assert sorted(f.rsplit(".", 1)[-1] for f in downloads) == ["json", "npz", "png"]
+        assert _opens(next(f for f in downloads if f.endswith(".png")))[0] > 320  # the photo + a CAM per member
         assert {"image", "lineup", "reference", "members", "method", "layer", "alpha", "models", "warnings",
                 "timings", "metadata", "faithfulness", "target_request", "layer_request"} <= set(doc)
         assert doc["target_request"] is None and doc["layer_request"] is None  # auto: as asked
@@ -363,7 +366,7 @@ def test_explain_endpoint_end_to_end(tmp_path):
 
         # The same app is an MCP server (CBAM_VIZ_MCP=1): /explain and /info are its tools, nothing else.
         tools = {t.name: t for t in _mcp_tools(app.url + "/gradio_api/mcp/")}
-        assert set(tools) == {"explain_api", "info_api"}, sorted(tools)
+        assert set(tools) == {"downloads_api", "explain_api", "info_api"}, sorted(tools)
         assert "lineup" in tools["explain_api"].description and "image" in tools["explain_api"].inputSchema[
             "properties"]
         assert "classes" in tools["info_api"].description
