@@ -6,35 +6,15 @@ channel gates only, one with both.
 """
 from __future__ import annotations
 
-
-import torch
-
 from cbam_viz.engine.lineup import Lineup
-from cbam_viz.engine.loading import LoadedModel
-from cbam_viz.models import create_model
-from tests.conftest import SERVICE_CLASSES
+from tests.conftest import make_service_lineup
 
 TRIO = ("resnet18", "resnet18_se", "resnet18_cbam")
 
 
-def tiny_member(arch: str, seed: int = 0, *, trained: bool = False) -> LoadedModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = create_model(arch, num_classes=len(SERVICE_CLASSES)).eval()
-    return LoadedModel(
-        name=f"{arch}-tiny", arch=arch, model=model, classes=SERVICE_CLASSES,
-        class_ids=tuple(f"n{i}" for i in range(len(SERVICE_CLASSES))), mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225), input_size=64, trained=trained, record=None, device=torch.device("cpu"),
-    )
-
-
 def tiny_lineup(name: str, archs: tuple[str, ...] = TRIO) -> Lineup:
-    members = tuple(tiny_member(arch, seed=i) for i, arch in enumerate(archs))
-    return Lineup(name=name, members=members, reference=members[0].name)
-
-
-def member_names(lineup: Lineup) -> list[str]:
-    return [m.name for m in lineup.members]
+    """Seeded 64 px members, one per arch (the first the reference): conftest's service lineup."""
+    return make_service_lineup(name, archs=archs)
 
 
 def val(out: dict, component):
@@ -52,4 +32,4 @@ def prop(out: dict, component, name: str):
     return v.get(name)
 
 
-__all__ = ["TRIO", "tiny_member", "tiny_lineup", "member_names", "val", "prop"]
+__all__ = ["TRIO", "tiny_lineup", "val", "prop"]

@@ -18,7 +18,7 @@ from PIL import Image
 from cbam_viz import service
 from cbam_viz.app import content, results
 from cbam_viz.messages import UserFacingError
-from tests.app_lineups import member_names, prop, tiny_lineup, val
+from tests.app_lineups import prop, tiny_lineup, val
 from tests.e2e_helpers import make_broken_image, make_image
 
 pytestmark = pytest.mark.usefixtures("no_cbam_env")
@@ -88,7 +88,7 @@ def test_a_column_per_member_and_the_gates_of_each_gated_member(app, use_lineups
         photo, cam = out[ui.member_cam[i]]
         assert _size(photo) == _size(cam) == (96, 72)  # a slider's two sides line up
         assert "probability from" in out[ui.member_faith[i]]
-    names = member_names(trio)
+    names = trio.names
     overlays = {m["name"]: m["overlay"] for m in items[0]["members"]}
     assert out[ui.compare] == (overlays[names[0]], overlays[names[-1]])  # reference | the last member
     assert (val(out, ui.compare_a), val(out, ui.compare_b)) == (names[0], names[-1])
@@ -113,7 +113,7 @@ def test_a_column_per_member_and_the_gates_of_each_gated_member(app, use_lineups
 
 def test_the_compare_slider_takes_any_two_members(app, use_lineups, upload):
     out = _explain(app, upload)
-    items, names = out[app.items_state], member_names(use_lineups["trio"])
+    items, names = out[app.items_state], use_lineups["trio"].names
     overlays = {m["name"]: m["overlay"] for m in items[0]["members"]}
     rid = out[app.ui.current]
     assert app.compare_members(names[1], names[2], rid, items) == (overlays[names[1]], overlays[names[2]])
@@ -131,7 +131,7 @@ def test_the_compare_slider_takes_any_two_members(app, use_lineups, upload):
 
 
 def test_page_writes_what_it_shows_and_builds_the_downloads_on_demand(app, use_lineups, upload, tmp_path):
-    names = member_names(use_lineups["trio"])
+    names = use_lineups["trio"].names
     second = {"path": str(make_image(tmp_path / "b.jpg", size=(64, 64), seed=3)), "orig_name": "b.jpg"}
     out = _explain(app, upload, [second])
     items = out[app.items_state]
@@ -169,7 +169,7 @@ def test_the_click_probe_reads_the_chosen_members_spatial_maps(app, use_lineups,
 
     from tests.test_app import _Select
 
-    names = member_names(use_lineups["trio"])
+    names = use_lineups["trio"].names
     out = _explain(app, upload)
     items, rid = out[app.items_state], out[app.ui.current]
     frame, text = app.probe(rid, names[2], items, _Select([95, 0]))
@@ -188,7 +188,7 @@ def test_the_click_probe_reads_the_chosen_members_spatial_maps(app, use_lineups,
 
 
 def test_gate_ablation_of_the_chosen_member(app, use_lineups, upload):
-    names = member_names(use_lineups["trio"])
+    names = use_lineups["trio"].names
     out = _explain(app, upload)
     plot, table, text = app.ablate(out[app.ui.current], names[2], out[app.items_state])
     blocks = [b for b in table["block"].unique() if b != "all"]
@@ -329,11 +329,11 @@ def test_info_and_explain_in_process(app, use_lineups, upload):
     trio = use_lineups["trio"]
     info = app.info_api()
     assert info["lineup"] == "trio" and info["lineups"] == ["trio", "solo", "plain"]
-    assert [m["name"] for m in info["members"]] == member_names(trio) and info["reference"] == trio.reference
+    assert [m["name"] for m in info["members"]] == trio.names and info["reference"] == trio.reference
     assert [m["gates"] for m in info["members"]] == [[], ["channel"], ["channel", "spatial"]]
     assert info["classes"] == ["tench", "church", "golf ball"] and info["trained"] is False
     summary, overlays, attention, files = app.explain_api(upload)
-    assert list(summary["models"]) == member_names(trio) == summary["members"]
+    assert list(summary["models"]) == trio.names == summary["members"]
     assert [caption for _, caption in overlays] == [f"{m['title']} ({m['name']})" for m in info["members"]]
     assert all(Path(path).is_file() for path, _ in overlays)
     captions = [caption for _, caption in attention]

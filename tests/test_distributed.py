@@ -30,6 +30,22 @@ def _torchrun(n: int, out: Path) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _one_and_two(args: list[str], out_one: Path, out_two: Path, **env_extra: str):
+    """``python -m cbam_viz ARGS --out OUT_ONE`` and the same under ``torchrun --nproc_per_node 2``
+    (``--out OUT_TWO``), in a clean environment (no torchrun or CBAM_VIZ_* variables of the caller's)."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+              and not k.startswith("CBAM_VIZ_")}, "PYTHONPATH": str(ROOT), **env_extra}
+    one = subprocess.run([sys.executable, "-m", "cbam_viz", *args, "--out", str(out_one)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "cbam_viz", *args, "--out", str(out_two)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    return one, two
+
+
 def test_one_process_is_the_identity(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(distributed, "_context", None)
@@ -90,16 +106,7 @@ def test_evaluate_on_two_processes_writes_the_one_process_report(tmp_path):
     data = make_image_folder(tmp_path / "val", CLASSES, per_class=3)  # 9 images: uneven shards
     args = ["evaluate", "--model", "tiny", "--weights", str(weights), "--data", str(data), "--batch-size", "2",
             "--no-progress"]
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
-           "PYTHONPATH": str(ROOT)}
-    one = subprocess.run([sys.executable, "-m", "cbam_viz", *args, "--out", str(tmp_path / "one.json")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                          "-m", "cbam_viz", *args, "--out", str(tmp_path / "two.json")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    one, two = _one_and_two(args, tmp_path / "one.json", tmp_path / "two.json")
     assert two.stdout.count("top-1") == one.stdout.count("top-1")  # printed once, by rank 0
 
     def figures(path):
@@ -120,18 +127,9 @@ def test_explain_on_two_processes_writes_what_one_process_writes(tmp_path):
     make_image(tmp_path / "in" / "a.png", size=(64, 48))
     make_image(tmp_path / "in" / "sub" / "a.png", size=(48, 64), seed=1)  # same name
     make_image(tmp_path / "in" / "b.png", size=(56, 56), seed=2)
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-              and not k.startswith("CBAM_VIZ_")}, "PYTHONPATH": str(ROOT),
-           "CBAM_VIZ_WEIGHTS_DIR": str(tmp_path / "no-weights")}  # the untrained lineup
     args = ["explain", str(tmp_path / "in"), "--no-progress", "--target", "church"]
-    one = subprocess.run([sys.executable, "-m", "cbam_viz", *args, "--out", str(tmp_path / "one")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                          "-m", "cbam_viz", *args, "--out", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-2000:]
+    _, two = _one_and_two(args, tmp_path / "one", tmp_path / "two",
+                          CBAM_VIZ_WEIGHTS_DIR=str(tmp_path / "no-weights"))  # the untrained lineup
     assert two.stdout.count("wrote 3 of 3") == 1
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) == [

@@ -7,16 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from cbam_viz import service
+from cbam_viz.app.items import member_titles
 from cbam_viz.app.page import lineup_choices
 from cbam_viz.app.results import upload_paths
 from cbam_viz.engine.controls import AUTO_LAYER, AUTO_TARGET, list_methods
 from cbam_viz.messages import UserFacingError
 
 __all__ = ["api_explain", "api_info"]
-
-
-def _titles(summary: dict[str, Any]) -> dict[str, str]:
-    return {name: summary["models"][name].get("title") or name for name in summary["members"]}
 
 
 def _attention_gallery(result, titles: dict[str, str]) -> list[tuple[str, str]]:
@@ -50,7 +47,7 @@ def api_explain(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, a
                                   pictures=service.API_PICTURES, write=service.API_FILES)
     r = batch.results[0]
     summary = {**r.analysis.summary, "result_id": r.result_id}  # /downloads builds the composite from it
-    titles = _titles(summary)
+    titles = member_titles(summary)
     overlays = [(str(r.overlays[n]), f"{titles[n]} ({n})") for n in titles if n in r.overlays]
     return summary, overlays, _attention_gallery(r, titles), [str(r.files[k]) for k in ("json", "npz")]
 

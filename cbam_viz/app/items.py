@@ -11,7 +11,12 @@ from typing import Any
 
 from cbam_viz.app.text import faithfulness_markdown, member_faithfulness_markdown, timings_line, timings_markdown
 
-__all__ = ["item_view", "member_of", "gated_members", "spatial_members"]
+__all__ = ["item_view", "member_of", "gated_members", "spatial_members", "member_titles"]
+
+
+def member_titles(summary: dict[str, Any]) -> dict[str, str]:
+    """Member name -> its title ("ResNet-18 + CBAM"), in display order, from a result's JSON."""
+    return {n: summary["models"][n].get("title") or n for n in summary["members"]}
 
 
 def _parts(result) -> dict[str, Any]:
@@ -21,7 +26,7 @@ def _parts(result) -> dict[str, Any]:
     summary = a.summary
     names = list(summary["members"])
     return {"names": names, "models": dict(a.explanation.models),
-            "titles": {n: summary["models"][n].get("title") or n for n in names},
+            "titles": member_titles(summary),
             "sheets": dict(result.spatial_sheets), "reference": summary.get("reference") or names[0],
             "faithfulness": summary.get("faithfulness") or None, "labels": a.labels}
 
