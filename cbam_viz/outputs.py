@@ -10,14 +10,17 @@ with ``durable=False``: still atomic (the rename), without the ``fsync`` that ma
 a power cut, which costs a few milliseconds per file and buys nothing for a temporary file.
 
 On top of it: the download formats (:func:`write_png`, :func:`write_jpeg`, :func:`write_json`,
-:func:`write_npz` with the arrays of :func:`npz_arrays`, :func:`write_zip`), file names made from uploads
+:func:`write_npz` with the arrays of :func:`npz_arrays`, :func:`write_zip`), pictures encoded in memory for a
+JSON answer (:func:`image_bytes`, :func:`data_uri`), file names made from uploads
 (:func:`safe_stem`, :func:`unique_stem`), an output folder checked before any work
 (:func:`prepare_output_dir`), and one fresh private folder per app request under the system temp
 folder (:func:`new_request_dir`), old ones removed (:func:`cleanup_outputs`).
 """
 from __future__ import annotations
 
+import base64
 import errno
+import io
 import json
 import math
 import os
@@ -38,7 +41,8 @@ from cbam_viz.messages import UserFacingError
 __all__ = [
     "json_float",
     "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_png", "write_jpeg", "write_json", "write_npz",
-    "write_zip", "npz_arrays", "PNG_FAST", "JPEG_QUALITY", "safe_stem", "unique_stem", "prepare_output_dir",
+    "write_zip", "npz_arrays", "image_bytes", "data_uri", "PNG_FAST", "JPEG_QUALITY", "safe_stem", "unique_stem",
+    "prepare_output_dir",
     "OUTPUT_ROOT", "OUTPUT_MAX_AGE_S", "RESULT_ID", "result_dir", "new_request_dir", "cleanup_outputs",
 ]
 
@@ -95,6 +99,28 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = Tru
 
 
 # ------------------------------------------------------------------------------ download formats
+
+def image_bytes(image, fmt: str, *, quality: int = JPEG_QUALITY, compress_level: int = PNG_FAST) -> bytes:
+    """A PIL image encoded in memory: ``"jpeg"`` (RGB, photo-like pictures) or ``"png"`` (charts, text).
+
+    Raises:
+        ValueError: another format.
+    """
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        (image if image.mode == "RGB" else image.convert("RGB")).save(buf, format="JPEG", quality=quality)
+    elif fmt == "png":
+        image.save(buf, format="PNG", compress_level=compress_level)
+    else:
+        raise ValueError(f"unknown picture format {fmt!r}; choose jpeg or png")
+    return buf.getvalue()
+
+
+def data_uri(image, fmt: str) -> str:
+    """A PIL image as a ``data:image/<fmt>;base64,...`` URI (:func:`image_bytes`): a picture that travels
+    inside a JSON answer, so the caller needs no second request to fetch it."""
+    return f"data:image/{fmt};base64," + base64.b64encode(image_bytes(image, fmt)).decode("ascii")
+
 
 def write_png(image, path: str | os.PathLike, *, compress_level: int = 6, durable: bool = True) -> Path:
     """A PIL image as a PNG file (``compress_level`` 0-9: zlib's speed / size trade, see :data:`PNG_FAST`)."""

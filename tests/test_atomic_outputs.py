@@ -9,6 +9,8 @@ under ``/sys`` (EPERM or EROFS, depending on the container).
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -166,3 +168,20 @@ def test_result_ids_name_nothing_outside_the_request_folders(tmp_path):
             outputs.result_dir(bad, tmp_path)
     with pytest.raises(UserFacingError, match="no longer on the server"):
         outputs.result_dir("req-abc_1/01_other", tmp_path)
+
+
+def test_pictures_encoded_in_memory_decode_to_the_same_picture():
+    """/explain's pictures travel as data URIs: a PNG comes back pixel for pixel, a JPEG close to it,
+    both at their size; a picture with transparency still becomes a JPEG; another format is refused."""
+    rng = np.random.default_rng(0)
+    chart = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8), "RGB")
+    smooth = Image.fromarray(np.repeat(np.linspace(0, 255, 50, dtype=np.uint8)[None, :, None], 30, 0).repeat(3, 2))
+    for image, fmt in ((chart, "png"), (smooth, "jpeg"), (smooth.convert("RGBA"), "jpeg")):
+        head, data = outputs.data_uri(image, fmt).split(",", 1)
+        assert head == f"data:image/{fmt};base64"
+        with Image.open(io.BytesIO(base64.b64decode(data))) as back:
+            assert back.format.lower() == fmt and back.size == (50, 30) and back.mode == "RGB"
+            diff = np.abs(np.asarray(back, dtype=int) - np.asarray(image.convert("RGB"), dtype=int))
+        assert diff.max() == 0 if fmt == "png" else diff.mean() < 3
+    with pytest.raises(ValueError, match="jpeg or png"):
+        outputs.image_bytes(chart, "gif")
