@@ -2,6 +2,7 @@
 
 Rank 0 writes ``{"world": N, "values": [...], "mine": [...]}`` to the JSON file given as argv[1];
 every rank appends its shard's indices to ``<argv[1]>.rank<R>`` so the test sees who did what.
+``train OUT DATA``: tests/test_distributed_train.py's training runs (:func:`rank_main` there).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cbam_viz import distributed
+from tests import test_distributed_train
 
 
 def main() -> None:
@@ -31,4 +33,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "train":  # tests/test_distributed_train.py: ``train OUT DATA``
+        test_distributed_train.rank_main(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main()

@@ -23,10 +23,12 @@ class _Refusal(Exception):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from cbam_viz import distributed
     from cbam_viz.training.train import train
 
     try:
         recipe, device, starts, settings = _prepare_training(args)
+        budget = _cache_budget(args)
     except _Refusal as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -35,8 +37,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.runs) / arch
         results[arch] = train(arch, args.data, run_dir, recipe=recipe, resume=args.resume, cache_dir=args.cache_dir,
                               val_dir=args.val, threads=args.threads, max_steps=args.max_steps, device=device,
-                              init_record=starts.get(arch))
+                              init_record=starts.get(arch), stream=args.stream, cache_budget=budget,
+                              workers=args.workers, sync_bn=args.sync_bn)
+    if not distributed.is_main():  # a torchrun rank other than 0: rank 0 exports for every rank
+        return 0
     return _export_trained(args, results, recipe, settings)
+
+
+def _cache_budget(args: argparse.Namespace) -> int | None:
+    """``--cache-budget`` in bytes (None: the default, half of this machine's memory)."""
+    if args.cache_budget is None:
+        return None
+    from cbam_viz.training.stream import parse_bytes
+
+    try:
+        return parse_bytes(args.cache_budget)
+    except ValueError as err:
+        raise _Refusal(f"--cache-budget: {err}") from None
 
 
 def _prepare_training(args: argparse.Namespace):
@@ -284,7 +301,17 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--eval-size", type=int)
     t.add_argument("--eval-every", type=int)
-    t.add_argument("--cache-size", type=int)
+    t.add_argument("--cache-size", type=int, help="side in px of the decoded training images (cached or streamed)")
+    t.add_argument("--cache-budget", help="memory the decoded training split may take on this machine, e.g. 8G "
+                                          "(every torchrun process holds its own copy); a larger split is streamed "
+                                          "from its files (default: half of this machine's memory)")
+    t.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode the training images from their files every step, in --workers processes "
+                        "(--no-stream: cache them in memory); default: chosen by --cache-budget. Same numbers")
+    t.add_argument("--workers", type=int, default=2, help="processes decoding a streamed split")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs (NCCL): BatchNorm over the whole global batch; without it each "
+                        "process normalises over its own --batch-size / N images")
     t.add_argument("--holdout", type=float, help="share of each training class held out to choose the evaluation "
                                                  "size and EMA-or-raw weights on (default 0.08; 0 = none)")
     t.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up before the cosine (default 2)")

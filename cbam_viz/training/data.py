@@ -29,7 +29,7 @@ from cbam_viz.outputs import atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageFolderScan",
-    "TensorDataset", "scan_image_folder", "load_rgb", "decode_images", "load_cached_split", "holdout_split",
+    "TensorDataset", "scan_image_folder", "load_rgb", "decode_one", "decode_images", "load_cached_split", "holdout_split",
     "random_resized_crop_flip", "mix_batch", "normalize", "resize_batch",
 ]
 
@@ -86,7 +86,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     return open_image(path)
 
 
-def _decode_one(path: Path, size: int) -> torch.Tensor:
+def decode_one(path: Path, size: int) -> torch.Tensor:
+    """One image file as a ``(3, size, size)`` uint8 tensor: the cached split's pixels exactly (the
+    streamed path of :mod:`cbam_viz.training.stream` decodes with it too)."""
     img = load_rgb(path).resize((size, size), Image.BILINEAR, reducing_gap=None)
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
@@ -95,7 +97,7 @@ def decode_images(paths: list[Path], size: int, *, workers: int = 2, progress: b
     """Decode and stretch-resize images into one ``(N, 3, size, size)`` uint8 tensor."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        it = pool.map(lambda p: _decode_one(p, size), paths)
+        it = pool.map(lambda p: decode_one(p, size), paths)
         for i, img in enumerate(tqdm(it, total=len(paths), desc=f"decode {size}px", disable=not progress)):
             out[i] = img
     return out
@@ -142,11 +144,13 @@ def holdout_split(ds: TensorDataset, fraction: float) -> tuple[torch.Tensor, tor
 
 
 def load_cached_split(
-    root: str | os.PathLike, size: int, *, cache_dir: str | os.PathLike | None = None, progress: bool = True
+    root: str | os.PathLike, size: int, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+    write: bool = True,
 ) -> TensorDataset:
     """Decode ``root`` once at ``size`` px; later calls read the cached tensor file.
 
     The cache file name holds a fingerprint of the file list, so an edited dataset is re-decoded.
+    ``write=False`` reads an existing cache file but never writes one (a torchrun rank other than 0).
     """
     scan = scan_image_folder(root)
     cache_path = None
@@ -158,7 +162,7 @@ def load_cached_split(
             return TensorDataset(blob["images"], blob["labels"], tuple(blob["classes"]), tuple(blob["files"]))
     images = decode_images([scan.root / f for f in scan.files], size, progress=progress)
     ds = TensorDataset(images, torch.tensor(scan.labels, dtype=torch.int64), scan.classes, scan.files)
-    if cache_path is not None:
+    if cache_path is not None and write:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         blob = {"images": images, "labels": ds.labels, "classes": list(ds.classes), "files": list(ds.files)}
         atomic_write(cache_path, lambda f: torch.save(blob, f))
@@ -189,15 +193,21 @@ def random_resized_crop_flip(
     scale: tuple[float, float] = (0.25, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
+    share: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Random-resized crop and horizontal flip of a whole float batch in one ``grid_sample``.
 
     Each sample draws an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``
     (torchvision's RandomResizedCrop distribution, clamped to the image instead of retried), a
     position where the crop fits, and a coin for the flip.
+
+    ``share=(k, n)``: ``batch`` is the k-th of n equal parts of a global batch (a rank's share under
+    torchrun). The draws are made for the whole global batch and the part's rows used, so every
+    image gets the crop it gets on one process and every rank's generator stays in step.
     """
     b = batch.shape[0]
-    u = torch.rand((b, 5), generator=generator)
+    k, n = share
+    u = torch.rand((b * n, 5), generator=generator)[k * b:(k + 1) * b]
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     aspect = torch.exp(log_r)

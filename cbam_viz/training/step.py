@@ -27,15 +27,22 @@ def epoch_order(recipe: Recipe, epoch: int, n: int) -> tuple[torch.Generator, to
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
-               recipe: Recipe, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+               recipe: Recipe, size: int, generator: torch.Generator,
+               share: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a uint8 batch: crop + flip to ``size``, mix (if the recipe does),
     normalise, forward, backward.
 
     The whole per-step work of :func:`cbam_viz.training.train.run_epoch` (the learning rate is set by the caller), so that
     ``benchmarks/bench_train.py`` times exactly what training runs. Returns the loss and logits
     (under mixing, the train accuracy the caller counts is against each image's own label).
+
+    ``share=(rank, world)``: ``images`` is this rank's part of the global batch (under torchrun,
+    :mod:`cbam_viz.training.parallel`, ``model`` wrapped in DistributedDataParallel). Each image is
+    cropped as on one process; a mixing draw (one ``lam`` and box) still serves the whole global
+    batch, but the partners come from the rank's own part, the only images it holds.
     """
-    x = random_resized_crop_flip(images.float().div_(255), size, generator=generator, scale=recipe.crop_scale)
+    x = random_resized_crop_flip(images.float().div_(255), size, generator=generator, scale=recipe.crop_scale,
+                                 share=share)
     x, partner, lam = mix_batch(x, generator=generator, cutmix_alpha=recipe.cutmix_alpha,
                                 mixup_alpha=recipe.mixup_alpha)
     x = normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)

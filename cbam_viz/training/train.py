@@ -17,6 +17,9 @@ AVX2-only AMD EPYC: 3.3 vs 41.9 img/s for resnet18_cbam at 96 px), so the CLI's 
 resumed run), then per epoch :func:`run_epoch` (:func:`~cbam_viz.training.step.epoch_order` and
 one :func:`~cbam_viz.training.step.train_step` per batch), :func:`monitor` (every ``eval_every``
 epochs) and :func:`checkpoint`; writing the weights out is :mod:`cbam_viz.training.export`.
+Under ``torchrun`` the ranks share every batch through DistributedDataParallel
+(:mod:`cbam_viz.training.parallel`) and rank 0 alone writes; a split too large for memory is
+streamed from its files (:mod:`cbam_viz.training.stream`).
 Every epoch ends with a checkpoint (``last.pt``, written atomically) and a JSON line in
 ``log.jsonl``; ``resume=True`` continues from the last finished epoch, bit for bit the same run
 as an uninterrupted one on a CPU (on a GPU, cuDNN's fastest kernels are not deterministic, so two
@@ -36,14 +39,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cbam_viz.distributed import DistContext
 from cbam_viz.models import create_model
 from cbam_viz.outputs import atomic_write
-from cbam_viz.training.data import TensorDataset, decode_images, holdout_split, load_cached_split
+from cbam_viz.training import parallel
 from cbam_viz.training.ema import WeightEMA
 from cbam_viz.training.monitor import evaluate_tensors
 from cbam_viz.training.recipe import (
     Recipe, cpu_has_fast_bf16, hardware_description, lr_at, recipe_differences, train_size_at,
 )
+from cbam_viz.training.split import TrainingSplit, load_split, load_split_on_ranks, step_batches
 from cbam_viz.training.step import epoch_order, train_step
 from cbam_viz.models.weights import WeightRecord, load_record
 
@@ -68,18 +73,6 @@ class TrainResult:
 
 
 @dataclass
-class TrainingSplit:
-    """What a run trains on (on its device) and what it monitors: the held-out files, else ``--val``."""
-
-    train: TensorDataset
-    images: torch.Tensor  # train.images on the training device
-    labels: torch.Tensor
-    holdout_files: tuple[str, ...]
-    monitor: TensorDataset | None
-    monitor_name: str  # "holdout" or "val": the prefix of the monitored figures in the log
-
-
-@dataclass
 class Run:
     """The state a run carries from epoch to epoch, and into its checkpoint."""
 
@@ -96,6 +89,9 @@ class Run:
     init: dict[str, Any] | None = None
     steps_this_call: int = 0
     hardware: str = ""  # what trains it, for every epoch's log line
+    ctx: DistContext = field(default_factory=DistContext)  # this process's place under torchrun
+    net: nn.Module | None = None  # what the steps call: the model in DistributedDataParallel, else the model
+    sync_bn: bool = False
 
     @property
     def checkpoint_path(self) -> Path:
@@ -136,6 +132,10 @@ def train(
     progress: bool = True,
     device: str | torch.device | None = None,
     init_record: WeightRecord | None = None,
+    stream: bool | None = None,
+    cache_budget: int | None = None,
+    workers: int = 2,
+    sync_bn: bool = False,
 ) -> TrainResult:
     """Train ``arch`` with ``recipe`` on ``data_dir`` (ImageFolder layout); checkpoint every epoch.
 
@@ -158,25 +158,33 @@ def train(
             recipe, training and metrics travel into the checkpoint and the exported record, so
             the shipped file still says how the first stage was trained. Not needed to resume:
             the checkpoint holds the weights and the record.
+        stream: read the training images from their files each step (True), from a decoded
+            in-memory cache (False), or choose by the cache's size against ``cache_budget`` (None):
+            :func:`~cbam_viz.training.stream.choose_data_path`; the numbers are the same either way.
+        cache_budget: bytes the decoded caches may take on this machine (default: half its memory).
+        workers: DataLoader processes decoding a streamed split.
+        sync_bn: under torchrun on GPUs, normalise BatchNorm over the global batch
+            (:mod:`cbam_viz.training.parallel` says what either choice computes).
     """
     if threads:
         torch.set_num_threads(threads)
-    device = _training_device(device, recipe)
+    ctx, device = parallel.join(_training_device(device, recipe), batch_size=recipe.batch_size, sync_bn=sync_bn)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    split = load_split(data_dir, recipe, cache_dir=cache_dir, val_dir=val_dir, device=device, progress=progress)
+    split = load_split_on_ranks(ctx, data_dir, recipe, run_dir, cache_dir=cache_dir, val_dir=val_dir, device=device,
+                                progress=progress, stream=stream, cache_budget=cache_budget, workers=workers)
     run = start_run(arch, recipe, run_dir, n_classes=len(split.train.classes), device=device, resume=resume,
-                    init_record=init_record)
+                    init_record=init_record, ctx=ctx, sync_bn=sync_bn)
     for epoch in range(run.start_epoch, recipe.epochs):
-        stats = run_epoch(run, split, epoch, max_steps=max_steps, progress=progress)
+        stats = run_epoch(run, split, epoch, max_steps=max_steps, progress=progress and ctx.main)
         if not stats.complete:  # a partial epoch is not checkpointed: a resumed run redoes it from its start
             return run.result(split, run.wall + stats.seconds)
         run.wall += stats.seconds
-        entry = _epoch_entry(run, epoch, stats)
-        monitor(run, split, entry, last=epoch == recipe.epochs - 1)
-        entry["wall_time_s"] = run.wall
-        _log(run, entry)
-        checkpoint(run, split, epoch)
+        if ctx.main:  # under torchrun rank 0 alone monitors, logs and checkpoints
+            entry = _epoch_entry(run, epoch, stats)
+            monitor(run, split, entry, last=epoch == recipe.epochs - 1)
+            entry["wall_time_s"] = run.wall
+            _log(run, entry)
+            checkpoint(run, split, epoch)
     run.model.eval()
     return run.result(split, run.wall)
 
@@ -192,60 +200,51 @@ def _training_device(device: str | torch.device | None, recipe: Recipe) -> torch
     return device
 
 
-def load_split(data_dir: str | os.PathLike, recipe: Recipe, *, cache_dir: str | os.PathLike | None = None,
-               val_dir: str | os.PathLike | None = None, device: torch.device | str = "cpu",
-               progress: bool = True) -> TrainingSplit:
-    """The training files (without the held-out share of every class) and what the run monitors.
-
-    The held-out files are decoded at the monitoring size from their own files; without any,
-    ``val_dir`` (if given) is monitored; the training cache moves to ``device`` whole.
-    """
-    full_ds = load_cached_split(data_dir, recipe.cache_size, cache_dir=cache_dir, progress=progress)
-    train_idx, hold_idx = holdout_split(full_ds, recipe.holdout)
-    train_ds = full_ds.subset(train_idx) if len(hold_idx) else full_ds
-    holdout_files = tuple(full_ds.files[i] for i in hold_idx.tolist())
-    del full_ds
-    monitor_ds, monitor_name = None, "val"  # evaluated every recipe.eval_every epochs: the held-out files, else --val
-    if holdout_files:
-        monitor_name = "holdout"
-        images = decode_images([Path(data_dir) / f for f in holdout_files], recipe.eval_size, progress=False)
-        monitor_ds = TensorDataset(images, train_ds.labels.new_tensor(
-            [train_ds.classes.index(f.split("/")[0]) for f in holdout_files]), train_ds.classes, holdout_files)
-    elif val_dir:
-        monitor_ds = load_cached_split(val_dir, recipe.eval_size, cache_dir=cache_dir, progress=progress)
-    return TrainingSplit(train_ds, train_ds.images.to(device), train_ds.labels.to(device), holdout_files,
-                         monitor_ds, monitor_name)
-
-
 def start_run(arch: str, recipe: Recipe, run_dir: str | os.PathLike, *, n_classes: int, device: torch.device,
-              resume: bool = False, init_record: WeightRecord | None = None) -> Run:
+              resume: bool = False, init_record: WeightRecord | None = None, ctx: DistContext | None = None,
+              sync_bn: bool = False) -> Run:
     """A seeded model, its optimizer and weight average: fresh, from ``init_record``, or resumed.
 
     The global seed is set right before the model is built, so the same seed gives the same
-    initial weights; a resumed run then takes every state from ``run_dir/last.pt``.
+    initial weights; a resumed run then takes every state from ``run_dir/last.pt``. Under torchrun
+    (``ctx``) the model is wrapped for DistributedDataParallel and only rank 0 keeps the weight
+    average (it alone checkpoints and exports).
     """
     torch.manual_seed(recipe.seed)
     model = create_model(arch, num_classes=n_classes, zero_init_residual=recipe.zero_init_residual)
     model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(_param_groups(model, recipe.weight_decay), lr=recipe.lr,
                                 momentum=recipe.momentum, nesterov=True)
-    run = Run(arch, recipe, device, Path(run_dir), model, optimizer, None, hardware=hardware_description(device))
-    resuming = resume and run.checkpoint_path.exists()
+    run = Run(arch, recipe, device, Path(run_dir), model, optimizer, None, hardware=hardware_description(device),
+              ctx=ctx or DistContext(), sync_bn=sync_bn)
+    ckpt = _read_checkpoint(run) if resume else None
+    resuming = ckpt is not None
     if recipe.init_from and not resuming:  # a resumed run takes its weights (and this record) from last.pt
         if init_record is None:
             raise ValueError(f"the recipe starts from {recipe.init_from!r}: pass the record to start from")
         run.init = _load_init(model, arch, init_record, recipe.init_from)
     run.ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     if resuming:
-        _resume(run)
+        _resume(run, ckpt)
+    if not run.ctx.main:
+        run.ema = None
+    run.net = parallel.wrap_model(model, run.ctx, sync_bn=sync_bn)
     model.train()
     return run
 
 
-def _resume(run: Run) -> None:
-    """Load ``last.pt`` into ``run``, refused when another recipe or architecture made it."""
+def _read_checkpoint(run: Run) -> dict[str, Any] | None:
+    """``last.pt`` (None where there is none), read by rank 0 and sent to every rank: the others need
+    not see rank 0's disk (a job over several machines without a shared folder)."""
+    path = run.checkpoint_path
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if run.ctx.main and path.exists() else None
+    return parallel.from_rank0(ckpt, run.ctx)
+
+
+def _resume(run: Run, ckpt: dict[str, Any]) -> None:
+    """Load the checkpoint ``ckpt`` into ``run``, refused when another recipe, architecture or number
+    of processes made it."""
     ckpt_path = run.checkpoint_path
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     saved = Recipe.from_json(ckpt["recipe"])
     if saved != run.recipe or ckpt["arch"] != run.arch:
         diffs = recipe_differences(saved, run.recipe)
@@ -253,6 +252,11 @@ def _resume(run: Run) -> None:
             diffs.insert(0, f"arch: {ckpt['arch']!r} -> {run.arch!r}")
         raise ValueError(f"{ckpt_path} was made by another recipe or architecture ({'; '.join(diffs)}); "
                          f"use a new run folder or the same options")
+    saved_way, this_way = _processes(ckpt.get("world", 1), ckpt.get("sync_bn", False)), _processes(run.ctx.world,
+                                                                                                  run.sync_bn)
+    if saved_way != this_way:
+        raise ValueError(f"{ckpt_path} was trained on {saved_way} and this run has {this_way}: resume it the same way "
+                         f"(each process's share of a batch depends on it), or use a new run folder")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     if run.ema is not None:
@@ -260,9 +264,15 @@ def _resume(run: Run) -> None:
     run.start_epoch, run.wall, run.history = ckpt["epoch"] + 1, ckpt["wall_time_s"], ckpt["history"]
     # The checkpoint is the record: a run killed between its log line and its checkpoint left a
     # line for an epoch that is trained again now, so the log restarts from the checkpoint's history.
-    atomic_write(run.log_path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in run.history).encode()))
     run.init = json.loads(ckpt["init"]) if "init" in ckpt else None
-    print(f"resuming {run.arch} from epoch {run.start_epoch} ({run.wall / 60:.1f} min done)")
+    if run.ctx.main:
+        atomic_write(run.log_path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in run.history).encode()))
+        print(f"resuming {run.arch} from epoch {run.start_epoch} ({run.wall / 60:.1f} min done)")
+
+
+def _processes(world: int, sync_bn: bool) -> str:
+    """``"1 process"``, ``"2 processes"``, ``"2 processes with --sync-bn"``: how a run was split."""
+    return f"{world} process{'es' if world > 1 else ''}{' with --sync-bn' if sync_bn else ''}"
 
 
 def run_epoch(run: Run, split: TrainingSplit, epoch: int, *, max_steps: int | None = None,
@@ -278,18 +288,20 @@ def run_epoch(run: Run, split: TrainingSplit, epoch: int, *, max_steps: int | No
     size = train_size_at(recipe, epoch)
     steps_per_epoch = len(split.train) // recipe.batch_size
     gen, order = epoch_order(recipe, epoch, len(split.train))
+    steps = parallel.rank_steps(order, recipe.batch_size, steps_per_epoch, run.ctx)  # all of each batch on 1 process
+    batches = step_batches(split, steps, size=recipe.cache_size, device=run.device)
+    share = (run.ctx.rank, run.ctx.world)
     t0 = time.perf_counter()
     seen, complete = 0, True
     step_losses, step_hits, step_sizes = [], [], []
     bar = tqdm(range(steps_per_epoch), desc=f"{run.arch} ep {epoch + 1}/{recipe.epochs} {size}px",
                disable=not progress, dynamic_ncols=True)
-    for i in bar:
+    for i, (images, y) in zip(bar, batches):
         step = epoch * steps_per_epoch + i
         for group in optimizer.param_groups:
             group["lr"] = lr_at(recipe, step, steps_per_epoch)
-        idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size].to(run.device)
-        y = split.labels[idx]
-        loss, logits = train_step(run.model, optimizer, split.images[idx], y, recipe=recipe, size=size, generator=gen)
+        loss, logits = train_step(run.net or run.model, optimizer, images, y, recipe=recipe, size=size, generator=gen,
+                                  share=share)
         if run.ema is not None:
             run.ema.update(step)
         seen += len(y)
@@ -305,7 +317,7 @@ def run_epoch(run: Run, split: TrainingSplit, epoch: int, *, max_steps: int | No
             complete = i == steps_per_epoch - 1
             break
     bar.close()
-    loss_sum, correct = _epoch_sums(step_losses, step_hits, step_sizes)
+    loss_sum, correct, seen = parallel.reduce_sums(*_epoch_sums(step_losses, step_hits, step_sizes), seen, run.ctx)
     return EpochStats(size, loss_sum, correct, seen, time.perf_counter() - t0, complete)
 
 
@@ -323,7 +335,8 @@ def _epoch_entry(run: Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
     return {"epoch": epoch + 1, "size": stats.size, "train_loss": stats.loss_sum / stats.seen,
             "train_acc": stats.correct / stats.seen, "img_per_s": stats.seen / stats.seconds,
             "epoch_time_s": stats.seconds, "lr_end": run.optimizer.param_groups[0]["lr"], "device": run.hardware,
-            "precision": "bf16" if run.recipe.bf16 else "fp32"}
+            "precision": "bf16" if run.recipe.bf16 else "fp32",
+            **({"processes": run.ctx.world, "sync_bn": run.sync_bn} if run.ctx.world > 1 else {})}
 
 
 def monitor(run: Run, split: TrainingSplit, entry: dict[str, Any], *, last: bool) -> None:
@@ -356,6 +369,7 @@ def _log(run: Run, entry: dict[str, Any]) -> None:
 def checkpoint(run: Run, split: TrainingSplit, epoch: int) -> None:
     """Write ``last.pt`` atomically: everything a resumed run needs to continue bit for bit."""
     state = {"arch": run.arch, "recipe": run.recipe.to_json(), "epoch": epoch, "wall_time_s": run.wall,
+             "world": run.ctx.world, "sync_bn": run.sync_bn,
              "history": run.history, "classes": list(split.train.classes), "holdout_files": list(split.holdout_files),
              **({"init": json.dumps(run.init)} if run.init is not None else {}),
              "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
