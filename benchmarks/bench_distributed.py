@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(bench_evaluate(procs, threads, work, args, *subset))
                 else:
                     rows.append(bench_cams(procs, threads, work, args, *subset))
+    print(f"\n{shlex.join(['python', 'benchmarks/bench_distributed.py', *sys.argv[1:]])}  "
+          f"({args.cores} cores; figures: images per second)")
     print(table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
