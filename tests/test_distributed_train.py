@@ -194,3 +194,16 @@ def test_resume_keeps_working_for_checkpoints_made_before_the_world_size_was_sto
     del ckpt["world"], ckpt["sync_bn"]
     torch.save(ckpt, run_dir / "last.pt")
     assert len(train(ARCH, data, run_dir, recipe=recipe, progress=False, resume=True).history) == 2
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_the_cli_says_its_choices_once_under_torchrun(monkeypatch, tmp_path, capsys, rank, printed):
+    """``bf16 auto: ...`` comes from rank 0 alone (every rank checks the options)."""
+    from cbam_viz import cli
+    from cbam_viz.training.train import TrainResult
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr("cbam_viz.training.train.train", lambda arch, data, run_dir, **kw: TrainResult(
+        run_dir, torch.nn.Identity()))
+    assert cli.main(["train", "--arch", ARCH, "--data", str(tmp_path), "--runs", str(tmp_path)]) == 0
+    assert ("bf16 auto:" in capsys.readouterr().out) is printed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import replace
@@ -54,6 +55,13 @@ def _cache_budget(args: argparse.Namespace) -> int | None:
         return parse_bytes(args.cache_budget)
     except ValueError as err:
         raise _Refusal(f"--cache-budget: {err}") from None
+
+
+def _say(text: str) -> None:
+    """Print on rank 0 of a torchrun job (torchrun's ``RANK``; always without torchrun): the options are
+    checked on every rank, and read once."""
+    if os.environ.get("RANK", "0").strip() in ("", "0"):
+        print(text)
 
 
 def _prepare_training(args: argparse.Namespace):
@@ -113,14 +121,14 @@ def _bf16_choice(args: argparse.Namespace, device) -> bool:
         import torch
 
         on = torch.cuda.get_device_capability(device)[0] >= 8
-        print(f"bf16 auto: {'on' if on else 'off'} ({torch.cuda.get_device_name(device)})")
+        _say(f"bf16 auto: {'on' if on else 'off'} ({torch.cuda.get_device_name(device)})")
         return on
     if device.type != "cpu":  # mps and others: float32, the one precision every backend trains in
         return False
     from cbam_viz.training.recipe import cpu_has_fast_bf16  # auto: only where the CPU multiplies it in hardware
 
     on = cpu_has_fast_bf16()
-    print(f"bf16 auto: {'on' if on else 'off'} (this CPU {'has' if on else 'lacks'} AVX-512 BF16 / AMX)")
+    _say(f"bf16 auto: {'on' if on else 'off'} (this CPU {'has' if on else 'lacks'} AVX-512 BF16 / AMX)")
     return on
 
 
@@ -153,7 +161,7 @@ def _check_export_options(args: argparse.Namespace, recipe):
             if not args.export:
                 raise ValueError("--settings-from needs --export (the folder the final run is written to)")
             settings = carried_settings(args.settings_from, recipe=recipe, archs=args.arch)
-            print(f"settings from {args.settings_from}: {settings['weights']} weights at {settings['input_size']} px, "
+            _say(f"settings from {args.settings_from}: {settings['weights']} weights at {settings['input_size']} px, "
                   f"as lineup {settings['carried_from']['pair']!r} chose on its held-out files")
         if args.pair_with:
             if not args.export:
