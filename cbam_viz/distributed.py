@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "context", "is_main", "shard", "gather_ordered", "barrier", "shutdown"]
+__all__ = ["DistContext", "context", "is_main", "shard", "gather_ordered", "gather_everywhere", "barrier",
+           "shutdown"]
 
 T = TypeVar("T")
 
@@ -112,6 +113,17 @@ def gather_ordered(pairs: Sequence[tuple[int, Any]], ctx: DistContext | None = N
     if len(set(indices)) != len(indices):
         raise RuntimeError("two ranks returned the same item; were they given different inputs?")
     return [v for _, v in merged]
+
+
+def gather_everywhere(pairs: Sequence[tuple[int, Any]], ctx: DistContext | None = None) -> list[Any]:
+    """:func:`gather_ordered`'s merged list on *every* rank, for a value each rank needs to go on
+    (e.g. ``ablate-gates --constant mean``: the gate means of all images, before any rank ablates)."""
+    ctx = ctx or context()
+    if ctx.world == 1:
+        return [v for _, v in sorted(pairs, key=lambda p: p[0])]
+    everyone: list[Any] = [None] * ctx.world
+    dist.all_gather_object(everyone, list(pairs))
+    return [v for _, v in sorted((p for part in everyone for p in part), key=lambda p: p[0])]
 
 
 def barrier() -> None:

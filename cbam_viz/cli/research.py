@@ -1,5 +1,9 @@
 """The research commands over a dataset: ``evaluate-cams``, ``ablate-gates``, ``channel-profiles``,
 ``sanity-check`` (``fit-ood`` registers itself from :mod:`cbam_viz.research.ood_fit`).
+
+Each also runs under ``torchrun --nproc_per_node N -m cbam_viz COMMAND ...`` (issue 31): the ranks
+share the images (:mod:`cbam_viz.research.shards`), rank 0 alone prepares the output folder, warns,
+shows progress, prints and writes the report one process writes; the other ranks print only errors.
 """
 from __future__ import annotations
 
@@ -14,16 +18,33 @@ __all__ = ["add_parsers"]
 
 
 def _lineup(command: str, args: argparse.Namespace, **kw):
-    """The lineup the command runs on (``--lineup``, alias ``--pair``), with a warning when a member is untrained."""
+    """The lineup the command runs on (``--lineup``, alias ``--pair``), with a warning when a member is
+    untrained (by rank 0 alone under torchrun).
+
+    Joins the torchrun job first (:func:`cbam_viz.distributed.context`): under NCCL that picks this
+    rank's GPU, where the lineup is then loaded.
+    """
+    from cbam_viz import distributed
     from cbam_viz.engine.lineup import load_lineup
 
+    main = distributed.context().main
     lineup = load_lineup(args.lineup, weights_dir=args.weights, **kw)
     untrained = [m.name for m in lineup.members if not m.trained]
-    if untrained:
+    if untrained and main:
         verb = "is" if len(untrained) == 1 else "are"
         print(f"{command}: warning: {', '.join(untrained)} in lineup {lineup.name!r} {verb} untrained; "
               "those numbers describe random networks", file=sys.stderr)
     return lineup
+
+
+def _finish_ranks() -> None:
+    """End a command that succeeded on this rank: under torchrun wait for every rank (rank 0 is still
+    writing when the others are done) and leave the process group, so no rank exits while another
+    still talks to it; nothing in one process. A failing rank skips this: torchrun stops the others."""
+    from cbam_viz import distributed
+
+    distributed.barrier()
+    distributed.shutdown()
 
 
 def _method_limits(items) -> dict[str, int]:
@@ -51,19 +72,23 @@ def _cmd_evaluate_cams(args: argparse.Namespace) -> int:
         seed=args.seed, max_images=args.max_images, method_limits=limits, allow_missing=args.allow_missing,
         progress=not args.no_progress,
     )
-    paths = write_report(report, cams, args.out)
-    print(paths["markdown"].read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if report is not None:  # None: a torchrun rank other than 0; rank 0 writes the report of every image
+        paths = write_report(report, cams, args.out)
+        print(paths["markdown"].read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    _finish_ranks()
     return 0
 
 
 def _run_research(command: str, args: argparse.Namespace, run) -> int:
     """Shared by the dataset commands: threads, output folder checked first, the lineup, known errors as one line.
 
-    ``run(lineup)`` does the work and returns the written paths; the Markdown one is printed.
+    ``run(lineup)`` does the work and returns the written paths (None on a torchrun rank other than
+    0, which writes and prints nothing); the Markdown one is printed.
     """
     import torch
 
+    from cbam_viz import distributed
     from cbam_viz.engine.loading import ModelLoadError
     from cbam_viz.engine.preprocess import ImageError
     from cbam_viz.messages import UserFacingError
@@ -73,13 +98,16 @@ def _run_research(command: str, args: argparse.Namespace, run) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        prepare_output_dir(args.out)
+        if distributed.context().main:
+            prepare_output_dir(args.out)
         paths = run(_lineup(command, args))
     except (KeyError, FileNotFoundError, ClassMismatchError, ImageError, UserFacingError, ModelLoadError) as err:
         print(f"{command}: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
-    print(paths["markdown"].read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if paths is not None:  # None: a torchrun rank other than 0
+        print(paths["markdown"].read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    _finish_ranks()
     return 0
 
 
@@ -89,7 +117,7 @@ def _cmd_ablate_gates(args: argparse.Namespace) -> int:
     def run(lineup):
         report, means = ablate_lineup(lineup, args.data, constant=args.constant, max_images=args.max_images,
                                       batch_size=args.batch_size, progress=not args.no_progress)
-        return write_report(report, args.out, means=means)
+        return None if report is None else write_report(report, args.out, means=means)
 
     return _run_research("ablate-gates", args, run)
 
@@ -101,7 +129,7 @@ def _cmd_channel_profiles(args: argparse.Namespace) -> int:
     def run(lineup):
         profiles = profile_lineup(lineup, args.data, max_images=args.max_images, batch_size=args.batch_size,
                                   progress=not args.no_progress)
-        return write_lineup_profiles(profiles, args.out, lineup=lineup)
+        return None if profiles is None else write_lineup_profiles(profiles, args.out, lineup=lineup)
 
     return _run_research("channel-profiles", args, run)
 
@@ -120,7 +148,7 @@ def _cmd_sanity_check(args: argparse.Namespace) -> int:
         report = sanity_dataset(lineup, args.data, methods=[m.lower() for m in args.methods], layer=args.layer,
                                 max_images=args.max_images, batch_size=args.batch_size, seed=args.seed,
                                 progress=not args.no_progress)
-        return write_report(report, args.out)
+        return None if report is None else write_report(report, args.out)
 
     return _run_research("sanity-check", args, run)
 

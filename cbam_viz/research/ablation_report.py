@@ -24,13 +24,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from cbam_viz import distributed
 from cbam_viz.engine.lineup import Lineup
 from cbam_viz.engine.loading import LoadedModel
 from cbam_viz.engine.locks import model_lock
 from cbam_viz.outputs import atomic_write_text, json_float, prepare_output_dir, write_json
 from cbam_viz.research.gate_ablation import (
-    GATE_KINDS, GateMeans, ablate_gates, ablation_grid, gate_means, gated_blocks, save_gate_means,
+    GATE_KINDS, GateMeans, ablate_gates, ablation_grid, gate_sums, gated_blocks, means_from_sums, save_gate_means,
 )
+from cbam_viz.research.shards import image_share, merge_partial_sums
 from cbam_viz.stats import paired_bootstrap
 from cbam_viz.training.evaluate import image_batches, labelled_images
 
@@ -105,6 +107,25 @@ def _count(loaded: LoadedModel, images, grid, *, constant: str, means: GateMeans
     return correct, prob_change
 
 
+def _shared_means(loaded: LoadedModel, share, ctx, **batch_kw) -> GateMeans:
+    """The gate means over *every* rank's images: each rank sums its share's gates and every rank
+    gets the partial sums added up in rank order (it ablates with them next); one process: gate_means."""
+    sums, n = gate_sums(loaded.model, image_batches(share, loaded, desc="gate means", **batch_kw))
+    total = merge_partial_sums({"sums": sums, "n": n}, ctx, everywhere=True)
+    return means_from_sums(total["sums"], total["n"])
+
+
+def _gather_counts(correct: dict, prob_change: dict, mine: list[int], ctx) -> tuple[dict, dict] | None:
+    """:func:`_count`'s per-image lists of every rank, in image order, on rank 0 (None elsewhere)."""
+    keys, grid = list(correct), list(prob_change)
+    rows = distributed.gather_ordered(
+        [(i, ([correct[k][j] for k in keys], [prob_change[k][j] for k in grid])) for j, i in enumerate(mine)], ctx)
+    if rows is None:
+        return None
+    return ({k: [r[0][c] for r in rows] for c, k in enumerate(keys)},
+            {k: [r[1][c] for r in rows] for c, k in enumerate(grid)})
+
+
 def ablate_dataset(
     loaded: LoadedModel,
     data_dir: str | os.PathLike,
@@ -118,7 +139,7 @@ def ablate_dataset(
     n_boot: int = 2000,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[dict[str, Any], GateMeans | None]:
+) -> tuple[dict[str, Any] | None, GateMeans | None]:
     """Top-1 accuracy of ``loaded``'s model with each gate ablation, on an ImageFolder split.
 
     Every ablation sees the same images as the intact model, so its accuracy drop
@@ -128,6 +149,11 @@ def ablate_dataset(
 
     With ``constant="mean"`` and no ``means``, the gate means are computed first, in one extra
     intact pass over the same images (mean ablation on the evaluated split itself).
+
+    Under torchrun (:mod:`cbam_viz.research.shards`) each rank takes an even share of the images;
+    rank 0 gathers the per-image outcomes (right or not, the probability change) in image order
+    and returns the one-process report, bootstrapped on them with the same seed; the other ranks
+    return ``(None, None)``. The gate means add up every rank's partial sums (every rank needs them).
 
     Returns:
         ``(report, means)``: the JSON-ready report (``rows``: one per ablation, see
@@ -141,13 +167,18 @@ def ablate_dataset(
     model = loaded.model
     if not gated_blocks(model):  # a plain ResNet fails here, before any work
         raise ValueError(f"{loaded.name} has no attention gate to ablate (a plain ResNet?)")
+    ctx = distributed.context()
     images = labelled_images(loaded.class_ids, data_dir, model_name=loaded.name, max_images=max_images)
+    share, mine = image_share(images, ctx)
+    progress = progress and ctx.main
     grid = ablation_grid(model, gates=gates)
     if constant == "mean" and means is None:
-        means = gate_means(model, image_batches(images, loaded, batch_size=batch_size, workers=workers,
-                                                progress=progress, desc="gate means"))
-    correct, prob_change = _count(loaded, images, grid, constant=constant, means=means, batch_size=batch_size,
-                                  workers=workers, progress=progress)
+        means = _shared_means(loaded, share, ctx, batch_size=batch_size, workers=workers, progress=progress)
+    gathered = _gather_counts(*_count(loaded, share, grid, constant=constant, means=means, batch_size=batch_size,
+                                      workers=workers, progress=progress), mine, ctx)
+    if gathered is None:  # a rank other than 0: its outcomes went to rank 0
+        return None, None
+    correct, prob_change = gathered
     base = np.asarray(correct[("intact", "")], np.float64)
     rows = []
     for block, gate in grid:
@@ -173,7 +204,7 @@ def ablate_lineup(lineup: Lineup, data_dir: str | os.PathLike, **kw) -> tuple[di
     Returns:
         ``(report, means)``: ``{"lineup", "reference", "members", "skipped" (members without a
         gate), "models": {member: ablate_dataset's report}}`` and ``{member: means}`` (members with
-        means only).
+        means only); ``(None, None)`` on a torchrun rank other than 0.
 
     Raises:
         ValueError: no member has a gate.
@@ -187,6 +218,8 @@ def ablate_lineup(lineup: Lineup, data_dir: str | os.PathLike, **kw) -> tuple[di
         models[member.name], member_means = ablate_dataset(member, data_dir, **kw)
         if member_means is not None:
             means[member.name] = member_means
+    if any(m is None for m in models.values()):
+        return None, None
     report = {"lineup": lineup.name, "reference": lineup.reference, "members": lineup.names,
               "skipped": [m.name for m in lineup.members if m not in gated], "models": models}
     return report, means

@@ -33,12 +33,14 @@ from matplotlib.figure import Figure  # no pyplot: no global backend or figure s
 from PIL import Image
 from torch import nn
 
+from cbam_viz import distributed
 from cbam_viz.engine.attention import attention_gates, record_attention
 from cbam_viz.engine.lineup import Lineup
 from cbam_viz.training.evaluate import image_batches, labelled_images
 from cbam_viz.outputs import json_float
 from cbam_viz.engine.loading import LoadedModel
 from cbam_viz.engine.locks import model_lock
+from cbam_viz.research.shards import image_share, merge_partial_sums
 
 __all__ = [
     "ChannelProfiles", "accumulate_profiles", "has_channel_gates", "profile_dataset", "profile_lineup",
@@ -91,6 +93,12 @@ def accumulate_profiles(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         ``(counts (K,), means {block: (K, C)}, mean_squares {block: (K, C)})``, float64; a class
         without images has a nan row.
     """
+    return _class_means(*_class_sums(model, batches, num_classes=num_classes))
+
+
+def _class_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                num_classes: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(counts (K,), sums {block: (K, C)}, sums of squares {block: (K, C)})`` of the channel gates, float64."""
     counts = np.zeros(num_classes, np.int64)
     sums: dict[str, torch.Tensor] = {}
     squares: dict[str, torch.Tensor] = {}
@@ -108,15 +116,22 @@ def accumulate_profiles(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
                 squares[block] = torch.zeros_like(sums[block])
             sums[block].index_add_(0, y, g)
             squares[block].index_add_(0, y, g * g)
+    return counts, {b: s.numpy() for b, s in sums.items()}, {b: s.numpy() for b, s in squares.items()}
+
+
+def _class_means(counts: np.ndarray, sums: dict[str, np.ndarray], squares: dict[str, np.ndarray]):
+    """:func:`_class_sums` divided by the counts: ``(counts, means, mean_squares)`` (nan rows: no image)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         n = counts[:, None].astype(np.float64)
-        means = {b: s.numpy() / n for b, s in sums.items()}
-        mean_squares = {b: s.numpy() / n for b, s in squares.items()}
+        means = {b: s / n for b, s in sums.items()}
+        mean_squares = {b: s / n for b, s in squares.items()}
     return counts, means, mean_squares
 
 
 def profile_lineup(lineup: Lineup, data_dir: str | os.PathLike, **kw) -> dict[str, ChannelProfiles]:
     """:func:`profile_dataset` for every member of ``lineup`` with channel gates, in its order.
+
+    Under torchrun: every member's profiles on rank 0, None on the other ranks (see :func:`profile_dataset`).
 
     Raises:
         ValueError: no member has a channel gate.
@@ -124,7 +139,8 @@ def profile_lineup(lineup: Lineup, data_dir: str | os.PathLike, **kw) -> dict[st
     gated = [m for m in lineup.members if has_channel_gates(m.model)]
     if not gated:
         raise ValueError(f"no member of lineup {lineup.name!r} has a channel gate ({', '.join(lineup.names)})")
-    return {m.name: profile_dataset(m, data_dir, **kw) for m in gated}
+    profiles = {m.name: profile_dataset(m, data_dir, **kw) for m in gated}
+    return None if any(p is None for p in profiles.values()) else profiles
 
 
 def profile_dataset(
@@ -135,11 +151,16 @@ def profile_dataset(
     batch_size: int = 32,
     workers: int = 2,
     progress: bool = True,
-) -> ChannelProfiles:
+) -> ChannelProfiles | None:
     """The per-class channel-gate profiles of ``loaded``'s model on an ImageFolder split.
 
     Images are decoded and labelled as ``python -m cbam_viz evaluate`` does
     (:func:`cbam_viz.training.evaluate.image_batches`); ``max_images`` keeps an evenly spread subset.
+
+    Under torchrun (:mod:`cbam_viz.research.shards`) each rank sums the gates of its share of the
+    images per class; rank 0 adds the ranks' *partial sums* up in rank order and returns the
+    profiles (equal to one process's within float64 rounding: the sums are added in another
+    order), the other ranks None.
 
     Raises:
         ValueError: the model has no channel gate.
@@ -148,10 +169,16 @@ def profile_dataset(
     if not has_channel_gates(loaded.model):
         raise ValueError(f"{loaded.name} has no channel gate: channel profiles need a CBAM, SE or BAM model")
     t0 = time.perf_counter()
+    ctx = distributed.context()
     images = labelled_images(loaded.class_ids, data_dir, model_name=loaded.name, max_images=max_images)
-    batches = image_batches(images, loaded, batch_size=batch_size, workers=workers, progress=progress,
+    share, _ = image_share(images, ctx)
+    batches = image_batches(share, loaded, batch_size=batch_size, workers=workers, progress=progress and ctx.main,
                             desc=f"channel profiles {loaded.name}")
-    counts, means, mean_squares = accumulate_profiles(loaded.model, batches, num_classes=len(loaded.class_ids))
+    counts, sums, squares = _class_sums(loaded.model, batches, num_classes=len(loaded.class_ids))
+    total = merge_partial_sums({"counts": counts, "sums": sums, "squares": squares}, ctx)
+    if total is None:  # a rank other than 0: its sums went to rank 0
+        return None
+    counts, means, mean_squares = _class_means(total["counts"], total["sums"], total["squares"])
     return ChannelProfiles(
         class_ids=tuple(loaded.class_ids), class_names=tuple(loaded.classes), counts=counts, means=means,
         mean_squares=mean_squares, model_name=loaded.name, data=str(data_dir),

@@ -50,7 +50,7 @@ from cbam_viz.stats import pearson
 
 __all__ = [
     "GATE_KINDS", "ALL_BLOCKS", "CONSTANTS", "GateMeans", "ablatable_gates", "gated_blocks", "ablation_grid",
-    "ablate_gates", "gate_means", "save_gate_means", "load_gate_means", "ablation_effects", "ablate_image",
+    "ablate_gates", "gate_means", "gate_sums", "means_from_sums", "save_gate_means", "load_gate_means", "ablation_effects", "ablate_image",
 ]
 
 #: What an ablation replaces: the channel gate, the spatial gate, or both (BAM: its joint gate).
@@ -202,6 +202,12 @@ def gate_means(model: nn.Module, batches) -> GateMeans:
         float32: a channel gate averaged over images, a spatial gate over images and positions,
         BAM's joint gate per channel over images and positions.
     """
+    return means_from_sums(*gate_sums(model, batches))
+
+
+def gate_sums(model: nn.Module, batches) -> tuple[dict[tuple[str, str], torch.Tensor], int]:
+    """The sums behind :func:`gate_means` (float64, per ``(block, kind)``) and the number of images:
+    what one torchrun rank adds up over its share of the images (``{}``, 0 for no image)."""
     gates = ablatable_gates(model)
     sums: dict[tuple[str, str], torch.Tensor] = {}
     handles = []
@@ -225,6 +231,11 @@ def gate_means(model: nn.Module, batches) -> GateMeans:
         finally:
             for h in handles:
                 h.remove()
+    return sums, n
+
+
+def means_from_sums(sums: dict[tuple[str, str], torch.Tensor], n: int) -> GateMeans:
+    """:func:`gate_sums` (of one process, or added up over the ranks) -> :func:`gate_means`' result."""
     if n == 0:
         raise ValueError("no images to average the gates over")
     out: GateMeans = {}

@@ -26,7 +26,6 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,12 +34,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cbam_viz import distributed
+from cbam_viz.distributed import DistContext
 from cbam_viz.engine.cam import compute_cams
 from cbam_viz.engine.lineup import Lineup
 from cbam_viz.engine.loading import LoadedModel
 from cbam_viz.engine.locks import model_lock
 from cbam_viz.engine.preprocess import to_model_batch
-from cbam_viz.outputs import atomic_write_text, json_float, prepare_output_dir, write_json
+from cbam_viz.outputs import json_float
+from cbam_viz.research.sanity_files import markdown_report, write_report
+from cbam_viz.research.shards import image_share
 from cbam_viz.stats import bootstrap, paired_bootstrap, pearson
 from cbam_viz.training.evaluate import image_batches, labelled_images
 
@@ -294,6 +297,21 @@ def _vs_reference(results: Mapping[str, SanityResult], reference: str, *, n_boot
             for name, r in results.items() if name != reference}
 
 
+def _gather_result(parts: Sequence[SanityResult], mine: Sequence[int], ctx: DistContext) -> SanityResult | None:
+    """This rank's batches -> one result over every rank's images, in image order, on rank 0 (None
+    elsewhere). Per image, each method's SSIM and rank correlation at every step travel."""
+    own = SanityResult.concat(parts) if parts else None
+    pairs = [] if own is None else [
+        (i, {m: (own.ssim[m][:, j], own.rank[m][:, j]) for m in own.methods}) for j, i in enumerate(mine)]
+    per_image = distributed.gather_ordered(pairs, ctx)
+    if per_image is None:
+        return None
+    if own is None:
+        raise ValueError("no image to run the sanity check on")
+    stack = lambda k: {m: np.stack([v[m][k] for v in per_image], axis=1) for m in own.methods}
+    return SanityResult(own.model_name, own.methods, own.steps, stack(0), stack(1), own.layer)
+
+
 def sanity_dataset(
     lineup: Lineup,
     data_dir: str | os.PathLike,
@@ -306,77 +324,39 @@ def sanity_dataset(
     seed: int = 0,
     n_boot: int = 2000,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The cascade for every member of ``lineup`` over an ImageFolder split; a JSON-ready report.
 
     Images are decoded as ``python -m cbam_viz evaluate`` does, at each member's own input size;
     each mean gets a 95 % bootstrap interval over images (:func:`cbam_viz.stats.bootstrap`),
     and each member other than the reference the paired interval of its final-step rank
     correlation minus the reference's (``vs_reference``; empty for a lineup of one).
+
+    Under torchrun (:mod:`cbam_viz.research.shards`) each rank runs the cascade on an even share
+    of the images (the random networks are seeded per step, so every rank randomises alike);
+    rank 0 gathers the per-image SSIMs and rank correlations in image order and returns the
+    one-process report, bootstrapped with the same seed; the other ranks return None.
     """
     t0 = time.perf_counter()
+    ctx = distributed.context()
     models, results = {}, {}
     for loaded in lineup.members:
         images = labelled_images(loaded.class_ids, data_dir, model_name=loaded.name, max_images=max_images)
+        share, mine = image_share(images, ctx)
         parts = [sanity_check(loaded.model, x, methods=methods, layer=layer, seed=seed, model_name=loaded.name)
-                 for x, _ in image_batches(images, loaded, batch_size=batch_size, workers=workers,
-                                           progress=progress, desc=f"sanity {loaded.name}")]
-        results[loaded.name] = SanityResult.concat(parts)
+                 for x, _ in image_batches(share, loaded, batch_size=batch_size, workers=workers,
+                                           progress=progress and ctx.main, desc=f"sanity {loaded.name}")]
+        result = _gather_result(parts, mine, ctx)
+        if result is None:  # a rank other than 0 (every rank goes through every member: the gathers pair up)
+            continue
+        results[loaded.name] = result
         models[loaded.name] = {**_summary(results[loaded.name], n_boot=n_boot, seed=seed),
                                "trained": loaded.trained, "input_size": loaded.input_size}
+    if not ctx.main:
+        return None
     return {"lineup": lineup.name, "reference": lineup.reference, "data": str(data_dir), "models": models,
             "vs_reference": _vs_reference(results, lineup.reference, n_boot=n_boot, seed=seed),
             "pass_threshold": PASS_THRESHOLD,
             "settings": {"methods": list(methods), "seed": seed, "n_boot": n_boot, "max_images": max_images,
                          "batch_size": batch_size, "torch_threads": torch.get_num_threads()},
             "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _cell(iv: Mapping[str, Any]) -> str:
-    return "n/a" if iv["value"] is None else f"{iv['value']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]"
-
-
-def _vs_reference_markdown(report: Mapping[str, Any]) -> list[str]:
-    vs = report.get("vs_reference") or {}
-    if not vs:
-        return []
-    methods = list(next(iter(vs.values())))
-    lines = [f"### Each model − {report['reference']}: rank correlation at the last step (lower: more dependent "
-             "on the learnt weights), paired over the same images", "",
-             "| model | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    lines += [f"| {name} | " + " | ".join(_cell(d[m]) for m in methods) + " |" for name, d in vs.items()]
-    return lines + [""]
-
-
-def markdown_report(report: Mapping[str, Any]) -> str:
-    """One table per model: cascade step x method -> SSIM and rank correlation with 95 % intervals."""
-    lines = [f"## Sanity check: cascading model randomisation (lineup {report.get('lineup', report.get('pair'))})", "",
-             f"CAMs of the trained model vs the same model with its stages re-initialised top-down, cumulatively "
-             f"(Adebayo et al., NeurIPS 2018), on `{report['data']}`. Values: mean over images [95 % bootstrap "
-             f"interval]. A method passes when its mean rank correlation at the last step is below "
-             f"{report['pass_threshold']}: its maps depend on the learnt weights.", ""]
-    for m in report["models"].values():
-        methods = list(m["methods"])
-        lines += [f"### {m['name']} ({m['n']} images, layer {m['layer']})", ""]
-        if not m["trained"]:
-            lines += ["> **Untrained model**: the 'trained' CAMs come from a random network.", ""]
-        lines += ["| re-initialised up to | " + " | ".join(f"{x} SSIM | {x} rank corr." for x in methods) + " |",
-                  "|---|" + "---|---|" * len(methods)]
-        for i, step in enumerate(m["steps"]):
-            cells = [f"{_cell(m['methods'][x]['ssim'][i])} | {_cell(m['methods'][x]['rank_correlation'][i])}"
-                     for x in methods]
-            lines.append(f"| {step} | " + " | ".join(cells) + " |")
-        verdicts = ", ".join(f"{x}: {'passes' if m['methods'][x]['passes'] else '**FAILS**'}" for x in methods)
-        lines += ["", f"Verdict: {verdicts}.", ""]
-    lines += _vs_reference_markdown(report)
-    lines += [f"Run time: {report['seconds']:.0f} s, {report['settings']['torch_threads']} threads.", ""]
-    return "\n".join(lines)
-
-
-def write_report(report: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Path]:
-    """Write ``sanity.md`` and ``sanity.json`` (last) to ``out``, atomically."""
-    out = prepare_output_dir(out)
-    paths = {"markdown": out / "sanity.md", "json": out / "sanity.json"}
-    atomic_write_text(paths["markdown"], markdown_report(report))
-    write_json(report, paths["json"])
-    return paths

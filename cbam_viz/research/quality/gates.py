@@ -26,7 +26,8 @@ from cbam_viz.research.quality.boxes import Box
 from cbam_viz.research.quality.metrics import DEFAULT_THRESHOLDS, box_hits_over_thresholds, energy_in_boxes, pointing_game
 from cbam_viz.stats import bootstrap, max_box_acc_stat, mean_stat, paired_bootstrap, to_json_list
 
-__all__ = ["CENTRE", "LOCALIZATION_METRICS", "centre_gaussian", "score_map", "spatial_gate_scores"]
+__all__ = ["CENTRE", "LOCALIZATION_METRICS", "centre_gaussian", "image_gate_scores", "score_map",
+           "spatial_gate_scores", "summarize_gate_scores"]
 
 #: Name of the reference map in the results.
 CENTRE = "centre Gaussian"
@@ -56,6 +57,14 @@ def _stack(values: list[dict]) -> dict[str, np.ndarray]:
             "maxboxacc": np.stack([v["ious"] for v in values]).astype(np.float64)}
 
 
+def image_gate_scores(maps: Mapping[str, np.ndarray], size: tuple[int, int], boxes: Sequence[Box]) -> dict[str, dict]:
+    """One image's :func:`score_map` of every block's spatial map (in their order), then of the
+    centre Gaussian (key :data:`CENTRE`): the per-image values a torchrun rank sends to rank 0."""
+    out = {block: score_map(normalize_cam(m, size), boxes) for block, m in maps.items()}
+    out[CENTRE] = score_map(centre_gaussian(size), boxes)
+    return out
+
+
 def spatial_gate_scores(
     gates: Sequence[Mapping[str, np.ndarray]],
     sizes: Sequence[tuple[int, int]],
@@ -73,19 +82,25 @@ def spatial_gate_scores(
         boxes: per image, its true boxes.
 
     Returns:
+        :func:`summarize_gate_scores` of the images' :func:`image_gate_scores`.
+    """
+    if not gates:
+        raise ValueError("no spatial-gate maps to score (a model without a spatial gate has none)")
+    return summarize_gate_scores([image_gate_scores(m, size, bxs) for m, size, bxs in zip(gates, sizes, boxes)],
+                                 iou_threshold=iou_threshold, n_boot=n_boot, seed=seed)
+
+
+def summarize_gate_scores(per_image: Sequence[Mapping[str, dict]], *, iou_threshold: float = 0.5,
+                          n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Bootstrap intervals of every block and the centre Gaussian over the images' :func:`image_gate_scores`.
+
+    Returns:
         JSON-ready ``{"blocks", "reference", "results": {name: {metric: interval}},
         "vs_centre": {block: {metric: paired interval of block - centre}},
         "per_image": {name: {"pointing": [...], "energy": [...]}}}``.
     """
-    if not gates:
-        raise ValueError("no spatial-gate maps to score (a model without a spatial gate has none)")
-    blocks = list(gates[0])
-    values: dict[str, list[dict]] = {name: [] for name in (*blocks, CENTRE)}
-    for maps, size, bxs in zip(gates, sizes, boxes):
-        for block in blocks:
-            values[block].append(score_map(normalize_cam(maps[block], size), bxs))
-        values[CENTRE].append(score_map(centre_gaussian(size), bxs))
-    stacked = {name: _stack(v) for name, v in values.items()}
+    blocks = [name for name in per_image[0] if name != CENTRE]
+    stacked = {name: _stack([scores[name] for scores in per_image]) for name in (*blocks, CENTRE)}
     stats = {"pointing": mean_stat, "energy": mean_stat, "maxboxacc": max_box_acc_stat(iou_threshold)}
 
     def interval(name: str, metric: str) -> dict:

@@ -21,10 +21,11 @@ reference (``member - reference``) a *paired* bootstrap interval over images (:m
 the images support, one that straddles 0 is not. :func:`cbam_viz.research.quality.report.write_report`
 writes the result.
 
-The steps, one function each: :func:`_load_boxed_images` (the images, their boxes and true
-classes), :func:`_run_method` (CAMs over the images, batched, and :func:`_score_cam` per image),
-:func:`_per_image_record` (per-image values, JSON-ready), :func:`summarize` (bootstrap), and
-:func:`evaluate_cams` tying them into the report.
+The steps: :func:`cbam_viz.research.quality.boxed_images.load_boxed_images` (the images, their
+boxes and true classes), :mod:`cbam_viz.research.quality.passes` (CAMs and spatial-gate maps over
+the images, batched, scored per image; under ``torchrun`` each rank takes an even share and rank 0
+gathers every image's values), :func:`_per_image_record` (per-image values, JSON-ready),
+:func:`summarize` (bootstrap), and :func:`evaluate_cams` tying them into the report.
 
 Cost on a 2-core CPU: gradient methods (Grad-CAM, Grad-CAM++, LayerCAM) need one forward and a
 partial backward per image and member; Score-CAM needs one forward per channel of ``layer4``
@@ -40,39 +41,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from cbam_viz.engine.attention import attention_gates, record_attention
+from cbam_viz import distributed
+from cbam_viz.engine.attention import attention_gates
 from cbam_viz.engine.cam import list_methods
 from cbam_viz.engine.controls import check_method
-from cbam_viz.engine.explain import ModelExplanation, explain
-from cbam_viz.engine.faithfulness import blur_fill_image, perturbation_scores, resize_cam
 from cbam_viz.engine.lineup import Lineup, load_lineup
-from cbam_viz.engine.preprocess import to_model_batch
 from cbam_viz.research.quality.boxed_images import BoxedImages, check_classes, load_boxed_images
-from cbam_viz.research.quality.boxes import Box
-from cbam_viz.research.quality.gates import spatial_gate_scores
-from cbam_viz.research.quality.metrics import (
-    DEFAULT_THRESHOLDS, METRICS, box_hits_over_thresholds, energy_in_boxes, max_box_acc, pointing_game,
-)
-from cbam_viz.research.quality.report import CAM_STORE_SIZE, REPORT_VERSION
+from cbam_viz.research.quality.metrics import DEFAULT_THRESHOLDS, METRICS, max_box_acc
+from cbam_viz.research.quality.passes import run_methods, spatial_gates
+from cbam_viz.research.quality.report import REPORT_VERSION
 from cbam_viz.stats import (
     bootstrap, from_json_list, max_box_acc_stat, mean_stat, paired_bootstrap, to_json_list,
 )
-from cbam_viz.training.evaluate import spread_indices
 
 __all__ = ["DEFAULT_FRACTIONS", "DEFAULT_METHODS", "evaluate_cams", "summarize"]
 
 DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam")
 DEFAULT_FRACTIONS = (0.2, 0.5)
-
-
-def _quantize(cam: np.ndarray) -> np.ndarray:
-    small = cv2.resize(cam.astype(np.float32), (CAM_STORE_SIZE, CAM_STORE_SIZE), interpolation=cv2.INTER_AREA)
-    return np.clip(np.rint(small * 255), 0, 255).astype(np.uint8)
 
 
 def _check_settings(methods: Sequence[str], fractions: Sequence[float]) -> tuple[list[str], tuple[float, ...]]:
@@ -83,70 +71,6 @@ def _check_settings(methods: Sequence[str], fractions: Sequence[float]) -> tuple
     if not fractions or not all(0 < f < 1 for f in fractions):
         raise ValueError(f"fractions must lie in (0, 1), got {fractions}")
     return methods, fractions
-
-
-def _score_cam(
-    me: ModelExplanation, boxes: Sequence[Box], model: torch.nn.Module, x: torch.Tensor, *,
-    fractions: tuple[float, ...], imputer: str, fill: torch.Tensor | None,
-) -> dict[str, Any]:
-    """Every per-image value of one model's CAM: localization on the image, faithfulness on ``x``."""
-    cam = me.cam
-    cam_in = cam if cam.shape == tuple(x.shape[-2:]) else resize_cam(cam, x.shape[-2:])
-    p0 = next(p.prob for p in me.predictions if p.index == me.target)
-    s = perturbation_scores(model, x, cam_in, me.target, fractions=fractions, imputer=imputer, p_original=p0,
-                            fill=fill)
-    return {"pointing": pointing_game(cam, boxes), "energy": energy_in_boxes(cam, boxes),
-            "ious": box_hits_over_thresholds(cam, boxes, thresholds=DEFAULT_THRESHOLDS),
-            "p": s["p"], "morf": s["morf"], "lerf": s["lerf"], "top1": me.predictions[0].index}
-
-
-def _run_method(
-    method: str, imgs: BoxedImages, index: np.ndarray, lineup: Lineup, *, layer: str | None, batch_size: int,
-    fractions: tuple[float, ...], imputer: str, fills: dict[tuple, torch.Tensor], bar,
-) -> tuple[dict[str, list[dict]], dict[str, np.ndarray]]:
-    """Every member's CAMs of the true class on the images ``index``, scored.
-
-    Returns:
-        ``({member: [values of each image]}, {member: (len(index), 112, 112) uint8 CAMs})``.
-        ``fills`` caches the blur background per (image, model preprocessing) across methods.
-    """
-    values: dict[str, list[dict]] = {name: [] for name in lineup.names}
-    store = {name: np.zeros((len(index), CAM_STORE_SIZE, CAM_STORE_SIZE), np.uint8) for name in lineup.names}
-    num_classes = len(lineup.reference_model.classes)
-    for start in range(0, len(index), batch_size):
-        chunk = index[start:start + batch_size]
-        photos = [imgs.images[i] for i in chunk]
-        exps = explain(photos, lineup, method=method, target=[imgs.targets[i] for i in chunk], layer=layer,
-                       topk=num_classes)
-        for member in lineup.members:
-            batch = to_model_batch(photos, member.input_size, member.mean, member.std)
-            for j, (i, exp) in enumerate(zip(chunk, exps)):
-                me, x = exp.models[member.name], batch[j]
-                fkey = (int(i), member.input_size, tuple(member.mean), tuple(member.std))
-                if imputer == "blur" and fkey not in fills:
-                    fills[fkey] = blur_fill_image(x)
-                values[member.name].append(_score_cam(me, imgs.boxes[imgs.keys[i]], member.model, x,
-                                                      fractions=fractions, imputer=imputer, fill=fills.get(fkey)))
-                store[member.name][start + j] = _quantize(me.cam)
-        bar.update(len(chunk))
-    return values, store
-
-
-def _spatial_gate_maps(imgs: BoxedImages, member, *, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Every spatial-gate map of ``member`` for each image (``[]`` for a member without one): plain forwards.
-
-    The gates do not depend on the CAM method or the target class, so they are recorded once.
-    """
-    out: list[dict[str, np.ndarray]] = []
-    for start in range(0, len(imgs.images), batch_size):
-        x = to_model_batch(imgs.images[start:start + batch_size], member.input_size, member.mean, member.std)
-        with member.lock, torch.no_grad(), record_attention(member.model) as maps:
-            member.model(x.to(member.device))
-        spatial = {owner: g["spatial"] for owner, g in maps.items() if "spatial" in g}
-        if not spatial:
-            return []
-        out += [{owner: m[j].float().cpu().numpy() for owner, m in spatial.items()} for j in range(len(x))]
-    return out
 
 
 def _per_member_record(values: list[dict], iou_threshold: float) -> dict[str, Any]:
@@ -205,39 +129,6 @@ def summarize(method_rec: dict, *, reference: str, iou_threshold: float, n_boot:
                                             seed=seed).to_json()
                      for name in members if name != reference},
         }
-    return out
-
-
-def _run_methods(imgs: BoxedImages, lineup: Lineup, methods: list[str], *, method_limits: Mapping[str, int],
-                 iou_threshold: float, progress: bool, **run_kw) -> tuple[dict, dict, dict]:
-    """Every method over the images: ``(per_image, cams, timings)``."""
-    n = len(imgs.keys)
-    per_image: dict[str, Any] = {}
-    cams: dict[str, np.ndarray] = {}
-    timings: dict[str, dict[str, float]] = {}
-    fills: dict[tuple, torch.Tensor] = {}  # blur background per (image, preprocessing): the same for every CAM
-    total = sum(len(spread_indices(n, method_limits.get(m))) for m in methods)
-    with tqdm(total=total, desc="evaluate-cams", unit="img", disable=not progress) as bar:
-        for method in methods:
-            t0, c0 = time.perf_counter(), time.process_time()
-            index = spread_indices(n, method_limits.get(method))
-            bar.set_postfix_str(method)
-            values, store = _run_method(method, imgs, index, lineup, fills=fills, bar=bar, **run_kw)
-            per_image[method] = _per_image_record(index, values, iou_threshold)
-            cams.update({f"{method}/{name}": cam for name, cam in store.items()})
-            timings[method] = {"wall_s": round(time.perf_counter() - t0, 2),
-                               "cpu_s": round(time.process_time() - c0, 2), "images": len(index)}
-    return per_image, cams, timings
-
-
-def _spatial_gates(imgs: BoxedImages, lineup: Lineup, *, batch_size: int, **score_kw) -> dict[str, Any]:
-    """``{member: spatial_gate_scores(...)}`` for every member with spatial maps (CBAM, BAM), in order."""
-    out = {}
-    for member in lineup.members:
-        gates = _spatial_gate_maps(imgs, member, batch_size=batch_size)
-        if gates and gates[0]:
-            out[member.name] = spatial_gate_scores(gates, [im.size for im in imgs.images],
-                                                   [imgs.boxes[k] for k in imgs.keys], **score_kw)
     return out
 
 
@@ -324,7 +215,9 @@ def evaluate_cams(
     Returns:
         ``(report, cams)``: the JSON-ready report (see :func:`cbam_viz.research.quality.report.write_report`)
         and ``{"<method>/<member>": (n, 112, 112) uint8}`` CAMs for
-        :func:`cbam_viz.research.quality.view.render_record`.
+        :func:`cbam_viz.research.quality.view.render_record`. Under torchrun: rank 0 gets the
+        one-process report (every image's values, gathered in order, bootstrapped with the same
+        seed), the other ranks ``(None, None)``.
 
     Raises:
         FileNotFoundError: ``data`` or ``boxes`` missing.
@@ -338,15 +231,19 @@ def evaluate_cams(
     method_limits = dict(method_limits or {})
     lineup = load_lineup() if lineup is None else lineup
     check_classes(lineup)
+    ctx = distributed.context()
     imgs = load_boxed_images(data, boxes, lineup, max_images=max_images, allow_missing=allow_missing)
-    per_image, cams, timings = _run_methods(
-        imgs, lineup, methods, method_limits=method_limits, iou_threshold=iou_threshold, progress=progress,
-        layer=layer, batch_size=batch_size, fractions=fractions, imputer=imputer)
+    ran = run_methods(imgs, lineup, methods, method_limits=method_limits, progress=progress, ctx=ctx, layer=layer,
+                      batch_size=batch_size, fractions=fractions, imputer=imputer)
+    t0 = time.perf_counter()
+    spatial = spatial_gates(imgs, lineup, batch_size=batch_size, ctx=ctx, iou_threshold=iou_threshold,
+                            n_boot=n_boot, seed=seed)
+    if ran is None:  # a torchrun rank other than 0: rank 0 has every image's values
+        return None, None
+    values, cams, timings, index = ran
+    per_image = {m: _per_image_record(index[m], values[m], iou_threshold) for m in methods}
     results = {m: summarize(per_image[m], reference=lineup.reference, iou_threshold=iou_threshold, n_boot=n_boot,
                             seed=seed) for m in methods}
-    t0 = time.perf_counter()
-    spatial = _spatial_gates(imgs, lineup, batch_size=batch_size, iou_threshold=iou_threshold, n_boot=n_boot,
-                             seed=seed)
     report = _report(data, boxes, lineup, imgs, settings=_settings(
         lineup, methods, layer, fractions, imputer, iou_threshold, n_boot, seed, max_images, method_limits))
     report.update(results=results, per_image=per_image, spatial_gates=spatial,
