@@ -13,7 +13,10 @@ same images, with a bootstrap interval; a lineup of one is measured without comp
   (``ablate-gates``);
 * :mod:`~cbam_viz.research.channel_profiles`: per-class channel-gate profiles of every member with
   channel gates (``channel-profiles``), their files in :mod:`~cbam_viz.research.profile_files`;
-* :mod:`~cbam_viz.research.sanity`: the model-randomisation test of the CAM methods (``sanity-check``);
+* :mod:`~cbam_viz.research.sanity`: the model-randomisation test of the CAM methods (``sanity-check``),
+  its files in :mod:`~cbam_viz.research.sanity_files`;
+* :mod:`~cbam_viz.research.shards`: the four dataset commands above under ``torchrun`` (the ranks
+  share the images, rank 0 writes the one-process report);
 * :mod:`~cbam_viz.research.ood_fit` / :mod:`~cbam_viz.research.ood_eval`: fit and compare the
   out-of-distribution scores (``fit-ood``).
 
