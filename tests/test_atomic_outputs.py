@@ -185,3 +185,21 @@ def test_pictures_encoded_in_memory_decode_to_the_same_picture():
         assert diff.max() == 0 if fmt == "png" else diff.mean() < 3
     with pytest.raises(ValueError, match="jpeg or png"):
         outputs.image_bytes(chart, "gif")
+
+
+def test_old_request_folders_are_looked_for_at_most_every_interval(tmp_path, monkeypatch):
+    """A request does not list every folder of the last hour: the cleanup runs once per interval."""
+    def old_folder(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        os.utime(folder, (0, 0))
+        return folder
+
+    first = old_folder("req-first")
+    outputs.new_request_dir(tmp_path)
+    second = old_folder("req-second")
+    outputs.new_request_dir(tmp_path)
+    assert not first.exists() and second.exists()  # within the interval: not looked for
+    monkeypatch.setattr(outputs, "CLEANUP_EVERY_S", 0.0)
+    outputs.new_request_dir(tmp_path)
+    assert not second.exists()
