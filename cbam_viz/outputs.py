@@ -43,7 +43,8 @@ __all__ = [
     "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_png", "write_jpeg", "write_json", "write_npz",
     "write_zip", "npz_arrays", "image_bytes", "data_uri", "PNG_FAST", "JPEG_QUALITY", "safe_stem", "unique_stem",
     "prepare_output_dir",
-    "OUTPUT_ROOT", "OUTPUT_MAX_AGE_S", "CLEANUP_EVERY_S", "RESULT_ID", "result_dir", "new_request_dir", "cleanup_outputs",
+    "OUTPUT_ROOT", "OUTPUT_MAX_AGE_S", "CLEANUP_EVERY_S", "RESULT_ID", "result_dir", "new_request_dir",
+    "cleanup_outputs",
 ]
 
 #: Where per-request folders go. Under the system temp folder, which Gradio may serve from.
