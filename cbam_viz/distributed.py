@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "context", "is_main", "shard", "gather_ordered", "gather_everywhere", "barrier",
-           "shutdown"]
+           "shutdown", "leave"]
 
 T = TypeVar("T")
 
@@ -138,6 +138,18 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _context = None
+
+
+def leave() -> None:
+    """End a command that succeeded on this rank: wait for every rank that joined the job, then leave it.
+
+    A rank that exits while another still talks to it can take the job down (gloo aborts the
+    survivor), so every command ends here (:func:`cbam_viz.cli.main`); nothing happens in a process
+    that never joined a group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    shutdown()
 
 
 def map_sharded(fn: Callable[[T], Any], items: Sequence[T], ctx: DistContext | None = None) -> list[Any] | None:

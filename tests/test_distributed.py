@@ -56,6 +56,28 @@ def test_one_process_is_the_identity(monkeypatch):
     assert distributed.map_sharded(str.upper, "ab") == ["A", "B"]
 
 
+def test_a_finished_command_leaves_the_job(monkeypatch):
+    """``cli.main`` ends every successful command with ``leave``: the group is left (a rank that
+    exits still joined can abort the others), and a process that never joined is left alone."""
+    import torch.distributed as dist
+
+    from cbam_viz import cli
+
+    monkeypatch.setattr(distributed, "_context", None)
+    left = []
+    monkeypatch.setattr(cli, "run_command", lambda args: 0)
+    monkeypatch.setattr(distributed, "leave", lambda: left.append(True))
+    assert cli.main(["model-card"]) == 0 and left == [True]
+    monkeypatch.undo()
+    distributed.leave()  # never joined: nothing to do, nothing initialised
+    assert not dist.is_initialized()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    distributed.leave()
+    assert not dist.is_initialized() and distributed._context is None
+
+
 def test_shards_are_interleaved_even_and_complete():
     ctxs = [distributed.DistContext(rank=r, world=3) for r in range(3)]
     shards = [distributed.shard(list(range(11)), c) for c in ctxs]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from cbam_viz import distributed
 from cbam_viz.cli import explain, models, research, training
 from cbam_viz.cli.errors import run_command
 from cbam_viz.cli.help import extend_parser
@@ -32,4 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(args)  # checks, then the command; any failure -> one sentence and an exit status
+    status = run_command(args)  # checks, then the command; any failure -> one sentence and an exit status
+    if status == 0:
+        distributed.leave()  # under torchrun: no rank exits while another still talks to it
+    return status
