@@ -51,7 +51,7 @@ TARGETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
     "cbam_viz.engine.cam_library": (None, ("tests/test_science_cams.py", "tests/test_cam.py")),
     "cbam_viz.research.gate_ablation": (
         ("ablatable_gates", "gated_blocks", "_kinds_of", "_applies", "ablation_grid", "_check_ablation",
-         "_constant_hook", "ablate_gates", "gate_means", "save_gate_means", "load_gate_means", "ablation_effects",
+         "_constant_hook", "ablate_gates", "gate_means", "gate_sums", "means_from_sums", "save_gate_means", "load_gate_means", "ablation_effects",
          "ablate_image"),
         ("tests/test_science_ablation.py", "tests/test_gate_ablation.py")),
     "cbam_viz.research.ablation_report": (

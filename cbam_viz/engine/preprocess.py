@@ -220,7 +220,7 @@ def to_model_batch(
     for image in images:
         rgb = image if isinstance(image, Image.Image) and is_display_rgb(image) else to_rgb(image)
         _check_size(*rgb.size)
-        # Same call as cbam_viz.training.data._decode_one: bilinear with PIL's antialiasing support.
+        # Same call as cbam_viz.training.data.decode_one: bilinear with PIL's antialiasing support.
         arrays.append(np.asarray(rgb.resize((size, size), Image.BILINEAR, reducing_gap=None)))
     if not arrays:
         raise ValueError("no images given")
