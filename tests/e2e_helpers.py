@@ -18,6 +18,7 @@ As a script (what ``tests/test_container.py`` hands ``container-smoke.sh`` as ``
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shutil
@@ -249,14 +250,17 @@ def _client_smoke(url: str) -> int:
         t0 = time.perf_counter()
         outputs = client_explain(url, image)
         elapsed = time.perf_counter() - t0
-    files = [o for o in _flatten(outputs) if isinstance(o, str) and Path(o).is_file()]
-    images = [f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
-    print(f"client-smoke: {api_summary(outputs)}; {len(images)} image file(s); {elapsed:.1f}s")
+    # /explain's pictures travel inside its answer as data URIs (image files, if an app returns them, too).
+    images = {f: Path(f).read_bytes() for f in _flatten(outputs) if isinstance(f, str) and Path(f).is_file()
+              and f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))}
+    images.update({f"{uri[:24]}... #{i}": base64.b64decode(uri.split(",", 1)[1])
+                   for i, uri in enumerate(_data_uris(outputs))})
+    print(f"client-smoke: {api_summary(outputs)}; {len(images)} picture(s); {elapsed:.1f}s")
     if not images:
-        print("client-smoke: FAILED: /explain returned no image file", file=sys.stderr)
+        print("client-smoke: FAILED: /explain returned no picture", file=sys.stderr)
         return 1
-    for f in images:
-        size, std = image_stats(Path(f).read_bytes())
+    for f, data in images.items():
+        size, std = image_stats(data)
         if std < 1.0:
             print(f"client-smoke: FAILED: {f} is blank ({size}, std {std:.2f})", file=sys.stderr)
             return 1
@@ -273,6 +277,18 @@ def _flatten(obj):
             if key in obj:
                 yield from _flatten(obj[key])
     else:
+        yield obj
+
+
+def _data_uris(obj):
+    """Every ``data:image/...;base64,`` string anywhere in an answer."""
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _data_uris(item)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _data_uris(value)
+    elif isinstance(obj, str) and obj.startswith("data:image/"):
         yield obj
 
 

@@ -7,6 +7,8 @@ The lineups are tiny (tests/app_lineups.py): ``trio`` = ResNet-18 | + SE | + CBA
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbam_viz import service
+from cbam_viz import outputs, service
 from cbam_viz.app import content, results
 from cbam_viz.messages import UserFacingError
 from tests.app_lineups import prop, tiny_lineup, val
@@ -332,14 +334,23 @@ def test_info_and_explain_in_process(app, use_lineups, upload):
     assert [m["name"] for m in info["members"]] == trio.names and info["reference"] == trio.reference
     assert [m["gates"] for m in info["members"]] == [[], ["channel"], ["channel", "spatial"]]
     assert info["classes"] == ["tench", "church", "golf ball"] and info["trained"] is False
-    summary, overlays, attention, files = app.explain_api(upload)
-    assert list(summary["models"]) == trio.names == summary["members"]
-    assert [caption for _, caption in overlays] == [f"{m['title']} ({m['name']})" for m in info["members"]]
-    assert all(Path(path).is_file() for path, _ in overlays)
-    captions = [caption for _, caption in attention]
-    assert any("spatial" in c and info["members"][2]["title"] in c for c in captions)
-    assert not any(info["members"][0]["title"] + ":" in c for c in captions)  # the plain ResNet has no gate
-    assert sorted(Path(f).suffix for f in files) == [".json", ".npz"]
+    summary, pictures = app.explain_api(upload)
+    assert list(summary["models"]) == trio.names == summary["members"] == list(pictures)
+    assert [p["caption"] for p in pictures.values()] == [f"{m['title']} ({m['name']})" for m in info["members"]]
+    kinds = {n: sorted(k for k in p if k != "caption") for n, p in pictures.items()}
+    assert list(kinds.values()) == [["cam_overlay"], ["cam_overlay", "channel_overview"],  # the plain ResNet: no gate
+                                    ["cam_overlay", "channel_overview", "spatial_sheet"]]
+    for p in pictures.values():
+        for kind, uri in p.items():
+            if kind != "caption":
+                fmt = "png" if kind == "channel_overview" else "jpeg"
+                assert uri.startswith(f"data:image/{fmt};base64,")
+                with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+                    assert im.format.lower() == fmt and (kind != "cam_overlay" or im.size == (96, 72)), im.size
+    folder = outputs.result_dir(summary["result_id"])  # only what /downloads builds from is written
+    assert sorted(f.suffix for f in folder.iterdir()) == [".json", ".npz"]
+    assert app.explain_api(upload, pictures=False)[1] == {} == app.explain_api(upload, pictures="false")[1]
+    assert list(app.explain_api(upload, pictures="true")[1]) == trio.names
 
 
 def test_the_composite_stays_reachable_for_api_callers(use_lineups, tmp_path, monkeypatch):
@@ -349,8 +360,8 @@ def test_the_composite_stays_reachable_for_api_callers(use_lineups, tmp_path, mo
 
     monkeypatch.setattr(outputs, "OUTPUT_ROOT", tmp_path)
     photo = make_image(tmp_path / "p.png", size=(80, 64))
-    summary, overlays, _, files = api.api_explain(str(photo))
-    assert not any(Path(f).suffix == ".png" and "composite" in f for f in files)
+    summary, pictures = api.api_explain(str(photo))
+    assert not any("composite" in kind for p in pictures.values() for kind in p)
     downloads = results.downloads_view(summary["result_id"])
     png = next(f for f in downloads if f.endswith(".png"))
     with Image.open(png) as im:

@@ -5,6 +5,8 @@ frame, transparency on white, full-range 8 bits) or one plain sentence saying wh
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -198,15 +200,15 @@ def test_live_server_survives_the_corpus(corpus_dir, test_weights, tmp_path):
                     assert_one_sentence(message, expected_error, forbidden=("/tmp/gradio",))
                 check_good()  # the next good request still works
                 continue
-            summary, overlays, attention, files = explain_file(path)
+            summary, pictures = explain_file(path)
             assert summary["image"]["name"] == case.filename
             assert summary["image"]["original_size"] == list(case.ok), case.kind
             assert summary["image"]["analysed_size"] == list(case.display_size), case.kind
-            assert len(overlays) == len(summary["members"]) == 2
-            for overlay in overlays:
-                with Image.open(overlay["image"]) as im:
+            assert list(pictures) == summary["members"] and len(pictures) == 2
+            for member in pictures.values():  # each overlay a data URI of the analysed size
+                with Image.open(io.BytesIO(base64.b64decode(member["cam_overlay"].split(",", 1)[1]))) as im:
                     assert im.size == case.display_size, case.kind
-            assert attention and len(files) == 2
+            assert "spatial_sheet" in pictures[summary["members"][-1]]  # the CBAM member's attention
         check_good()
         peak = _vm_hwm_bytes(app.proc.pid)
         assert app.proc.poll() is None, app.log_tail()

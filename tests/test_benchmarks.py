@@ -74,6 +74,20 @@ def test_bench_server_answers_every_request(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_bench_roundtrip_prints_what_serving_adds(tmp_path):
+    """One request of each kind: the split is printed, and /explain's answer carries its pictures
+    inline (a data URI per member's overlay at least) and no file to fetch."""
+    out_json = tmp_path / "roundtrip.json"
+    out = _run([str(BENCH / "bench_roundtrip.py"), "--requests", "1", "--json", str(out_json)], 900)
+    assert re.search(r"^  serving adds -?\d+ ms = -?\d+\.\d\dx the floor \(target <= 1\.5x\)", out, re.M), out
+    assert re.search(r"^  paired, per request .*: -?\d+ ms = -?\d+\.\d\dx the floor: (NOT )?met$", out, re.M), out
+    (result,) = json.loads(out_json.read_text()).values()
+    assert result["files_returned"] == 0 and result["inline_pictures"] >= len(result["members"]), result
+    assert result["inline_bytes"] > 1000 and set(result["p50_s"]) == {"floor", "request", "round_trip", "in_process"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_bench_coldstart_runs(tmp_path):
     out = _run([str(BENCH / "bench_coldstart.py"), "--starts", "1"], 900)
     assert re.search(r"cold start \(CBAM_VIZ_WARMUP=1, median of 1\): .* first /explain answered [\d.]+ s", out), out

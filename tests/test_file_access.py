@@ -147,7 +147,8 @@ def test_file_routes_serve_nothing_outside_allowed_paths(app, secrets):
 @pytest.mark.slow
 def test_api_refuses_server_paths_given_as_uploads(app, secrets):
     """/explain with a path the user did not upload: refused before the app opens the image."""
-    controls = ["gradcam", "auto (predicted class)", "auto (last block)", 0.5, TEST_PAIR]
+    # The last input, pictures=False: the summary alone.
+    controls = ["gradcam", "auto (predicted class)", "auto (last block)", 0.5, TEST_PAIR, False]
     status, body = _upload(app.url, "mine.png", secrets["png"].read_bytes())
     assert status == 200
     (mine,) = json.loads(body)

@@ -312,7 +312,10 @@ def test_a_request_draws_and_writes_only_what_its_caller_shows(use_pair, image, 
     api = service.explain_files([image], out_root=tmp_path, pictures=service.API_PICTURES,
                                 write=service.API_FILES).results[0]
     assert set(api.files) == {"json", "npz"} and api.photo is None and api.faithfulness is None
-    assert list(api.spatial_sheets) == list(api.channel_overviews) == [use_pair.names[-1]]
+    # /explain's pictures are drawn, and travel in its answer: its folder holds what /downloads reads.
+    assert api.overlays == api.spatial_sheets == api.channel_overviews == {}
+    assert list(api.analysis.spatial_sheets) == list(api.analysis.channel_overviews) == [use_pair.names[-1]]
+    assert sorted(f.suffix for f in (tmp_path / api.result_id).iterdir()) == [".json", ".npz"]
     with pytest.raises(ValueError, match="unknown pictures"):
         service.analyse(image, lineup=use_pair, pictures=["overlays", "sketch"])
     with pytest.raises(ValueError, match="unknown files"):

@@ -3,9 +3,9 @@
 A request draws and writes only what its caller shows (``pictures=`` and ``write=`` of
 :func:`explain_files`): the page a few JPEGs and builds the composite when a person asks for the
 downloads (:func:`cbam_viz.service.results.build_downloads`, from the JSON and npz every request
-writes), the ``/explain`` API what it returns. Photo-like pictures are JPEG, charts PNG at a low
-zlib level; request folders are temporary, so their files skip ``fsync``
-(:func:`cbam_viz.outputs.atomic_write`). Each request writes into its own fresh folder, so users
+writes), the ``/explain`` API only the JSON and npz (its pictures go back inside its answer).
+Photo-like pictures are JPEG, charts PNG at a low zlib level; request folders are temporary, so
+their files skip ``fsync`` (:func:`cbam_viz.outputs.atomic_write`). Each request writes into its own fresh folder, so users
 never see each other's files. The files a person keeps (:func:`save`, the CLI) are durable.
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ __all__ = ["IMAGE_SUFFIXES", "ALL_FILES", "PAGE_FILES", "API_FILES", "ImageResul
 ALL_FILES = frozenset({"photo", "pictures", "composite", "json", "npz"})
 #: The page: the composite waits for the downloads button.
 PAGE_FILES = frozenset({"photo", "pictures", "json", "npz"})
-#: ``/explain``: its pictures, the JSON and the npz.
-API_FILES = frozenset({"pictures", "json", "npz"})
+#: ``/explain``: the JSON and the npz alone, what ``/downloads`` builds from (its pictures travel in
+#: its answer, encoded in memory: no file for Gradio to copy into its cache and the caller to fetch).
+API_FILES = frozenset({"json", "npz"})
 #: File suffixes treated as images when a folder is given.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
