@@ -80,3 +80,25 @@ def test_shipped_report_renders_every_metric():
         pictures, _ = quality_view.differing_images(report, key, quality_view.method_choices(report)[0], "both", 2)
         assert len(pictures) == 2
         assert isinstance(pictures[0][0], Image.Image) and pictures[0][0].width > pictures[0][0].height
+
+
+def test_the_tab_sets_any_member_beside_the_reference(report_dir, monkeypatch):
+    """The tab's "compared with" choice: every member but the reference, the last first (the default),
+    and the chosen one is the CAM drawn beside the reference's."""
+    from cbam_viz.app import content, quality
+
+    path, _ = report_dir
+    report, _ = quality_view.load_app_report(path)
+    others = [m for m in report["members"] if m != report["reference"]]
+    assert len(others) == 2 and quality.compared_members(report) == others[::-1]
+    assert quality.compared_members({"members": ["a"], "reference": "a"}) == ["a"]  # a lineup of one
+    assert quality.compared_members(None) == []
+    monkeypatch.setattr(content, "quality_report", lambda: (report, ""))
+    monkeypatch.setattr(quality, "quality_report", lambda: (report, ""))
+    for member in others:
+        pictures, _ = quality.quality_differences("energy", "gradcam", "both", 2, member)
+        assert pictures and all(member in caption for _, caption in pictures)
+        assert all(o not in caption for o in others if o != member for _, caption in pictures)
+    default, _ = quality.quality_differences("energy", "gradcam", "both", 2)
+    assert [c for _, c in default] == [c for _, c in quality.quality_differences("energy", "gradcam", "both", 2,
+                                                                                  others[-1])[0]]

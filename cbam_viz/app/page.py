@@ -11,6 +11,7 @@ from PIL import Image
 
 from cbam_viz import service
 from cbam_viz.app import content
+from cbam_viz.app.quality import compared_members
 from cbam_viz.app.content import Choices
 from cbam_viz.app.text import lineup_markdown
 from cbam_viz.engine.controls import AUTO_LAYER, AUTO_TARGET, DEFAULT_METHOD
@@ -90,6 +91,7 @@ class PageView:
     method_note: str = ""
     quality_metrics: Choices = field(default_factory=lambda: Choices([], None))
     quality_directions: Choices = field(default_factory=lambda: Choices([], None))
+    quality_members: Choices = field(default_factory=lambda: Choices([], None))  # set beside the reference
     quality_reading: str = ""   # the forest plot's two-line reading
     method: str = "gradcam"     # the CAM method the page shows (a shared link's, else as it opened)
 
@@ -114,6 +116,7 @@ def page_view(method: str | None = "gradcam", *, lineup_name: str | None = None,
 
     methods = method_choices(report) if report else ["gradcam"]
     metrics = metric_choices()
+    compared = compared_members(report)
     return PageView(lineups=Choices(lineups, chosen), examples=content.examples(),
                     quality_markdown=content.quality_markdown(), quality_figure=content.quality_figure(),
                     quality_methods=Choices(methods, methods[0]), quality_note=note,
@@ -122,6 +125,7 @@ def page_view(method: str | None = "gradcam", *, lineup_name: str | None = None,
                     quality_metrics=Choices(metrics, "energy" if any(k == "energy" for _, k in metrics) else
                                             metrics[0][1]),
                     quality_directions=Choices(list(DIRECTIONS), next(iter(DIRECTIONS))),
+                    quality_members=Choices(compared, compared[0] if compared else None),
                     quality_reading=content.quality_reading())
 
 

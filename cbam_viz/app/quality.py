@@ -17,7 +17,8 @@ from PIL import Image
 
 from cbam_viz.app.content import ROOT, quality_report
 
-__all__ = ["CHANNEL_PROFILES", "CHANNEL_PROFILES_ENV", "QualityExtras", "quality_differences", "quality_extras"]
+__all__ = ["CHANNEL_PROFILES", "CHANNEL_PROFILES_ENV", "QualityExtras", "compared_members", "quality_differences",
+           "quality_extras"]
 
 #: The channel-profiles folder (``python -m cbam_viz channel-profiles``) shown in the quality tab.
 CHANNEL_PROFILES = ROOT / "docs" / "channel_profiles"
@@ -25,15 +26,26 @@ CHANNEL_PROFILES_ENV = "CBAM_VIZ_CHANNEL_PROFILES"
 
 
 @functools.lru_cache(maxsize=8)
-def _differing_images(metric: str, method: str, direction: str, k: int):
+def _differing_images(metric: str, method: str, direction: str, k: int, member: str | None):
     # The report never changes while the app runs: the same choice gives the same pictures.
     from cbam_viz.research.quality.view import differing_images  # torchvision: see the module docstring
 
-    return differing_images(quality_report()[0], metric, method, direction, k)
+    return differing_images(quality_report()[0], metric, method, direction, k, member=member)
 
 
-def quality_differences(metric: str, method: str, direction: str, k: float) -> tuple[list, str]:
-    """The Explanation-quality tab: the images where the two CAMs score most differently, and a note."""
+def compared_members(report: dict | None) -> list[str]:
+    """The members the tab can set beside the reference (every other member; the reference itself in
+    a lineup of one), the last first: the default of :func:`quality_differences`."""
+    if not report:
+        return []
+    others = [m for m in report["members"] if m != report["reference"]] or [report["reference"]]
+    return others[::-1]
+
+
+def quality_differences(metric: str, method: str, direction: str, k: float,
+                        member: str | None = None) -> tuple[list, str]:
+    """The Explanation-quality tab: the images where the reference's and ``member``'s CAMs (default:
+    the last member) score most differently, and a note."""
     from cbam_viz.research.quality.view import DIRECTIONS  # torchvision: see the module docstring
 
     report, note = quality_report()
@@ -41,7 +53,7 @@ def quality_differences(metric: str, method: str, direction: str, k: float) -> t
         return [], note
     if not metric or not method:  # the tab opened before the page load filled its controls
         return [], ""
-    return _differing_images(metric, method, DIRECTIONS.get(direction, "both"), int(k or 6))
+    return _differing_images(metric, method, DIRECTIONS.get(direction, "both"), int(k or 6), member or None)
 
 
 @dataclass(frozen=True)
