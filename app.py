@@ -37,6 +37,7 @@ QUEUE_SIZE = int(os.environ.get("CBAM_VIZ_QUEUE_SIZE", "32"))
 UPLOAD = upload.upload_allowed()
 MAX_FILE_SIZE = os.environ.get("CBAM_VIZ_MAX_FILE_SIZE", "20mb" if not UPLOAD else "500mb")  # a checkpoint is larger
 MAX_IMAGES = int(os.environ.get("CBAM_VIZ_MAX_IMAGES", "16"))
+EXAMPLES_PER_PAGE = 16  # every example on one page: ten Imagenette classes + the unfamiliar ones
 MCP_SERVER = os.environ.get("CBAM_VIZ_MCP", "0") == "1"
 METHODS = list_methods()  # the registry's names: code, not files
 SLOTS = range(page.MAX_MEMBERS)
@@ -73,13 +74,14 @@ def on_load(lineup_name=None, method_value=None, target_value=None, layer_value=
     """
     view = _run(page.page_view, method_value, lineup_name=lineup_name, target=target_value, layer=layer_value,
                 result_id=result_id)
-    samples = gr.Dataset(samples=[[path] for path, _ in view.examples],
+    samples = gr.Dataset(samples=[[path] for path, _ in view.examples], samples_per_page=EXAMPLES_PER_PAGE,
                          sample_labels=[caption for _, caption in view.examples], visible=bool(view.examples))
     return {lineup: panels.update(view.lineups), examples: samples, quality_md: view.quality_markdown,
             quality_reading: view.quality_reading,
             quality_fig: gr.update(value=view.quality_figure, visible=view.quality_figure is not None),
             q_metric: panels.update(view.quality_metrics), q_method: panels.update(view.quality_methods),
-            q_direction: panels.update(view.quality_directions), q_note: view.quality_note, method: view.method,
+            q_direction: panels.update(view.quality_directions), q_member: panels.update(view.quality_members),
+            q_note: view.quality_note, method: view.method,
             method_md: view.method_note,
             **ui.lineup(view.lineup, markdown=lineup_md, target=target, layer=layer, card=about_md)}
 
@@ -157,7 +159,8 @@ def show_quality_extras():
             gr.update(value=extras.profiles_rows, visible=extras.profiles_rows is not None), extras.profiles_note)
 
 
-def explain_api(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, alpha=0.5, lineup_name=None):
+def explain_api(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, alpha=0.5, lineup_name=None,
+                pictures=True):
     """Explain one photo with every model of a lineup (e.g. ResNet-18, + SE, + BAM, + CBAM): predictions,
     CAMs, and what every attention gate did.
 
@@ -168,14 +171,15 @@ def explain_api(image, method="gradcam", target=AUTO_TARGET, layer=AUTO_LAYER, a
         layer: residual block the CAM looks at: "auto (last block)" or a name such as layer3.1.
         alpha: opacity of the heat map over the photo, 0 to 1.
         lineup_name: the lineup of models (default: the first /info lists under "lineups").
+        pictures: false for the summary alone (the pictures are long base64 text, e.g. for an MCP client).
 
     Returns:
         summary JSON ("models": each member's top-5 predictions, CAM target, gates, out-of-distribution
-        score; faithfulness, warnings, timings, metadata), each member's CAM overlay (captioned with its
-        title), each gated member's attention pictures, and the JSON and npz (raw maps, keyed by member
-        name) files.
+        score; faithfulness, warnings, timings, metadata; "result_id" for /downloads), and each member's
+        pictures as data URIs ({name: {"caption", "cam_overlay", "spatial_sheet", "channel_overview"}};
+        a gated member's attention only). The composite, JSON file and npz (raw maps): /downloads.
     """
-    return _run(api.api_explain, image, method, target, layer, alpha, lineup_name)
+    return _run(api.api_explain, image, method, target, layer, alpha, lineup_name, pictures)
 
 
 def downloads_api(result_id: str):
@@ -198,9 +202,9 @@ def info_api(lineup_name=None):
     return _run(api.api_info, lineup_name)
 
 
-def show_differences(metric: str, method_value: str, direction: str, k: float):
-    """The Explanation-quality tab: the images where the two CAMs score most differently."""
-    return _run(quality.quality_differences, metric, method_value, direction, k)
+def show_differences(metric: str, method_value: str, direction: str, k: float, member: str | None = None):
+    """The Explanation-quality tab: the images where the reference's and a member's CAMs score most differently."""
+    return _run(quality.quality_differences, metric, method_value, direction, k, member)
 
 
 def load_example(index: int):
@@ -224,6 +228,7 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
                                 label=f"Or several photos at once (up to {MAX_IMAGES})")
                 # Filled on page load (the examples are written to the temp folder on first use).
                 examples = gr.Dataset(components=[image], samples=[], type="index", visible=False,
+                                      samples_per_page=EXAMPLES_PER_PAGE,
                                       label="Examples (each answers at once after its first use)")
             with gr.Column(scale=2):
                 lineup = gr.Dropdown([], value=None, label="Lineup (models side by side)",
@@ -260,6 +265,7 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
             q_metric = gr.Dropdown([], value=None, label="Metric", elem_id="quality_metric")
             q_method = gr.Dropdown(["gradcam"], value="gradcam", label="CAM method")  # the report's, on load
             q_direction = gr.Radio([], value=None, label="Show")
+            q_member = gr.Dropdown([], value=None, label="Compared with the reference", elem_id="quality_member")
             q_k = gr.Slider(1, 16, value=6, step=1, label="Images")
         q_note = gr.Markdown()
         q_gallery = gr.Gallery(label="Boxed photo | reference CAM | compared model's CAM", columns=2, height="auto",
@@ -280,10 +286,9 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
         api_button = gr.Button("explain (API)")
         info_button = gr.Button("info (API)")
         api_summary = gr.JSON(label="summary")
-        api_overlays = gr.Gallery(label="each member's CAM overlay", format="jpeg")
-        api_attention = gr.Gallery(label="each gated member's attention (spatial sheet, channel overview)",
-                                   format="png")
-        api_files = gr.File(file_count="multiple", label="JSON and npz")
+        # The pictures as data URIs inside the answer: no file to cache and fetch (docs/performance.md).
+        api_pictures = gr.JSON(label="each member's pictures (data URIs)")
+        api_want_pictures = gr.Checkbox(value=True, label="pictures")
         api_info = gr.JSON(label="info")
         downloads_button = gr.Button("downloads (API)")
         api_result_id = gr.Textbox(label="result id")
@@ -296,7 +301,7 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
     # preprocess=False: a shared link restores the lineup's value before on_load gives the dropdown its choices.
     demo.load(on_load, inputs=[lineup, method, target, layer, ui.current], preprocess=False,
               outputs=[lineup, examples, quality_md, quality_reading, quality_fig, q_metric, q_method, q_direction,
-                       q_note, method, method_md, *lineup_parts], api_visibility="private")
+                       q_member, q_note, method, method_md, *lineup_parts], api_visibility="private")
     # The answers about the shown result (downloads, a clicked point, the gate ablation: seconds each)
     # are cancelled when another result is shown, so a late one never lands under the new photo
     # (the cancelled work itself finishes in its thread: Gradio cannot stop a running function).
@@ -331,14 +336,14 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
         own.button.click(add_own_model, inputs=[own.checkpoint, own.classes, own.name],
                          outputs=[own.result, lineup, *view], api_visibility="private", preprocess=False,
                          concurrency_limit=1, concurrency_id="add_model")
-    api_button.click(explain_api, inputs=[image, method, target, layer, alpha, lineup],
-                     outputs=[api_summary, api_overlays, api_attention, api_files],
+    api_button.click(explain_api, inputs=[image, method, target, layer, alpha, lineup, api_want_pictures],
+                     outputs=[api_summary, api_pictures],
                      api_name="explain", preprocess=False)
     # preprocess=False: the lineup dropdown's choices arrive with the page, an API caller names any lineup
     # (an unknown one gets its one sentence from get_lineup, not Gradio's "not in the list of choices").
     info_button.click(info_api, inputs=[lineup], outputs=[api_info], api_name="info", preprocess=False)
     downloads_button.click(downloads_api, inputs=[api_result_id], outputs=[api_downloads], api_name="downloads")
-    q_inputs = [q_metric, q_method, q_direction, q_k]
+    q_inputs = [q_metric, q_method, q_direction, q_k, q_member]
     # One render at a time for this tab: explanations keep the cores. ``input``, not ``change``: a person's
     # choice renders, the page load filling the choices does not.
     gr.on([quality_tab.select, *(c.input for c in q_inputs)], show_differences, inputs=q_inputs,

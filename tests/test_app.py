@@ -8,6 +8,8 @@ gradio_client.
 from __future__ import annotations
 
 import ast
+import base64
+import io
 import json
 import subprocess
 import sys
@@ -136,9 +138,9 @@ def _fake(name):
     ("add_own_model", "upload", "add_model_view", ("ckpt", "classes", "mine")),
     ("show_quality_extras", quality, "quality_extras", ()),
     ("on_method_change", content, "method_note", ("scorecam",)),
-    ("explain_api", "api", "api_explain", ("img", "gradcam", "auto", "layer3.1", 0.3, "lineup")),
+    ("explain_api", "api", "api_explain", ("img", "gradcam", "auto", "layer3.1", 0.3, "lineup", False)),
     ("info_api", "api", "api_info", ("lineup",)),
-    ("show_differences", quality, "quality_differences", ("energy", "gradcam", "CBAM better", 3)),
+    ("show_differences", quality, "quality_differences", ("energy", "gradcam", "CBAM better", 3, "m2")),
     ("on_lineup_change", page, "lineup_view", ("lineup", "church", "layer3.1")),
     ("on_lineup_pick", page, "shows_another_lineup", ("lineup", "req-x/00_a", [{"x": 1}])),
     ("on_load", page, "page_view", ("lineup", "gradcam++", "church", "layer3.1")),
@@ -317,6 +319,16 @@ def _opens(path: str) -> tuple[int, int]:
         return im.size
 
 
+def _decoded(uri: str, kind: str) -> tuple[int, int]:
+    """The size of a data-URI picture of /explain's answer, checked to be of the format it says."""
+    head, data = uri.split(",", 1)
+    assert head == f"data:image/{kind};base64", head
+    with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+        im.load()
+        assert im.format.lower() == kind
+        return im.size
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_explain_endpoint_end_to_end(tmp_path):
@@ -334,24 +346,33 @@ def test_explain_endpoint_end_to_end(tmp_path):
         info = client.predict(api_name="/info")
         names = [m["name"] for m in info["members"]]
         assert info["lineup"] == info["lineups"][0] and info["reference"] in names
-        summary, overlays, attention, files = client.predict(handle_file(str(good)), api_name="/explain")
+        summary, pictures = client.predict(handle_file(str(good)), api_name="/explain")
         assert summary["members"] == names and set(summary["models"]) == set(names)
         for name in names:
             preds = summary["models"][name]["predictions"]
             assert preds and all(0.0 <= p["prob"] <= 1.0 for p in preds)
             assert summary["models"][name]["target"]["label"] in summary["metadata"]["classes"]
         assert summary["image"]["name"] == "street.png"
-        assert [o["caption"] for o in overlays] == [f"{m['title']} ({m['name']})" for m in info["members"]]
-        assert all(_opens(o["image"]) == (320, 240) for o in overlays)
+        # The pictures travel inside the answer (data URIs), in display order, captioned; no file to fetch.
+        assert list(pictures) == names
+        assert [p["caption"] for p in pictures.values()] == [f"{m['title']} ({m['name']})" for m in info["members"]]
+        assert all(_decoded(p["cam_overlay"], "jpeg") == (320, 240) for p in pictures.values())
         gated = [m for m in info["members"] if m["gates"]]
-        assert attention and all(_opens(item["image"]) for item in attention)
-        assert any("spatial" in (item.get("caption") or "") for item in attention) == any(
-            "spatial" in m["gates"] for m in gated)
-        by_suffix = {f.rsplit(".", 1)[-1]: f for f in files}
+        for m in info["members"]:
+            assert ("spatial_sheet" in pictures[m["name"]]) == ("spatial" in m["gates"])
+            assert ("channel_overview" in pictures[m["name"]]) == ("channel" in m["gates"])
+            if "channel" in m["gates"]:
+                assert _decoded(pictures[m["name"]]["channel_overview"], "png")
+            if "spatial" in m["gates"]:
+                assert _decoded(pictures[m["name"]]["spatial_sheet"], "jpeg")
+        bare, no_pictures = client.predict(handle_file(str(good)), pictures=False, api_name="/explain")
+        assert no_pictures == {} and bare["members"] == names
+        # The files /explain does not return: built on demand from its result_id.
+        downloads = client.predict(summary["result_id"], api_name="/downloads")
+        assert sorted(f.rsplit(".", 1)[-1] for f in downloads) == ["json", "npz", "png"]
+        by_suffix = {f.rsplit(".", 1)[-1]: f for f in downloads}
         doc = json.loads(open(by_suffix["json"]).read())
         assert {**doc, "result_id": summary["result_id"]} == summary  # the JSON file is the summary
-        downloads = client.predict(summary["result_id"], api_name="/downloads")  # what /explain no longer draws
-        assert sorted(f.rsplit(".", 1)[-1] for f in downloads) == ["json", "npz", "png"]
         assert _opens(next(f for f in downloads if f.endswith(".png")))[0] > 320  # the photo + a CAM per member
         assert {"image", "lineup", "reference", "members", "method", "layer", "alpha", "models", "warnings",
                 "timings", "metadata", "faithfulness", "target_request", "layer_request"} <= set(doc)
@@ -367,8 +388,8 @@ def test_explain_endpoint_end_to_end(tmp_path):
         # The same app is an MCP server (CBAM_VIZ_MCP=1): /explain and /info are its tools, nothing else.
         tools = {t.name: t for t in _mcp_tools(app.url + "/gradio_api/mcp/")}
         assert set(tools) == {"downloads_api", "explain_api", "info_api"}, sorted(tools)
-        assert "lineup" in tools["explain_api"].description and "image" in tools["explain_api"].inputSchema[
-            "properties"]
+        assert "lineup" in tools["explain_api"].description
+        assert {"image", "pictures"} <= set(tools["explain_api"].inputSchema["properties"])
         assert "classes" in tools["info_api"].description
 
         # A broken upload: one readable sentence, no traceback, no server path.

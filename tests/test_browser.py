@@ -406,6 +406,7 @@ def test_an_example_answers(page):
     examples = page.locator(".gallery-item, [data-testid=dataset] button, table.gallery td").first
     if not examples.count():
         pytest.skip("no example pictures on this machine")
+    assert not page.locator(".paginate").count(), "the examples are split over pages: a visitor sees only some"
     before = {i: cam_overlay(page, i) for i in member_cams(page)}
     explain_and_wait(page, before=before, click=examples.click)
     for elem_id in member_cams(page):
