@@ -333,3 +333,34 @@ def test_without_a_name_the_default_lineup_is_evaluated(trio, tmp_path, capsys):
     assert main(["evaluate", "--weights", str(tmp_path / "empty"), "--data", str(data), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "no lineup" in err and "--model" in err and "Traceback" not in err
+
+
+def test_compare_tests_two_members_against_each_other_on_the_same_images(trio, tmp_path, capsys):
+    """``--compare CBAM:SE`` answers "does the spatial gate add anything over channel attention?"
+    with the same paired test as the reference's, from the same per-image outcomes."""
+    weights, data = trio
+    out, md = tmp_path / "eval.json", tmp_path / "eval.md"
+    cbam, se = "resnet18_cbam_tiny", "resnet18_se_tiny"
+    assert main(["evaluate", "--weights", str(weights), "--lineup", "trio", "--data", str(data), "--out", str(out),
+                 "--markdown", str(md), "--no-progress", "--compare", f"{cbam}:{se}"]) == 0
+    assert f"{cbam} - {se} top-1" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    (d,) = doc["comparisons"]
+    a = np.array(evaluate_record(_record(weights, cbam), data, weights_dir=weights, progress=False).correct, float)
+    b = np.array(evaluate_record(_record(weights, se), data, weights_dir=weights, progress=False).correct, float)
+    assert (d["member"], d["reference"], d["n"]) == (cbam, se, 12)
+    assert d["difference"] == pytest.approx(a.mean() - b.mean())
+    assert (d["only_member_right"], d["only_reference_right"]) == (int(((a == 1) & (b == 0)).sum()),
+                                                                   int(((a == 0) & (b == 1)).sum()))
+    assert doc["reference"] == "resnet18_tiny" and set(doc["differences"]) == {se, cbam}  # the reference's kept
+    assert f"| `{cbam}` − `{se}` | {100 * d['difference']:+.2f} |" in md.read_text()
+
+
+@pytest.mark.parametrize("pair", ["resnet18_cbam_tiny:nope", "resnet18_cbam_tiny", "a:a", "a:b:c"])
+def test_a_wrong_compare_pair_stops_before_evaluating(trio, tmp_path, capsys, pair):
+    weights, data = trio
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--weights", str(weights), "--lineup", "trio", "--data", str(data), "--out", str(out),
+                 "--no-progress", "--compare", pair]) == 2
+    err = capsys.readouterr().err
+    assert "--compare" in err and "Traceback" not in err and not out.exists()

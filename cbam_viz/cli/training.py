@@ -197,7 +197,8 @@ def _export_trained(args: argparse.Namespace, results: dict, recipe, settings) -
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cbam_viz.engine.lineup import default_lineup_name
     from cbam_viz.models.weights import ChecksumError, resolve_weights_dir
-    from cbam_viz.training.compare import evaluation_document, format_paired, lineup_differences
+    from cbam_viz.training.compare import (check_comparisons, evaluation_document, format_paired,
+                                           lineup_differences, member_comparisons, parse_comparison)
     from cbam_viz.training.evaluate import evaluate_models, format_report, resolve_lineup
 
     weights = resolve_weights_dir(args.weights)
@@ -212,6 +213,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise KeyError(f"no lineup in {weights / 'manifest.json'}; name a model with --model, or train and "
                            f"export a lineup first")
         records, reference = resolve_lineup(weights, model=args.model, lineup=args.lineup)
+        pairs = [parse_comparison(c) for c in args.compare]
+        check_comparisons([r.name for r in records], pairs)  # before any forward pass
         results = evaluate_models(records, args.data, weights_dir=weights, batch_size=args.batch_size,
                                   hflip=args.hflip, progress=not args.no_progress)
     except (KeyError, FileNotFoundError, ValueError, ChecksumError) as err:
@@ -222,9 +225,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(format_report(results))
     differences = lineup_differences(results, reference)  # every member against the reference
-    for diff in differences.values():
+    comparisons = member_comparisons(results, pairs)
+    for diff in [*differences.values(), *comparisons]:
         print("\n" + format_paired(diff))
-    doc = evaluation_document(results, lineup=args.lineup, reference=reference, differences=differences)
+    doc = evaluation_document(results, lineup=args.lineup, reference=reference, differences=differences,
+                              comparisons=comparisons)
     _write_evaluation(args, doc)
     if args.update_manifest:
         _store_evaluation(args, weights, results, differences)
@@ -364,6 +369,10 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--update-manifest", action="store_true",
                    help="merge val_top1/val_top5/val_per_class/val_confusion/val_n into the records' metrics, and "
                         "each member's difference against the reference (val_paired_difference)")
+    e.add_argument("--compare", action="append", default=[], metavar="MEMBER:AGAINST",
+                   help="also compare these two members on the same images (repeatable), e.g. "
+                        "resnet18_cbam_imagenette:resnet18_se_imagenette: does CBAM's spatial gate add anything "
+                        "over SE's channel attention? Reported and written, not stored in the manifest")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--hflip", action="store_true", help="average each image's softmax with its mirror image's "
                    "(test-time augmentation; the app does not do it); --update-manifest stores it as val_hflip_*")

@@ -19,8 +19,8 @@ import numpy as np
 from cbam_viz.stats import paired_bootstrap
 from cbam_viz.training.evaluate import EvalResult
 
-__all__ = ["paired_difference", "lineup_differences", "format_paired", "evaluation_document",
-           "evaluation_markdown"]
+__all__ = ["paired_difference", "lineup_differences", "check_comparisons", "member_comparisons", "parse_comparison", "format_paired",
+           "evaluation_document", "evaluation_markdown"]
 
 
 def paired_difference(reference: EvalResult, member: EvalResult, *, n_boot: int = 10_000,
@@ -59,6 +59,45 @@ def lineup_differences(results: Sequence[EvalResult], reference: str, **kwargs) 
     return {r.name: paired_difference(by_name[reference], r, **kwargs) for r in results if r.name != reference}
 
 
+def parse_comparison(text: str) -> tuple[str, str]:
+    """``"MEMBER:AGAINST"`` -> ``(member, against)``.
+
+    Raises:
+        ValueError: not two different non-empty names joined by one ``:``.
+    """
+    member, sep, against = text.partition(":")
+    if not sep or not member or not against or ":" in against or member == against:
+        raise ValueError(f"--compare wants MEMBER:AGAINST, two different record names of the lineup, got {text!r}")
+    return member, against
+
+
+def check_comparisons(names: Sequence[str], pairs: Sequence[tuple[str, str]]) -> None:
+    """Fail before any forward pass when a ``--compare`` pair names a model that is not evaluated.
+
+    Raises:
+        KeyError: a name is not in ``names``.
+    """
+    for name in (n for pair in pairs for n in pair):
+        if name not in names:
+            raise KeyError(f"--compare names {name!r}, which is not a member here ({', '.join(names)})")
+
+
+def member_comparisons(results: Sequence[EvalResult], pairs: Sequence[tuple[str, str]],
+                       **kwargs) -> list[dict[str, Any]]:
+    """:func:`paired_difference` of ``member`` against ``against`` for each pair, beside the reference's.
+
+    The reference answers "what does attention add to the plain network"; a lineup of the family has
+    a second question, CBAM against SE ("does the spatial gate add anything over channel
+    attention?"), answered on the same images and outcomes, without a second evaluation.
+
+    Raises:
+        KeyError: a name is not among the results.
+    """
+    by_name = {r.name: r for r in results}
+    check_comparisons(list(by_name), pairs)
+    return [paired_difference(by_name[against], by_name[member], **kwargs) for member, against in pairs]
+
+
 def format_paired(diff: dict[str, Any]) -> str:
     """One line: the difference in points, its interval, the discordant images and McNemar's p."""
     lo, hi = diff["ci95"]
@@ -70,17 +109,25 @@ def format_paired(diff: dict[str, Any]) -> str:
 
 
 def evaluation_document(results: Sequence[EvalResult], *, lineup: str | None, reference: str,
-                        differences: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                        differences: dict[str, dict[str, Any]],
+                        comparisons: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """The JSON of one evaluation: the lineup (None for a single model), its members' results in
-    order and each member's difference against the reference."""
+    order, each member's difference against the reference and any ``--compare`` pairs."""
     first = results[0]
     return {"lineup": lineup, "reference": reference, "members": [r.name for r in results],
             "data_dir": first.data_dir, "n": first.n, "hflip": first.hflip,
-            "results": {r.name: r.to_json() for r in results}, "differences": differences}
+            "results": {r.name: r.to_json() for r in results}, "differences": differences,
+            "comparisons": list(comparisons)}
 
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
+
+
+def _difference_row(label: str, d: dict[str, Any]) -> str:
+    lo, hi = d["ci95"]
+    return (f"| {label} | {100 * d['difference']:+.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
+            f"{d['only_member_right']} | {d['only_reference_right']} | {d['mcnemar_p']:.3g} |")
 
 
 def evaluation_markdown(doc: dict[str, Any]) -> str:
@@ -102,10 +149,13 @@ def evaluation_markdown(doc: dict[str, Any]) -> str:
                   "interval; McNemar's exact test on the images only one of the two gets right.", "",
                   "| member | difference (points) | 95 % interval | only the member right | only the reference right "
                   "| McNemar p |", "|---|---:|---|---:|---:|---:|"]
-        for name, d in doc["differences"].items():
-            lo, hi = d["ci95"]
-            lines.append(f"| `{name}` | {100 * d['difference']:+.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
-                         f"{d['only_member_right']} | {d['only_reference_right']} | {d['mcnemar_p']:.3g} |")
+        lines += [_difference_row(f"`{name}`", d) for name, d in doc["differences"].items()]
+    if doc.get("comparisons"):
+        lines += ["", "## Between members", "",
+                  "The same paired test for the pairs asked for with `--compare MEMBER:AGAINST`.", "",
+                  "| member − against | difference (points) | 95 % interval | only the member right "
+                  "| only the other right | McNemar p |", "|---|---:|---|---:|---:|---:|"]
+        lines += [_difference_row(f"`{d['member']}` − `{d['reference']}`", d) for d in doc["comparisons"]]
     classes = results[doc["members"][0]]["classes"]
     lines += ["", "## Top-1 per class", "", "| class | " + " | ".join(f"`{n}`" for n in doc["members"]) + " |",
               "|---|" + "---:|" * len(doc["members"])]
