@@ -285,3 +285,27 @@ def test_stored_ious_never_round_up_across_the_iou_threshold():
     result = summarize(rec, reference="b", iou_threshold=0.5, n_boot=50, seed=0)["maxboxacc"]
     assert result["models"]["c"]["value"] == pytest.approx(2 / 3)
     assert rec["models"]["c"]["box_iou"] == [0.499, 0.5, 0.75]
+
+
+def test_compare_pairs_two_members_from_the_same_per_image_values(boxed_folder, three, tmp_path, capsys, monkeypatch):
+    """``--compare CBAM:SE`` (does the spatial gate add to channel attention?) is the paired
+    difference of the two members' per-image values, with no second pass over the images."""
+    data, csv = boxed_folder
+    report, _ = evaluate_cams(data, csv, lineup=three, methods=["gradcam"], n_boot=200, progress=False,
+                              compare=[(CBAM, SE)])
+    (pair,) = report["comparisons"]
+    assert (pair["member"], pair["against"]) == (CBAM, SE) and set(pair["results"]) == {"gradcam"}
+    models = report["per_image"]["gradcam"]["models"]
+    for metric in ("energy", "pointing", "road"):
+        diff = np.array(models[CBAM][metric], float) - np.array(models[SE][metric], float)
+        assert pair["results"]["gradcam"][metric]["value"] == pytest.approx(np.nanmean(diff), abs=1e-4)
+        assert pair["results"]["gradcam"][metric]["n"] == 6
+    assert "### Between members" in markdown_report(report) and f"| {CBAM} − {SE} |" in markdown_report(report)
+    assert "Between members" not in markdown_report({**report, "comparisons": []})
+    with pytest.raises(ValueError, match="not a member"):
+        evaluate_cams(data, csv, lineup=three, methods=["gradcam"], progress=False, compare=[(CBAM, "nope")])
+    monkeypatch.setattr(cbam_viz.engine.lineup, "load_lineup", lambda *a, **k: three)
+    out = tmp_path / "r"
+    assert main(["evaluate-cams", "--data", str(data), "--boxes", str(csv), "--out", str(out), "--no-progress",
+                 "--compare", f"{CBAM}"]) == 2
+    assert "MEMBER:AGAINST" in capsys.readouterr().err and not out.exists()

@@ -61,7 +61,9 @@ def _cmd_evaluate_cams(args: argparse.Namespace) -> int:
     import torch
 
     from cbam_viz.research.quality import evaluate_cams, write_report
+    from cbam_viz.training.compare import parse_comparison
 
+    compare = [parse_comparison(c) for c in args.compare]
     if args.threads:
         torch.set_num_threads(args.threads)
     limits = _method_limits(args.method_limit)
@@ -70,7 +72,7 @@ def _cmd_evaluate_cams(args: argparse.Namespace) -> int:
         args.data, args.boxes, lineup=lineup, methods=args.methods, layer=args.layer, batch_size=args.batch_size,
         fractions=tuple(float(f) for f in args.fractions.split(",")), imputer=args.imputer, n_boot=args.n_boot,
         seed=args.seed, max_images=args.max_images, method_limits=limits, allow_missing=args.allow_missing,
-        progress=not args.no_progress,
+        compare=compare, progress=not args.no_progress,
     )
     if report is not None:  # None: a torchrun rank other than 0; rank 0 writes the report of every image
         paths = write_report(report, cams, args.out)
@@ -198,6 +200,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     q.add_argument("--max-images", type=int, help="evaluate only this many boxed images, spread evenly (smoke runs)")
     q.add_argument("--allow-missing", action="store_true", help="skip CSV rows whose image is not in --data")
+    q.add_argument("--compare", action="append", default=[], metavar="MEMBER:AGAINST",
+                   help="also compare these two members on the same images (repeatable), e.g. "
+                        "resnet18_cbam_imagenette:resnet18_se_imagenette")
     q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_evaluate_cams)

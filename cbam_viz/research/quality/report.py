@@ -32,7 +32,7 @@ from cbam_viz.stats import from_json_list
 
 __all__ = [
     "CAM_STORE_SIZE", "REPORT_VERSION", "compared_member", "load_report", "load_report_cams", "markdown_report",
-    "most_different_images", "record_cams", "spatial_gate_markdown", "upgrade_report", "write_report",
+    "most_different_images", "record_cams", "between_markdown", "spatial_gate_markdown", "upgrade_report", "write_report",
 ]
 
 REPORT_VERSION = 2
@@ -112,6 +112,7 @@ def markdown_report(report: dict) -> str:
                     (_fmt(d, pct), _verdict_text(d, info["higher_is_better"], (name, ref)))
                 lines.append(f"| {method} | {label} | {name} | {r['models'][name]['n']} | "
                              f"{_fmt(r['models'][name], pct)} | {cells[0]} | {cells[1]} |")
+    lines += between_markdown(report)
     lines += spatial_gate_markdown(report)
     t, s = report["timings"], report["settings"]
     per_method = ", ".join(f"{m} {v['wall_s']:.0f} s / {v['images']} img" for m, v in t["methods"].items())
@@ -119,6 +120,25 @@ def markdown_report(report: dict) -> str:
               "", f"Run time: {t['total_wall_s']:.0f} s wall, {t['total_cpu_s']:.0f} s CPU ({per_method}); "
               f"device {s['device']}, {s['torch_threads']} threads.", ""]
     return "\n".join(lines)
+
+
+def between_markdown(report: dict) -> list[str]:
+    """The ``--compare`` pairs' section of the report's Markdown (or [] when none was asked for)."""
+    pairs = report.get("comparisons") or []
+    if not pairs:
+        return []
+    lines = ["", "### Between members", "",
+             "**member − other**, paired over the same images, for the pairs asked for with `--compare`.", "",
+             "| method | metric | member − other | difference | verdict |", "|---|---|---|---|---|"]
+    for pair in pairs:
+        names = (pair["member"], pair["against"])
+        for method, res in pair["results"].items():
+            for key, info in report["metrics"].items():
+                d, pct = res[key], key in PERCENT_METRICS
+                lines.append(f"| {method} | {info['label']} {'↑' if info['higher_is_better'] else '↓'} | "
+                             f"{names[0]} − {names[1]} | {_fmt(d, pct)} | "
+                             f"{_verdict_text(d, info['higher_is_better'], names)} |")
+    return lines
 
 
 def spatial_gate_markdown(report: dict) -> list[str]:

@@ -57,7 +57,7 @@ from cbam_viz.stats import (
     bootstrap, from_json_list, max_box_acc_stat, mean_stat, paired_bootstrap, to_json_list,
 )
 
-__all__ = ["DEFAULT_FRACTIONS", "DEFAULT_METHODS", "evaluate_cams", "summarize"]
+__all__ = ["DEFAULT_FRACTIONS", "DEFAULT_METHODS", "between_members", "evaluate_cams", "summarize"]
 
 DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam")
 DEFAULT_FRACTIONS = (0.2, 0.5)
@@ -132,6 +132,34 @@ def summarize(method_rec: dict, *, reference: str, iou_threshold: float, n_boot:
     return out
 
 
+def between_members(per_image: Mapping[str, dict], pairs: Sequence[tuple[str, str]], *, iou_threshold: float,
+                    n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """``member - against`` for each pair, per method and metric, paired over the same images.
+
+    The reference answers "what does attention add to the plain network"; a family lineup has a
+    second question, CBAM against SE: does the spatial gate make the CAMs better than channel
+    attention alone? The per-image values are already there, so no model runs again.
+    """
+    out = []
+    for member, against in pairs:
+        results = {}
+        for method, rec in per_image.items():
+            results[method] = {metric: paired_bootstrap(
+                _metric_values(rec, member, metric), _metric_values(rec, against, metric),
+                stat=max_box_acc_stat(iou_threshold) if metric == "maxboxacc" else mean_stat,
+                n_boot=n_boot, seed=seed).to_json() for metric in METRICS}
+        out.append({"member": member, "against": against, "results": results})
+    return out
+
+
+def _check_pairs(lineup: Lineup, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    for name in (n for pair in pairs for n in pair):
+        if name not in lineup.names:
+            raise ValueError(f"--compare names {name!r}, which is not a member of {lineup.name!r} "
+                             f"({', '.join(lineup.names)})")
+    return list(pairs)
+
+
 def member_gates(model: torch.nn.Module) -> list[str]:
     """The gates a model has, as the page names them: ``"channel"`` (CBAM, SE, BAM's joint gate) and
     ``"spatial"`` (CBAM, BAM's joint gate); ``[]`` for a plain ResNet."""
@@ -190,6 +218,7 @@ def evaluate_cams(
     max_images: int | None = None,
     method_limits: Mapping[str, int] | None = None,
     allow_missing: bool = False,
+    compare: Sequence[tuple[str, str]] = (),
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Score every member's CAMs of the true class on every boxed image of ``data``.
@@ -205,32 +234,31 @@ def evaluate_cams(
         batch_size: images per :func:`~cbam_viz.engine.explain.explain` call.
         fractions: shares of pixels removed for the faithfulness scores.
         imputer: ``"blur"``, ``"mean"`` or ``"road"`` (see :mod:`cbam_viz.engine.faithfulness`).
-        iou_threshold: IoU for a correct box (MaxBoxAcc).
-        n_boot, seed: bootstrap resamples and seed (intervals are reproducible).
-        max_images: evaluate only this many boxed images, spread evenly (smoke runs).
-        method_limits: per-method image caps, e.g. ``{"scorecam": 16}``.
+        iou_threshold, n_boot, seed: IoU for a correct box (MaxBoxAcc); bootstrap resamples and seed.
+        max_images, method_limits: evaluate only this many boxed images, spread evenly (smoke runs), in
+            all or per method (``{"scorecam": 16}``).
         allow_missing: skip CSV rows whose image is not in ``data`` instead of failing.
+        compare: ``(member, against)`` pairs also compared with each other (:func:`between_members`).
         progress: show a progress bar.
 
     Returns:
-        ``(report, cams)``: the JSON-ready report (see :func:`cbam_viz.research.quality.report.write_report`)
-        and ``{"<method>/<member>": (n, 112, 112) uint8}`` CAMs for
-        :func:`cbam_viz.research.quality.view.render_record`. Under torchrun: rank 0 gets the
-        one-process report (every image's values, gathered in order, bootstrapped with the same
-        seed), the other ranks ``(None, None)``.
+        ``(report, cams)``: the JSON-ready report (:func:`~cbam_viz.research.quality.report.write_report`) and
+        ``{"<method>/<member>": (n, 112, 112) uint8}`` CAMs. Under torchrun rank 0 gets the one-process
+        report (every image's values gathered in order, the same seed), the other ranks ``(None, None)``.
 
     Raises:
         FileNotFoundError: ``data`` or ``boxes`` missing.
         BoxFileError: a malformed CSV, boxes outside their image, or (unless ``allow_missing``)
             boxes for images that are not in ``data``.
         ValueError: class folders that match no model class, members with different classes, an
-            unknown method.
+            unknown method, a ``compare`` name that is not a member.
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
     methods, fractions = _check_settings(methods, fractions)
     method_limits = dict(method_limits or {})
     lineup = load_lineup() if lineup is None else lineup
     check_classes(lineup)
+    compare = _check_pairs(lineup, compare)
     ctx = distributed.context()
     imgs = load_boxed_images(data, boxes, lineup, max_images=max_images, allow_missing=allow_missing)
     ran = run_methods(imgs, lineup, methods, method_limits=method_limits, progress=progress, ctx=ctx, layer=layer,
@@ -247,6 +275,8 @@ def evaluate_cams(
     report = _report(data, boxes, lineup, imgs, settings=_settings(
         lineup, methods, layer, fractions, imputer, iou_threshold, n_boot, seed, max_images, method_limits))
     report.update(results=results, per_image=per_image, spatial_gates=spatial,
+                  comparisons=between_members(per_image, compare, iou_threshold=iou_threshold, n_boot=n_boot,
+                                              seed=seed),
                   timings={"methods": timings, "spatial_gates_wall_s": round(time.perf_counter() - t0, 2),
                            "total_wall_s": round(time.perf_counter() - t_start, 2),
                            "total_cpu_s": round(time.process_time() - cpu_start, 2)},
