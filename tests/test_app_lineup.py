@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("no_cbam_env")
 @pytest.fixture(scope="module")
 def lineups():
     return {lineup.name: lineup for lineup in (tiny_lineup("trio"), tiny_lineup("solo", ("resnet18_cbam",)),
-                                               tiny_lineup("plain", ("resnet18",)))}
+                                               tiny_lineup("plain", ("resnet18",)),
+                                               tiny_lineup("family", FAMILY))}
 
 
 @pytest.fixture
@@ -57,6 +58,9 @@ def app():
 def upload(tmp_path):
     path = make_image(tmp_path / "street.png", size=(96, 72))
     return {"path": str(path), "orig_name": "my street.png", "meta": {"_type": "gradio.FileData"}}
+
+
+FAMILY = ("resnet18", "resnet18_se", "resnet18_bam", "resnet18_cbam")
 
 
 def _titles(lineup) -> list[str]:
@@ -111,6 +115,28 @@ def test_a_column_per_member_and_the_gates_of_each_gated_member(app, use_lineups
     shown = app.show_item("2. b.jpg", items)
     assert "Skipped holiday.png" in shown[app.status]  # the batch's skipped file is still said
     assert _size(shown[ui.member_cam[2]][1]) == (64, 64) and shown[ui.current] == items[1]["result_id"]
+
+
+def test_the_family_of_four_shows_se_bam_and_cbam_gates_each_their_own_way(app, use_lineups, upload):
+    """ResNet | SE | BAM | CBAM on one photo: a column each, and a gates pane for each gated member:
+    SE's channel gate per block (no spatial picture), BAM's modules at the stage transitions (its
+    joint map as a spatial sheet, its channel branch per module), CBAM's both gates per block."""
+    family, ui = use_lineups["family"], app.ui
+    out = _explain(app, upload, lineup="family")
+    titles = _titles(family)
+    assert [prop(out, c, "visible") for c in ui.member_col] == [True] * 4
+    assert [out[t] for t in ui.member_title] == [f"### {t}" for t in titles]
+    assert [prop(out, c, "visible") for c in ui.gate_col] == [True, True, True, False]
+    assert [out[t] for t in ui.gate_title[:3]] == [f"#### {t}" for t in titles[1:]]
+    se, bam, cbam = (val(out, ui.gate_channel[i]) for i in range(3))
+    assert sorted(set(se["block"])) == sorted({f"layer{s}.{b}" for s in range(1, 5) for b in range(2)})
+    assert sorted(set(bam["block"])) == ["bam1", "bam2", "bam3"]  # after layer1..3, not in the blocks
+    assert set(cbam["block"]) == set(se["block"])
+    assert prop(out, ui.gate_sheet[0], "visible") is False  # SE: nothing spatial to draw
+    for pane in (1, 2):  # BAM's joint maps, CBAM's spatial gates
+        assert prop(out, ui.gate_sheet[pane], "visible") is not False and _size(val(out, ui.gate_sheet[pane]))[0] > 64
+    assert val(out, ui.gate_member) == family.names[-1]  # the click probe: the last member with spatial maps
+    assert (val(out, ui.compare_a), val(out, ui.compare_b)) == (family.names[0], family.names[-1])
 
 
 def test_the_compare_slider_takes_any_two_members(app, use_lineups, upload):
