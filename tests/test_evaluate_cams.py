@@ -225,26 +225,35 @@ def test_write_report_failure_leaves_the_previous_report_intact(tmp_path, monkey
     assert report["data"] == "/nowhere" and (load_report_cams(report)["gradcam/c"] == 7).all()
 
 
-def test_shipped_report_still_loads_and_reproduces_its_intervals():
-    """docs/explanation_quality (what the app's tab shows) was written by a pair (version 1) and keeps
-    loading, as a lineup of two: the same statistics, its CAMs under the members' names."""
-    import json
+def test_shipped_report_is_the_default_lineups_and_reproduces_its_intervals():
+    """docs/explanation_quality (what the app's tab shows) was written by the shipped default lineup:
+    its members in order, each one's CAMs, the spatial gates of the members that have them, and
+    intervals that :func:`summarize` and :func:`between_members` reproduce from its per-image values.
+    (Version-1 pair reports keep loading: see the test above.)"""
+    from cbam_viz.engine.lineup import default_lineup_name, lineup_specs
+    from cbam_viz.research.quality.run import between_members
 
-    assert json.loads((DEFAULT_REPORT_DIR / "report.json").read_text())["version"] == 1
+    name = default_lineup_name()
+    if name is None:
+        pytest.skip("no weights/manifest.json")
+    spec = lineup_specs()[name][1]
     report = load_report(DEFAULT_REPORT_DIR)
-    ref, cbam = "resnet18_imagenette", "resnet18_cbam_imagenette"
-    assert report["members"] == [ref, cbam] and report["reference"] == ref
+    assert report["members"] == spec["members"] and report["reference"] == spec["reference"]
     cams = load_report_cams(report)
     for method, rec in report["per_image"].items():
-        for name in (ref, cbam):
-            assert cams[f"{method}/{name}"].shape == (len(rec["index"]), 112, 112)
-            assert len(rec["models"][name]["energy"]) == len(rec["index"])
-    assert f"| gradcam | Pointing game ↑ | {cbam} |" in markdown_report(report)
-    assert list(report["spatial_gates"]) == [cbam]
-    method = next(iter(report["per_image"]))
+        for member in report["members"]:
+            assert cams[f"{method}/{member}"].shape == (len(rec["index"]), 112, 112)
+            assert len(rec["models"][member]["energy"]) == len(rec["index"])
+    md = markdown_report(report)
+    assert all(f"| gradcam | Pointing game ↑ | {m} |" in md for m in report["members"])
+    gated = [m for m in report["members"] if "spatial" in report["models"][m]["gates"]]
+    assert list(report["spatial_gates"]) == gated
     s = report["settings"]
-    assert summarize(report["per_image"][method], reference=ref, iou_threshold=s["iou_threshold"], n_boot=s["n_boot"],
-                     seed=s["seed"]) == report["results"][method]
+    kw = dict(iou_threshold=s["iou_threshold"], n_boot=s["n_boot"], seed=s["seed"])
+    method = next(iter(report["per_image"]))
+    assert summarize(report["per_image"][method], reference=report["reference"], **kw) == report["results"][method]
+    pairs = [(c["member"], c["against"]) for c in report.get("comparisons", [])]
+    assert between_members(report["per_image"], pairs, **kw) == report.get("comparisons", [])
 
 
 def test_a_gate_that_lights_up_the_box_beats_the_centre_and_a_flat_one_does_not():
