@@ -457,7 +457,7 @@ def test_quality_tab_shows_the_most_different_images(page):
         """(old) => { const b = [...document.querySelectorAll('.block')].find(b => /Boxed photo/.test(b.innerText));
                       return b && b.querySelector('img') && b.querySelector('img').src !== old; }""",
         arg=first[0], timeout=RESULT_TIMEOUT_MS)
-    if (REPO_ROOT / "docs" / "channel_profiles" / "profiles.npz").is_file():  # the shipped channel profiles
+    if (REPO_ROOT / "docs" / "channel_profiles" / "channel_profiles.json").is_file():  # the shipped channel profiles
         page.locator("#channel_profiles img").first.wait_for(timeout=RESULT_TIMEOUT_MS)
         assert_real_image(page, image_srcs(page, "channel_profiles")[0], "channel profiles")
         assert "class_variance_ratio" in page.inner_text("#channel_profiles_table")

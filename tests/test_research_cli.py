@@ -57,6 +57,21 @@ def test_channel_profiles_writes_a_folder_per_member_with_channel_gates(three, d
     assert "| layer1.0 |" in (out / "channel_profiles.md").read_text()
 
 
+def test_a_lineups_profiles_replace_one_models_left_in_the_folder(three, data, tmp_path):
+    """A folder that held one model's profiles (the layout before lineups) and is overwritten by a
+    lineup's run shows the lineup: the old ``profiles.npz`` would shadow the new index."""
+    from cbam_viz.research.profile_files import load_lineup_profiles
+
+    out = tmp_path / "profiles"
+    out.mkdir()
+    (out / "profiles.npz").write_bytes(b"old single-model profiles")
+    (out / "channel_profiles.png").write_bytes(b"old figure")
+    assert main(["channel-profiles", "--data", str(data), "--out", str(out), "--batch-size", "3", "--no-progress",
+                 "--overwrite"]) == 0
+    assert not (out / "profiles.npz").exists() and not (out / "channel_profiles.png").exists()
+    assert list(load_lineup_profiles(out)) == [SE, CBAM]
+
+
 def test_sanity_check_runs_every_member_and_compares_each_with_the_reference(three, data, tmp_path):
     out = tmp_path / "sanity"
     assert main(["sanity-check", "--data", str(data), "--out", str(out), "--methods", "gradcam",

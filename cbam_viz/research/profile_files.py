@@ -83,7 +83,8 @@ def _member_folder(name: str) -> str:
 def write_lineup_profiles(profiles: Mapping[str, ChannelProfiles], out: str | os.PathLike, *,
                           lineup: Lineup | None = None) -> dict[str, Path]:
     """Write every member's files (:func:`write_profiles`) into ``out/<member>/``, then one
-    ``channel_profiles.md`` and ``channel_profiles.json`` (last) for the lineup beside them."""
+    ``channel_profiles.md`` and ``channel_profiles.json`` (last) for the lineup beside them; a
+    single model's ``profiles.npz`` and figure left in ``out`` by an older run are removed."""
     out = prepare_output_dir(out)
     paths = {}
     for name, prof in profiles.items():
@@ -104,6 +105,8 @@ def write_lineup_profiles(profiles: Mapping[str, ChannelProfiles], out: str | os
         md.append(f"| {block} | " + " | ".join(cells) + " |")
     md += [""] + [markdown_report(p) for p in profiles.values()]
     paths["markdown"] = atomic_write_text(out / "channel_profiles.md", "\n".join(md))
+    for stale in ("profiles.npz", "channel_profiles.png"):  # one model's files, from a run before lineups,
+        (out / stale).unlink(missing_ok=True)                 # would shadow the lineup's index when read
     paths["json"] = write_json(doc, out / "channel_profiles.json")
     return paths
 
