@@ -126,6 +126,12 @@ def test_the_card_says_how_weights_and_size_were_chosen(carried):
     else:
         assert "chosen on 729 held-out training files, never on val" in card
     assert choice_sentence({"holdout_images": 0}) is None  # a run that chose nothing says nothing
+    # carried from a final lineup that carried it in turn: the sentence names where it was chosen
+    twice = {"holdout_images": 0, "selection": {"weights": "ema", "input_size": 192, "carried_from": {
+        "pair": "final", "holdout_images": 0, "via": {"pair": "held-out", "holdout_images": 729,
+                                                      "mean_holdout_top1": 0.90329}}}}
+    assert choice_sentence(twice).startswith("EMA weights at 192 px, as `held-out` chose on its 729 held-out "
+                                             "training files (mean held-out top-1: 90.33 %)")
     unnumbered = choice_sentence({"selection": {"weights": "raw", "input_size": 160}})
     assert unnumbered == "raw weights at 160 px, chosen on held-out training files, never on val"
     lineup_carried = choice_sentence({"selection": {"weights": "ema", "input_size": 192,

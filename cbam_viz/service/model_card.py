@@ -164,11 +164,13 @@ def choice_sentence(training: dict[str, Any] | None) -> str | None:
     what = f"{'EMA' if sel['weights'] == 'ema' else sel['weights']} weights at {sel['input_size']} px"
     carried = sel.get("carried_from")
     source = carried if isinstance(carried, dict) else sel
+    while isinstance(source.get("via"), dict):  # carried from a final lineup that carried it in turn
+        source = source["via"]
     mean, images = source.get("mean_holdout_top1"), source.get("holdout_images", training.get("holdout_images"))
     score = f" (mean held-out top-1: {100 * mean:.2f} %)" if isinstance(mean, (int, float)) else ""
     files = f"{images} held-out training files" if images else "held-out training files"
     if isinstance(carried, dict):
-        origin = carried.get("lineup") or carried.get("pair")
+        origin = source.get("lineup") or source.get("pair") or carried.get("lineup") or carried.get("pair")
         return (f"{what}, as `{origin}` chose on its {files}{score}; then trained again with "
                 f"the same recipe on every training file, val untouched")
     return f"{what}, chosen on {files}, never on val{score}"
@@ -203,7 +205,7 @@ def _side_by_side(members: Sequence[CardMember], reference: str) -> list[str]:
     out += row("val top-1 − reference (paired)", lambda r: _short_difference(diffs.get(r.name)))
     out += row("reported ImageNet top-1", lambda r: _pct(r.metrics.get("reported_imagenet_top1")))
     out += row("weights from", lambda r: r.training.get("source"))  # a foreign lineup's records say where from
-    out += row("trained on", lambda r: ", ".join(r.training.get("hardware") or []))
+    out += row("trained on", lambda r: "; ".join(r.training.get("hardware") or []))
     out += row("precision", lambda r: ", ".join(r.training.get("precision") or []))
     out += row("epochs, wall time", lambda r: _epochs_and_time(r.training))
     out += row("data", lambda r: r.training.get("data") or _training_files(r.training))
