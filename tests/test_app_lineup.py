@@ -341,7 +341,7 @@ def test_page_load_fills_the_page(app, use_lineups):
     out = app.on_load()
     assert prop(out, app.q_metric, "choices") == metric_choices() and val(out, app.q_metric) == "energy"
     assert prop(out, app.q_direction, "choices") == list(DIRECTIONS)
-    assert prop(out, app.lineup, "choices") == ["trio", "solo", "plain"] and val(out, app.lineup) == "trio"
+    assert prop(out, app.lineup, "choices") == ["trio", "solo", "plain", "family"] and val(out, app.lineup) == "trio"
     assert isinstance(out[app.examples], gr.Dataset) and len(out[app.examples].raw_samples) == len(content.examples())
     assert "Pointing game" in out[app.quality_md] and "![" not in out[app.quality_md]
     assert "`trio`" in out[app.lineup_md] and all(t in out[app.lineup_md].replace("\\", "")
@@ -356,7 +356,7 @@ def test_page_load_fills_the_page(app, use_lineups):
 def test_info_and_explain_in_process(app, use_lineups, upload):
     trio = use_lineups["trio"]
     info = app.info_api()
-    assert info["lineup"] == "trio" and info["lineups"] == ["trio", "solo", "plain"]
+    assert info["lineup"] == "trio" and info["lineups"] == ["trio", "solo", "plain", "family"]
     assert [m["name"] for m in info["members"]] == trio.names and info["reference"] == trio.reference
     assert [m["gates"] for m in info["members"]] == [[], ["channel"], ["channel", "spatial"]]
     assert info["classes"] == ["tench", "church", "golf ball"] and info["trained"] is False
