@@ -121,15 +121,25 @@ def summarize(method_rec: dict, *, reference: str, iou_threshold: float, n_boot:
     members = list(method_rec["models"])
     out = {}
     for metric in METRICS:
-        stat = max_box_acc_stat(iou_threshold) if metric == "maxboxacc" else mean_stat
-        vals = {name: _metric_values(method_rec, name, metric) for name in members}
+        stat = _statistic(metric, iou_threshold)
         out[metric] = {
-            "models": {name: bootstrap(v, stat=stat, n_boot=n_boot, seed=seed).to_json() for name, v in vals.items()},
-            "diff": {name: paired_bootstrap(vals[name], vals[reference], stat=stat, n_boot=n_boot,
-                                            seed=seed).to_json()
+            "models": {name: bootstrap(_metric_values(method_rec, name, metric), stat=stat, n_boot=n_boot,
+                                       seed=seed).to_json() for name in members},
+            "diff": {name: _paired(method_rec, name, reference, metric, iou_threshold, n_boot, seed)
                      for name in members if name != reference},
         }
     return out
+
+
+def _statistic(metric: str, iou_threshold: float):
+    return max_box_acc_stat(iou_threshold) if metric == "maxboxacc" else mean_stat
+
+
+def _paired(method_rec: dict, member: str, against: str, metric: str, iou_threshold: float, n_boot: int,
+            seed: int) -> dict:
+    """``member - against`` on one metric, a paired bootstrap over the same images (JSON-ready)."""
+    return paired_bootstrap(_metric_values(method_rec, member, metric), _metric_values(method_rec, against, metric),
+                            stat=_statistic(metric, iou_threshold), n_boot=n_boot, seed=seed).to_json()
 
 
 def between_members(per_image: Mapping[str, dict], pairs: Sequence[tuple[str, str]], *, iou_threshold: float,
@@ -144,10 +154,8 @@ def between_members(per_image: Mapping[str, dict], pairs: Sequence[tuple[str, st
     for member, against in pairs:
         results = {}
         for method, rec in per_image.items():
-            results[method] = {metric: paired_bootstrap(
-                _metric_values(rec, member, metric), _metric_values(rec, against, metric),
-                stat=max_box_acc_stat(iou_threshold) if metric == "maxboxacc" else mean_stat,
-                n_boot=n_boot, seed=seed).to_json() for metric in METRICS}
+            results[method] = {metric: _paired(rec, member, against, metric, iou_threshold, n_boot, seed)
+                               for metric in METRICS}
         out.append({"member": member, "against": against, "results": results})
     return out
 
