@@ -155,7 +155,7 @@ def add_own_model(checkpoint, classes, name: str):
 def show_quality_extras():
     """The quality tab's research sections: spatial-gate localization, channel profiles."""
     extras = _run(quality.quality_extras)
-    return (extras.spatial_gates, gr.update(value=extras.profiles_image, visible=extras.profiles_image is not None),
+    return (extras.spatial_gates, gr.update(value=extras.profiles_images, visible=extras.profiles_images is not None),
             gr.update(value=extras.profiles_rows, visible=extras.profiles_rows is not None), extras.profiles_note)
 
 
@@ -272,8 +272,9 @@ with gr.Blocks(title="cbam-viz: attention gates, side by side", delete_cache=(36
                                object_fit="contain", format="png", elem_id="quality_gallery")
         gates_md = gr.Markdown()
         profiles_md = gr.Markdown()
-        profiles_img = gr.Image(label="Mean channel gate per class, per block", interactive=False, visible=False,
-                                elem_id="channel_profiles")
+        profiles_img = gr.Gallery(label="Mean channel gate per class, per block: one figure per gated member",
+                                  columns=1, height="auto", object_fit="contain", format="png", visible=False,
+                                  elem_id="channel_profiles")
         profiles_table = gr.Dataframe(label="How class-specific each block's channel gate is", interactive=False,
                                       visible=False, elem_id="channel_profiles_table")
 

@@ -277,7 +277,7 @@ def test_quality_tab_research_sections(tmp_path, monkeypatch):
     monkeypatch.setattr(report_module, "spatial_gate_markdown", lambda report: [])  # a report without the section
     try:
         extras = quality.quality_extras()
-        assert extras.profiles_image is None and extras.profiles_rows is None
+        assert extras.profiles_images is None and extras.profiles_rows is None
         assert "channel-profiles --data DIR --out docs/channel_profiles" in extras.profiles_note
         assert extras.spatial_gates.count("\n") == 0 and "evaluate-cams" in extras.spatial_gates  # one line
         monkeypatch.delenv(quality.CHANNEL_PROFILES_ENV)
@@ -285,12 +285,42 @@ def test_quality_tab_research_sections(tmp_path, monkeypatch):
         quality.quality_extras.cache_clear()
         extras = quality.quality_extras()
         assert "### Gates" in extras.spatial_gates
-        if (quality.CHANNEL_PROFILES / "profiles.npz").is_file():  # the shipped profiles
-            assert extras.profiles_image is not None and extras.profiles_image.width > 100
-            assert {"block", "profile_correlation", "class_variance_ratio"} <= set(extras.profiles_rows.columns)
+
     finally:
         quality.quality_extras.cache_clear()
 
+
+
+def test_quality_tab_shows_every_gated_members_channel_profiles(tmp_path, monkeypatch):
+    """A lineup's folder (SE beside CBAM) gives one figure per member, captioned, and one table with a
+    member column: not only the last member's."""
+    import numpy as np
+    from cbam_viz.research.channel_profiles import ChannelProfiles
+    from cbam_viz.research.profile_files import write_lineup_profiles, write_profiles
+
+    def toy(name, channels, blocks):
+        rng = np.random.default_rng(len(name))
+        means = {b: rng.random((2, channels)) for b in blocks}
+        return ChannelProfiles(("a", "b"), ("ant", "bee"), np.array([3, 4]), means,
+                               {b: m ** 2 + 0.01 for b, m in means.items()}, model_name=name, data="here")
+
+    write_lineup_profiles({"se": toy("se", 4, ["layer1.0", "layer2.0"]), "bam": toy("bam", 6, ["bam1"])},
+                          tmp_path / "lineup")
+    monkeypatch.setenv(quality.CHANNEL_PROFILES_ENV, str(tmp_path / "lineup"))
+    quality.quality_extras.cache_clear()
+    try:
+        extras = quality.quality_extras()
+        assert [caption for _, caption in extras.profiles_images] == ["se", "bam"]
+        assert all(img.width > 100 for img, _ in extras.profiles_images)
+        assert list(extras.profiles_rows["member"]) == ["se", "se", "bam"]
+        assert list(extras.profiles_rows["block"]) == ["layer1.0", "layer2.0", "bam1"]
+        assert {"profile_correlation", "class_variance_ratio"} <= set(extras.profiles_rows.columns)
+        write_profiles(toy("one", 4, ["layer1.0"]), tmp_path / "single")  # one model's folder, as before lineups
+        monkeypatch.setenv(quality.CHANNEL_PROFILES_ENV, str(tmp_path / "single" / "profiles.npz"))
+        quality.quality_extras.cache_clear()
+        assert [c for _, c in quality.quality_extras().profiles_images] == ["one"]
+    finally:
+        quality.quality_extras.cache_clear()
 
 def test_faithfulness_sentences_compare_each_member_with_the_reference():
     from cbam_viz.app.text import faithfulness_markdown, member_faithfulness_markdown

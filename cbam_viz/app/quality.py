@@ -61,8 +61,8 @@ class QualityExtras:
     """The research sections of the Explanation-quality tab."""
 
     spatial_gates: str          # the report's spatial-gate localization section, or a one-line note
-    profiles_image: Image.Image | None
-    profiles_rows: Any          # DataFrame of channel_profiles.similarity_rows, or None
+    profiles_images: list[tuple[Image.Image, str]] | None  # one (figure, member name) per gated member, in order
+    profiles_rows: Any          # DataFrame: a "member" column, then channel_profiles.similarity_rows; or None
     profiles_note: str
 
 
@@ -76,7 +76,7 @@ def quality_extras() -> QualityExtras:
     """Spatial-gate localization (from the quality report) and the channel profiles (from their folder)."""
     # torchvision (research.quality, research.channel_profiles): see the module docstring.
     from cbam_viz.research.channel_profiles import profiles_image, similarity_rows
-    from cbam_viz.research.profile_files import load_profiles
+    from cbam_viz.research.profile_files import load_lineup_profiles, load_profiles
     from cbam_viz.research.quality.report import spatial_gate_markdown
 
     report, _ = quality_report()
@@ -86,14 +86,16 @@ def quality_extras() -> QualityExtras:
         "`python -m cbam_viz evaluate-cams` to measure it.*")
     folder = Path(os.environ.get(CHANNEL_PROFILES_ENV) or CHANNEL_PROFILES)
     command = "`python -m cbam_viz channel-profiles --data DIR --out docs/channel_profiles`"
-    if not any((folder / f).is_file() for f in ("profiles.npz", "channel_profiles.json")) and not (
-            folder.is_file() and folder.suffix == ".npz"):  # one model's folder, a lineup's, or the .npz
+    one_file = folder.is_file() and folder.suffix == ".npz"
+    if not one_file and not any((folder / f).is_file() for f in ("profiles.npz", "channel_profiles.json")):
         return QualityExtras(gates, None, None, f"*No channel profiles in `{folder}`: make them with {command}.*")
-    try:
-        profiles = load_profiles(folder)
-        rows = pd.DataFrame(similarity_rows(profiles))
-        image = profiles_image(profiles)
+    try:  # every gated member of the lineup (SE, BAM, CBAM), not only the last: they are compared
+        by_member = ({(one := load_profiles(folder)).model_name or folder.stem: one} if one_file
+                     else load_lineup_profiles(folder))  # one model's folder or .npz, or a lineup's folder
+        rows = pd.DataFrame([{"member": name, **row} for name, profiles in by_member.items()
+                             for row in similarity_rows(profiles)])
+        images = [(profiles_image(profiles), name) for name, profiles in by_member.items()]
     except Exception as err:  # noqa: BLE001  a broken folder: said in one line, the tab still works
         return QualityExtras(gates, None, None, f"*The channel profiles in `{folder}` could not be read "
                                                 f"({type(err).__name__}); make them again with {command}.*")
-    return QualityExtras(gates, image, rows, _PROFILES_NOTE)
+    return QualityExtras(gates, images, rows, _PROFILES_NOTE)
