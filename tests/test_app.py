@@ -285,10 +285,11 @@ def test_quality_tab_research_sections(tmp_path, monkeypatch):
         quality.quality_extras.cache_clear()
         extras = quality.quality_extras()
         assert "### Gates" in extras.spatial_gates
-
+        if (quality.CHANNEL_PROFILES / "channel_profiles.json").is_file():  # the shipped lineup's profiles
+            assert extras.profiles_images and all(img.width > 100 for img, _ in extras.profiles_images)
+            assert {"member", "block", "class_variance_ratio"} <= set(extras.profiles_rows.columns)
     finally:
         quality.quality_extras.cache_clear()
-
 
 
 def test_quality_tab_shows_every_gated_members_channel_profiles(tmp_path, monkeypatch):
@@ -321,6 +322,7 @@ def test_quality_tab_shows_every_gated_members_channel_profiles(tmp_path, monkey
         assert [c for _, c in quality.quality_extras().profiles_images] == ["one"]
     finally:
         quality.quality_extras.cache_clear()
+
 
 def test_faithfulness_sentences_compare_each_member_with_the_reference():
     from cbam_viz.app.text import faithfulness_markdown, member_faithfulness_markdown

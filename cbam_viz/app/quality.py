@@ -76,7 +76,7 @@ def quality_extras() -> QualityExtras:
     """Spatial-gate localization (from the quality report) and the channel profiles (from their folder)."""
     # torchvision (research.quality, research.channel_profiles): see the module docstring.
     from cbam_viz.research.channel_profiles import profiles_image, similarity_rows
-    from cbam_viz.research.profile_files import load_lineup_profiles, load_profiles
+    from cbam_viz.research.profile_files import load_lineup_profiles
     from cbam_viz.research.quality.report import spatial_gate_markdown
 
     report, _ = quality_report()
@@ -86,12 +86,11 @@ def quality_extras() -> QualityExtras:
         "`python -m cbam_viz evaluate-cams` to measure it.*")
     folder = Path(os.environ.get(CHANNEL_PROFILES_ENV) or CHANNEL_PROFILES)
     command = "`python -m cbam_viz channel-profiles --data DIR --out docs/channel_profiles`"
-    one_file = folder.is_file() and folder.suffix == ".npz"
-    if not one_file and not any((folder / f).is_file() for f in ("profiles.npz", "channel_profiles.json")):
+    if not (folder.is_file() and folder.suffix == ".npz") and not any(
+            (folder / f).is_file() for f in ("profiles.npz", "channel_profiles.json")):  # one model's or a lineup's
         return QualityExtras(gates, None, None, f"*No channel profiles in `{folder}`: make them with {command}.*")
     try:  # every gated member of the lineup (SE, BAM, CBAM), not only the last: they are compared
-        by_member = ({(one := load_profiles(folder)).model_name or folder.stem: one} if one_file
-                     else load_lineup_profiles(folder))  # one model's folder or .npz, or a lineup's folder
+        by_member = load_lineup_profiles(folder)  # a lineup's folder, or one model's folder or .npz
         rows = pd.DataFrame([{"member": name, **row} for name, profiles in by_member.items()
                              for row in similarity_rows(profiles)])
         images = [(profiles_image(profiles), name) for name, profiles in by_member.items()]

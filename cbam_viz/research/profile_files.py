@@ -113,15 +113,16 @@ def write_lineup_profiles(profiles: Mapping[str, ChannelProfiles], out: str | os
 
 def load_lineup_profiles(path: str | os.PathLike) -> dict[str, ChannelProfiles]:
     """``{member: profiles}`` of a folder of :func:`write_lineup_profiles`, or of one model's folder
-    (:func:`write_profiles`, as ``channel-profiles`` wrote before lineups), in the lineup's order.
+    or ``profiles.npz`` (:func:`write_profiles`, as ``channel-profiles`` wrote before lineups), in
+    the lineup's order.
 
     Raises:
         FileNotFoundError: neither layout is there.
     """
     path = Path(path)
-    if (path / "profiles.npz").is_file():
+    if (path.is_file() and path.suffix == ".npz") or (path / "profiles.npz").is_file():
         one = load_profiles(path)
-        return {one.model_name or path.name: one}
+        return {one.model_name or (path.stem if path.is_file() else path.name): one}
     index = path / "channel_profiles.json"
     if not index.is_file():
         raise FileNotFoundError(f"no channel profiles in {path} (run: python -m cbam_viz channel-profiles ...)")
